@@ -1,0 +1,1 @@
+"""The ``hostcore`` command line: ``hostcore plugins`` and ``hostcore run``."""

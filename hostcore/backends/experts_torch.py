@@ -40,8 +40,8 @@ class TorchExperts:
 def moe_reference(hidden: torch.Tensor, topk_weights: torch.Tensor, local_ids: torch.Tensor,
                   weights: QuantizedExperts, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[N, H]`` MoE output of the slots ``local_ids [N, K]`` (-1 skipped) with router ``topk_weights [N, K]``."""
-    if hidden.dtype not in ACTIVATION_DTYPES or hidden.dim() != 2:
-        raise ContractError(f"hidden must be bf16/fp16/fp32 [N, H], got {hidden.dtype} {tuple(hidden.shape)}")
+    if hidden.dtype not in (*ACTIVATION_DTYPES, torch.float64) or hidden.dim() != 2:
+        raise ContractError(f"hidden must be bf16/fp16/fp32/fp64 [N, H], got {hidden.dtype} {tuple(hidden.shape)}")
     if hidden.shape[1] != weights.hidden_size:
         raise ContractError(f"hidden has H={hidden.shape[1]} but the expert weights were made for H={weights.hidden_size}")
     if local_ids.shape != topk_weights.shape or local_ids.shape[0] != hidden.shape[0]:

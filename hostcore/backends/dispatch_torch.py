@@ -137,7 +137,7 @@ class TorchAllToAllDispatch:
 def _bytes(x: torch.Tensor) -> torch.Tensor:
     """A ``[rows, bytes]`` uint8 view of a contiguous 2-D tensor."""
     x = x.contiguous()
-    return x.view(torch.uint8).view(x.shape[0], -1)
+    return x.view(torch.uint8).view(x.shape[0], x.shape[1] * x.element_size())
 
 
 def _sentinel(ctx: BuildContext) -> int:

@@ -57,7 +57,7 @@ class TorchPreprocess:
         in_range = (ids >= 0) & (ids < size)
         if self.mode == "faithful":
             if bool((ids >= size).any()):
-                _raise_on(ids, ids >= size, f"ids past the end of the expert map int32[{size}] (undefined for an unchecked kernel)")
+                _raise_on(ids, ids >= size, f"ids past the end of the expert map int32[{size}] (undefined for an unchecked kernel)", "faithful")
             return table[ids.long()].to(torch.int32), None
         if self.mode == "checked":
             _raise_on(ids, ~in_range, f"ids outside the expert map int32[{size}]: the padding sentinel must satisfy "
@@ -67,13 +67,13 @@ class TorchPreprocess:
         return local, invalid
 
 
-def _raise_on(ids: torch.Tensor, bad: torch.Tensor, what: str) -> None:
+def _raise_on(ids: torch.Tensor, bad: torch.Tensor, what: str, mode: str = "checked") -> None:
     if not bool(bad.any()):
         return
     positions = bad.nonzero()
     shown = ", ".join(f"[{r}, {k}]={int(ids[r, k])}" for r, k in positions[:8].tolist())
     more = f" (and {positions.shape[0] - 8} more)" if positions.shape[0] > 8 else ""
-    raise ContractError(f"preprocess(mode=checked): {positions.shape[0]} {what}; at [row, slot]=id: {shown}{more}")
+    raise ContractError(f"preprocess(mode={mode}): {positions.shape[0]} {what}; at [row, slot]=id: {shown}{more}")
 
 
 def expert_counts(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:

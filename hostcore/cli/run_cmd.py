@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import BackendChoice, BackendConfig, resolve_config
-from ..contract import Stage
+from ..contract import Stage, sentinel_verdict
 from ..errors import ConfigError, HostcoreError
 from ..layer import EPMoELayer, StageTrace
 from ..placement import ExpertPlacement
@@ -115,6 +115,8 @@ def _one_config(rank: int, world: int, args: argparse.Namespace, device: torch.d
                            max_tokens_per_rank=max(counts), dtype=dtype, rank=rank, device=device,
                            backends=config, use_expert_map=use_map)
         result["sentinel_value"] = layer.sentinel
+        result["contract"] = sentinel_verdict(layer.sentinel, shape.num_experts, layer.local.expert_map).reason
+        result["contract_ok"] = bool(sentinel_verdict(layer.sentinel, shape.num_experts, layer.local.expert_map))
     except HostcoreError as exc:
         layer, result["error"] = None, f"refused at build: {exc}"
     if not _everyone(layer is not None, world):
@@ -167,13 +169,16 @@ def _report(args: argparse.Namespace, world: int, rows: list[dict]) -> None:
         table = [header]
         for r in row["ranks"]:
             t = r.get("trace", {})
-            to = ", ".join(f"e{e}:{n}" for e, n in t.get("misrouted_to", {}).items())
+            to = ", ".join(f"local e{e} ({n} slots)" for e, n in t.get("misrouted_to", {}).items())
             table.append((str(r["rank"]), str(t.get("tokens", "")), str(t.get("rows_per_rank", "")),
                           str(t.get("padding_rows", "")), str(t.get("rows_per_local_expert", "")),
                           f"{t.get('misrouted_rows', '')}" + (f" -> {to}" if to else ""),
                           str(t.get("invalid_ids", "")), f"{r['max_abs_err']:.2e}" if "max_abs_err" in r else "-",
                           *[f"{t.get('stage_ms', {}).get(s, float('nan')):.2f}" for s in STAGES]))
         _print_table(table)
+        for r in row["ranks"]:
+            if r.get("contract_ok") is False:
+                print(f"   rank {r['rank']}: sentinel {r['sentinel_value']} breaks the contract: {r['contract']}")
         for err in dict.fromkeys(row["errors"]):
             print(f"   error: {err}")
     print("\nsummary")

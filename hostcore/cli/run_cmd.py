@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     _check_counts(args, args.ranks)
-    resolve_config(args.backends)  # fail fast on a bad config before spawning anything
+    for stage, choice in resolve_config(args.backends).choices.items():
+        get_registry().get(stage, choice.name)  # fail fast on an unknown backend before spawning anything
     if args.ranks == 1:
         return _rank_main(0, 1, args, sentinels, None)
     port = _free_port()

@@ -1,0 +1,54 @@
+"""The installed ``hostcore`` command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def hostcore(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "hostcore.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_plugins_lists_every_stage_with_its_distribution() -> None:
+    result = hostcore("plugins")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:5] == ["stage", "backend", "distribution", "version", "runs"]
+    rows = {tuple(line.split()[:3]) for line in lines[2:]}
+    assert ("dispatch", "torch_a2a", "(default)") in rows
+    assert any(r[0] == "sentinel" and r[1] == "auto" for r in rows)
+    assert "hostcore" in result.stdout and "moe-plugin-sentinel" in result.stdout
+
+
+def test_run_sentinels_all_shows_the_bug_and_the_fix(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    result = hostcore("run", "--ranks", "4", "--sentinels", "all", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["sentinel"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"negative", "out_of_range", "non_local", "guard_slot", "auto"}
+    assert rows["negative"]["misrouted_rows"] > 0 and not rows["negative"]["ok"]
+    assert not rows["out_of_range"]["ok"] and "past the end" in rows["out_of_range"]["errors"][0]
+    for name in ("non_local", "guard_slot", "auto"):
+        assert rows[name]["ok"] and rows[name]["misrouted_rows"] == 0 and rows[name]["max_rel_err"] < 1e-5
+    assert "summary" in result.stdout and "local e1" in result.stdout
+
+
+def test_run_refuses_an_unsafe_sentinel_and_names_unknown_backends() -> None:
+    refused = hostcore("run", "--ranks", "2", "--backends", "sentinel=negative")
+    assert refused.returncode == 1
+    assert "refused at build" in refused.stdout and "allow_unsafe" in refused.stdout
+    unknown = hostcore("run", "--backends", "dispatch=torch_a2")
+    assert unknown.returncode == 2 and "Did you mean 'torch_a2a'?" in unknown.stderr
+
+
+def test_env_var_picks_backends() -> None:
+    result = hostcore("run", "--ranks", "1", "--tokens", "3", env_extra={"HOSTCORE_BACKENDS": "dispatch=local"})
+    assert result.returncode == 0, result.stderr
+    assert "dispatch=local" in result.stdout

@@ -30,10 +30,13 @@ hypothesis strategies in `hostcore.conformance.strategies`.
 """
 
 from .checks import check_aligned_layout, check_expert_counts, relative_error
+from .dispatch import DispatchContract
+from .experts import ExpertsContract
 from .layouts import KINDS, Layout, auto_sentinel, make_layout, random_layout, valid_sentinels
+from .preprocess import PreprocessContract
 from .sentinel import SentinelContract
 
 __all__ = [
-    "KINDS", "Layout", "SentinelContract", "auto_sentinel", "check_aligned_layout", "check_expert_counts",
+    "DispatchContract", "ExpertsContract", "KINDS", "Layout", "PreprocessContract", "SentinelContract", "auto_sentinel", "check_aligned_layout", "check_expert_counts",
     "make_layout", "random_layout", "relative_error", "valid_sentinels",
 ]

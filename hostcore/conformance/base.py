@@ -57,12 +57,16 @@ class ContractBase:
 
     @pytest.fixture(autouse=True)
     def _hostcore_backend(self, request: pytest.FixtureRequest, hostcore_registry: Registry, hostcore_seed: int) -> None:
+        self.setup_backend(hostcore_registry, hostcore_seed, request.node.name)
+
+    def setup_backend(self, registry: Registry, seed: int, test_name: str) -> None:
+        """Resolve the backend (fail if unknown, skip if it cannot run here); what the autouse fixture does."""
         cls = type(self)
         if not cls.backend:
             pytest.fail(f"{cls.__name__} must name the {cls.stage} backend it tests: set `backend = \"<name>\"` "
                         "on the class (the name the plugin registers)", pytrace=False)
         try:
-            self.registry = registry_with(hostcore_registry, cls.plugin)
+            self.registry = registry_with(registry, cls.plugin)
             self.spec = self.registry.get(cls.stage, cls.backend)
         except ConfigError as exc:
             pytest.fail(f"conformance kit: {exc}", pytrace=False)
@@ -71,8 +75,8 @@ class ContractBase:
             pytest.skip(f"{cls.stage} backend {cls.backend!r} ({self.spec.distribution}) cannot run here: {reason}")
         if torch.device(cls.device).type == "cuda" and not torch.cuda.is_available():
             pytest.skip(f"device {cls.device!r} requested but no CUDA GPU is available")
-        self.seed = hostcore_seed
-        self._test_name = request.node.name
+        self.seed = seed
+        self._test_name = test_name
 
     def rng(self, *tags: object) -> random.Random:
         """A `random.Random` seeded by ``--hostcore-seed``, the test and ``tags``: reproducible per case."""

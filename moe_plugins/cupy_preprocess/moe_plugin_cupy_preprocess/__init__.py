@@ -1,0 +1,81 @@
+"""moe-plugin-cupy-preprocess: preprocess backend ``cupy`` for hostcore (entry point ``cupy_preprocess``).
+
+One fused, bounds-safe CuPy RawKernel pass from global top-k ids to local ids, per-expert counts and
+the aligned block layout. Layout of the package (one job per module):
+
+``backend``   the stage object `CupyPreprocess` (Python API, modes, ownership)
+``plan``      launch plans and sizes (pure Python)
+``buffers``   preallocated outputs and workspace (`PreprocessBuffers`)
+``validate``  argument checks (metadata only, no sync)
+``jit``       compile once per process, CuPy's disk cache, torch's stream
+``launch``    argument packing and launch sequences
+``csrc/preprocess.cu``  the kernels
+
+CuPy is an extra: ``pip install 'moe-plugin-cupy-preprocess[cuda13]'`` (or ``[cuda12]``). Without it, or
+without a GPU, the backend is listed with the reason it cannot run and selecting it raises
+`hostcore.errors.BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from hostcore import Backend, Option, Stage, hookimpl
+from hostcore.hookspecs import BuildContext, Register
+
+hostcore_api_version = 1
+
+INSTALL_HINT = "pip install 'moe-plugin-cupy-preprocess[cuda13]' (CUDA 13) or '[cuda12]' (CUDA 12)"
+MIN_CAPABILITY = (7, 0)  # __match_any_sync
+
+OPTIONS = {
+    "mode": Option(str, "safe", "safe: skip and count ids outside the map (no sync); checked: raise on them (syncs); "
+                                "faithful: unchecked lookup like the upstream kernel, reproduces the -1 bug",
+                   ("safe", "checked", "faithful")),
+    "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
+                                  "shared, global", ("auto", "shared", "global")),
+    "path": Option(str, "auto", "auto: one single-block launch up to 16384 slots, else the multi-block path; "
+                                "block or grid force one", ("auto", "block", "grid")),
+}
+
+
+def availability_reason() -> str | None:
+    """Why the backend cannot run on this machine, or ``None``. Never raises; cheap after the first call."""
+    return _availability()
+
+
+@functools.cache
+def _availability() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return f"needs CuPy: {INSTALL_HINT}"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "needs a CUDA GPU (CuPy sees none)"
+    except Exception as exc:  # a CuPy built for another CUDA major, or no driver
+        return (f"CuPy is installed but cannot use the GPU ({type(exc).__name__}: {exc}); install the wheel for your "
+                f"CUDA: {INSTALL_HINT}")
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return f"needs compute capability >= 7.0, this GPU has {capability[0]}.{capability[1]}"
+    return None
+
+
+def build(ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto"):  # noqa: ANN201
+    """Factory: the `CupyPreprocess` stage object for ``ctx`` (imports the GPU parts only here)."""
+    from .backend import CupyPreprocess
+
+    return CupyPreprocess(ctx, mode=mode, map_in=map_in, path=path)
+
+
+@hookimpl
+def hostcore_register_preprocess(register: Register) -> None:
+    register(Backend(Stage.PREPROCESS, "cupy", build,
+                     "fused CuPy kernel: bounds-safe map lookup, counts and aligned block layout, no host sync",
+                     OPTIONS, availability=availability_reason))

@@ -1,0 +1,76 @@
+"""Output and workspace buffers of the cupy preprocess, sized from a `Plan` (static shapes: preallocate once).
+
+Memory ownership: a `PreprocessBuffers` owns its tensors. `CupyPreprocess.preprocess_into` overwrites
+them on every call and returns views of them, valid until the next call with the same buffers. Use
+one set of buffers per stream: the grid path's ``done`` counter and workspace are not shared safely
+between concurrent launches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hostcore.contract import AlignedLayout, LocalRouting
+
+from .plan import MAP_HEAD, Plan
+
+
+def map_with_head(table: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device copy of the expert map behind MAP_HEAD zero words: ``(storage, map view)``.
+
+    The kernels get the view's address. The zero head is what faithful mode reads for ids -64..-1 when
+    the map is read from global memory (keep ``storage`` alive as long as the view is used).
+    """
+    storage = torch.zeros(MAP_HEAD + table.numel(), dtype=torch.int32, device=device)
+    storage[MAP_HEAD:] = table.to(device=device, dtype=torch.int32)
+    return storage, storage[MAP_HEAD:]
+
+
+@dataclass(frozen=True)
+class PreprocessBuffers:
+    """Every tensor one preprocess writes, for one input shape (see `Plan`).
+
+    Outputs: ``local_ids int32[rows, top_k]``, ``expert_counts int32[num_local]``, ``invalid_count int32[1]``,
+    and with ``block_m``: ``sorted_slot_ids int32[capacity]``, ``block_expert_ids int32[capacity // block_m]``,
+    ``num_slots_post_padded int32[1]``. Workspace (grid path only; empty on the block path):
+    ``tile_hist int32[window * tiles]``, ``tile_invalid int32[tiles]``, ``group_start int32[num_local + 1]``
+    and ``done int32[1]``, which starts at 0 and is left at 0 by every launch sequence.
+    """
+
+    plan: Plan
+    local_ids: torch.Tensor
+    expert_counts: torch.Tensor
+    invalid_count: torch.Tensor
+    sorted_slot_ids: torch.Tensor
+    block_expert_ids: torch.Tensor
+    num_slots_post_padded: torch.Tensor
+    tile_hist: torch.Tensor
+    tile_invalid: torch.Tensor
+    group_start: torch.Tensor
+    done: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: Plan, device: torch.device) -> PreprocessBuffers:
+        """Allocate (uninitialised except ``done``) buffers for ``plan`` on ``device``."""
+        def empty(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.int32, device=device)
+
+        ws = plan.workspace_ints()
+        return cls(plan=plan,
+                   local_ids=torch.empty((plan.rows, plan.top_k), dtype=torch.int32, device=device),
+                   expert_counts=empty(plan.num_local), invalid_count=empty(1),
+                   sorted_slot_ids=empty(plan.capacity), block_expert_ids=empty(plan.num_blocks),
+                   num_slots_post_padded=empty(1 if plan.block_m else 0),
+                   tile_hist=empty(ws["tile_hist"]), tile_invalid=empty(ws["tile_invalid"]),
+                   group_start=empty(ws["group_start"]),
+                   done=torch.zeros(ws["done"], dtype=torch.int32, device=device))
+
+    def routing(self, count_invalid: bool) -> LocalRouting:
+        """The `LocalRouting` view of these buffers (``invalid_count`` only when the mode counts)."""
+        aligned = None
+        if self.plan.block_m:
+            aligned = AlignedLayout(self.sorted_slot_ids, self.block_expert_ids, self.num_slots_post_padded,
+                                    self.plan.block_m)
+        return LocalRouting(self.local_ids, self.expert_counts, self.invalid_count if count_invalid else None, aligned)

@@ -1,0 +1,204 @@
+"""Launch plans: which kernels run, with which grid, shared memory and buffer sizes (pure Python).
+
+Nothing here touches a GPU, so the sizing rules are tested on the CPU. The constants mirror the
+``#define`` s of ``csrc/preprocess.cu``; `plan_for` is the only place that decides between
+
+``block`` path
+    one launch of ``block_preprocess``: one block of 1024 threads, ``ipt`` slots per thread
+    (``num_slots <= 1024 * 16``). Decode sizes.
+``grid`` path
+    per expert window: ``grid_count`` (tiles of 4096 slots) -> ``grid_scan`` -> ``grid_place``;
+    three launches when ``num_local <= 1024`` (one window), ``grid_place`` skipped without ``block_m``.
+
+Experts are processed in windows of at most ``window`` local experts (shared memory holds per-warp
+counters for one window); more local experts than that repeat the passes per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hostcore.contract import aligned_capacity
+from hostcore.errors import ConfigError, ContractError
+
+BLOCK_THREADS = 1024
+BLOCK_IPTS = (1, 4, 16)
+BLOCK_MAX_SLOTS = BLOCK_THREADS * BLOCK_IPTS[-1]
+GRID_THREADS = 512
+GRID_WARPS = GRID_THREADS // 32
+GRID_IPT = 8
+TILE = GRID_THREADS * GRID_IPT
+SCAN_THREADS = 1024
+SCRATCH_INTS = 40
+MAX_WINDOW = 1024
+MIN_WINDOW = 32
+INT32_MAX = 2**31 - 1
+
+MAP_NONE, MAP_SHARED, MAP_GLOBAL = 0, 1, 2
+MAP_HEAD = 64
+"""Zero int32 entries allocated before the device copy of the map: what a faithful read at ids -64..-1
+returns on the global-memory path (see ``map_one`` in the .cu)."""
+
+SMEM_MAP_AUTO_MAX = 8192
+"""``map_in=auto`` keeps maps of up to this many entries (32 KiB) in shared memory. Larger maps are read
+from global memory (L1/L2 cached): every block copies the shared map, so a map much larger than a tile
+of ids costs more traffic than it saves."""
+
+DEFAULT_SMEM_OPTIN = 227 * 1024
+"""Hopper's opt-in shared memory per block; the real value is read from the device."""
+
+PATHS = ("auto", "block", "grid")
+MAP_PLACES = ("auto", "shared", "global")
+BLOCK_PATH_AUTO_MAX = BLOCK_MAX_SLOTS
+"""``path=auto`` takes the single-block path up to this many slots."""
+
+
+@dataclass(frozen=True)
+class MapChoice:
+    """Where the kernels read the expert map: ``mode`` is MAP_NONE, MAP_SHARED or MAP_GLOBAL."""
+
+    mode: int
+    size: int  # entries of the map, guard slots included (0 without a map)
+
+
+def choose_map(map_size: int | None, map_in: str, smem_optin: int = DEFAULT_SMEM_OPTIN) -> MapChoice:
+    """Decide where the map lives, at build time. ``map_size`` is ``None`` without an expert map.
+
+    Raises `ConfigError` for an unknown ``map_in`` or ``map_in=shared`` with a map that cannot fit.
+    """
+    if map_in not in MAP_PLACES:
+        raise ConfigError(f"map_in must be one of {', '.join(MAP_PLACES)}, got {map_in!r}")
+    if map_size is None:
+        return MapChoice(MAP_NONE, 0)
+    fits = _block_smem_ints(map_size, MIN_WINDOW, 1) * 4 <= smem_optin
+    if map_in == "shared":
+        if not fits:
+            raise ConfigError(f"map_in=shared: the expert map has {map_size} entries ({map_size * 4} bytes), more than "
+                              f"fits in the {smem_optin} bytes of shared memory a block can get next to its counters; "
+                              "use map_in=auto or map_in=global")
+        return MapChoice(MAP_SHARED, map_size)
+    if map_in == "global" or map_size > SMEM_MAP_AUTO_MAX or not fits:
+        return MapChoice(MAP_GLOBAL, map_size)
+    return MapChoice(MAP_SHARED, map_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the launcher needs for one input shape; see the module docstring.
+
+    Sizes are in elements of int32 unless named ``*_bytes``. ``block_m == 0`` means no aligned layout.
+    """
+
+    rows: int
+    top_k: int
+    id_dtype: torch.dtype
+    block_m: int
+    num_local: int
+    map: MapChoice
+    path: str  # "block" or "grid"
+    capacity: int  # entries of sorted_slot_ids (0 without block_m)
+    window: int  # local experts per window (>= 1)
+    windows: int  # passes over the experts (>= 1)
+    ipt: int  # block path: slots per thread
+    active_warps: int  # block path: warps that hold slots
+    tiles: int  # grid path: tiles of TILE slots (>= 1)
+    smem_block_bytes: int
+    smem_count_bytes: int
+    smem_place_bytes: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.rows * self.top_k
+
+    @property
+    def num_blocks(self) -> int:
+        """Entries of block_expert_ids."""
+        return self.capacity // self.block_m if self.block_m else 0
+
+    def window_bounds(self) -> list[tuple[int, int]]:
+        """``(e0, wl)`` of every window; one empty window when there is no local expert."""
+        if self.num_local == 0:
+            return [(0, 0)]
+        return [(e0, min(self.window, self.num_local - e0)) for e0 in range(0, self.num_local, self.window)]
+
+    def workspace_ints(self) -> dict[str, int]:
+        """Sizes of the grid path's workspace buffers (all zero on the block path)."""
+        if self.path != "grid":
+            return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0}
+        return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
+                "group_start": self.num_local + 1, "done": 1}
+
+
+def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:
+    return map_entries + active_warps * window + window + 1 + SCRATCH_INTS
+
+
+def _place_smem_ints(window: int) -> int:
+    return GRID_WARPS * window + window + 2 * TILE + SCRATCH_INTS
+
+
+def check_block_m(block_m: object) -> int:
+    """``block_m`` as an int >= 1 (``None`` -> 0: no aligned layout), or `ContractError` saying what to pass."""
+    if block_m is None:
+        return 0
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
+        raise ContractError(f"block_m must be a positive int (the expert kernel's block size, e.g. 16) or None for no "
+                            f"aligned layout, got {block_m!r}")
+    return block_m
+
+
+def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, num_local: int, map_choice: MapChoice,
+             path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN) -> Plan:
+    """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`."""
+    bm = check_block_m(block_m)
+    if path not in PATHS:
+        raise ConfigError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if id_dtype not in (torch.int32, torch.int64):
+        raise ContractError(f"topk_ids must be int32 or int64, got {id_dtype}")
+    nk = rows * top_k
+    if nk > INT32_MAX:
+        raise ContractError(f"{rows} x {top_k} = {nk} slots is more than the int32 slot indices of the layout can "
+                            "address (2**31 - 1); split the batch")
+    capacity = aligned_capacity(nk, num_local, bm) if bm else 0
+    if capacity > INT32_MAX:
+        raise ContractError(f"the aligned layout for {nk} slots, {num_local} local experts and block_m={bm} needs "
+                            f"{capacity} entries, past int32 indexing; use a smaller block_m or split the batch")
+    if path == "block" and nk > BLOCK_MAX_SLOTS:
+        raise ConfigError(f"path=block handles at most {BLOCK_MAX_SLOTS} slots (one block of {BLOCK_THREADS} threads x "
+                          f"{BLOCK_IPTS[-1]}), got {rows} x {top_k} = {nk}; use path=auto or path=grid")
+    chosen = path if path != "auto" else ("block" if nk <= BLOCK_PATH_AUTO_MAX else "grid")
+    window = max(1, min(num_local, MAX_WINDOW))
+    map_smem = map_choice.size if map_choice.mode == MAP_SHARED else 0
+    ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
+    active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0
+    if chosen == "block":
+        # Shrink the window until the counters fit next to the map (only with huge forced-shared maps).
+        while window > MIN_WINDOW and _block_smem_ints(map_smem, window, active_warps) * 4 > smem_optin:
+            window = max(MIN_WINDOW, window // 2)
+        if _block_smem_ints(map_smem, window, active_warps) * 4 > smem_optin:
+            raise ConfigError(f"the single-block kernel needs {_block_smem_ints(map_smem, window, active_warps) * 4} "
+                              f"bytes of shared memory, more than the {smem_optin} this GPU gives a block; "
+                              "use map_in=global or path=grid")
+    windows = max(1, -(-num_local // window))
+    tiles = max(1, -(-nk // TILE))
+    return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
+                path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
+                tiles=tiles,
+                smem_block_bytes=_block_smem_ints(map_smem, window, active_warps) * 4 if chosen == "block" else 0,
+                smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" else 0,
+                smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm else 0)
+
+
+def moved_bytes(plan: Plan) -> int:
+    """The fewest bytes the preprocess must move through device memory (the bandwidth goal's numerator).
+
+    Read every id once, write local_ids, counts, the invalid counter and, with ``block_m``, every entry of
+    sorted_slot_ids and block_expert_ids plus the total. The map itself is not counted (it is small and
+    cached).
+    """
+    nk = plan.num_slots
+    id_bytes = 4 if plan.id_dtype == torch.int32 else 8
+    aligned = (plan.capacity + plan.num_blocks + 1) * 4 if plan.block_m else 0
+    return nk * id_bytes + nk * 4 + plan.num_local * 4 + 4 + aligned

@@ -1,0 +1,66 @@
+// Entry points of the CPU emulation (see hc_emulate.h). Each takes the launch shape and the kernel's
+// arguments packed as 64-bit words, in the order of the kernel's parameter list (as launch.py passes them).
+#include "hc_emulate.h"
+
+#include "preprocess_emu.inc"  // csrc/preprocess.cu with its shared-memory declarations rewritten
+
+namespace {
+template <typename T>
+T* P(const int64_t* a, int i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(a[i])); }
+int I(const int64_t* a, int i) { return static_cast<int>(a[i]); }
+
+template <typename IdT, int IPT>
+void run_block(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        block_preprocess<IdT, IPT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
+                                   I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12),
+                                   P<int>(a, 13), I(a, 14), I(a, 15), I(a, 16), I(a, 17));
+    });
+}
+
+template <typename IdT>
+void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        grid_count<IdT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
+                        P<int>(a, 8), I(a, 9), P<int>(a, 10), P<int>(a, 11), I(a, 12), I(a, 13), I(a, 14), I(a, 15));
+    });
+}
+}  // namespace
+
+extern "C" int emu_block(int id64, int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (id64) {
+        if (ipt == 1) run_block<long long, 1>(grid, block, smem, a);
+        else if (ipt == 4) run_block<long long, 4>(grid, block, smem, a);
+        else if (ipt == 16) run_block<long long, 16>(grid, block, smem, a);
+        else return 1;
+    } else {
+        if (ipt == 1) run_block<int, 1>(grid, block, smem, a);
+        else if (ipt == 4) run_block<int, 4>(grid, block, smem, a);
+        else if (ipt == 16) run_block<int, 16>(grid, block, smem, a);
+        else return 1;
+    }
+    return 0;
+}
+
+extern "C" int emu_count(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (id64) run_count<long long>(grid, block, smem, a);
+    else run_count<int>(grid, block, smem, a);
+    return 0;
+}
+
+extern "C" int emu_scan(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        grid_scan(P<int>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), P<int>(a, 4), I(a, 5), I(a, 6), P<int>(a, 7),
+                  P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), I(a, 11), I(a, 12));
+    });
+    return 0;
+}
+
+extern "C" int emu_place(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        grid_place(P<const int>(a, 0), I(a, 1), I(a, 2), P<const int>(a, 3), I(a, 4), P<const int>(a, 5),
+                   P<const int>(a, 6), I(a, 7), I(a, 8), I(a, 9), P<int>(a, 10), P<int>(a, 11), I(a, 12), I(a, 13),
+                   I(a, 14));
+    });
+    return 0;
+}

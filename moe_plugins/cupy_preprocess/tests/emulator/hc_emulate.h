@@ -1,0 +1,135 @@
+// A CPU emulation of the small part of CUDA that csrc/preprocess.cu uses, for tests without a GPU.
+//
+// Every CUDA thread of a block is an OS thread; blocks run one after another. __syncthreads is a
+// barrier of the block's threads, __syncwarp and the warp intrinsics (shfl, match_any) are barriers of
+// the warp's 32 threads around an exchange buffer. This checks the kernels' logic (indexing, scans,
+// stable ranks, window and tile bookkeeping, what the launch sequence hands from kernel to kernel) on
+// real inputs; it says nothing about speed, and memory-model subtleties are checked on the GPU
+// (compute-sanitizer racecheck/memcheck/initcheck).
+//
+// Dynamic shared memory is filled with garbage before each block (to catch reads of unwritten
+// counters); 64 zero words sit below it, like the global map's head.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+
+struct hc_dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+inline thread_local hc_dim3 threadIdx;
+inline thread_local hc_dim3 blockIdx;
+inline hc_dim3 blockDim;
+inline hc_dim3 gridDim;
+
+struct hc_block_state {
+    std::unique_ptr<std::barrier<>> block_barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    std::vector<long long> exchange;  // 32 slots per warp
+};
+
+inline hc_block_state* hc_state = nullptr;
+inline std::vector<int> hc_smem_storage;
+inline int* hc_dynamic_smem = nullptr;
+constexpr int HC_SMEM_HEAD = 64;
+
+using std::min;
+
+inline void __syncthreads() { hc_state->block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { hc_state->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
+
+// Exchange one value per lane: every lane writes, the warp meets, every lane reads, the warp meets again.
+template <typename T, typename Read>
+inline T hc_exchange(T v, Read read) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    long long* slots = &hc_state->exchange[warp * 32];
+    long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    slots[lane] = bits;
+    __syncwarp();
+    T out = read(slots, lane);
+    __syncwarp();
+    return out;
+}
+
+template <typename T>
+inline T hc_slot_value(const long long* slots, int lane) {
+    T out;
+    std::memcpy(&out, &slots[lane], sizeof(T));
+    return out;
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src) {
+    return hc_exchange(v, [src](const long long* s, int) { return hc_slot_value<T>(s, src & 31); });
+}
+
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned d) {
+    return hc_exchange(v, [v, d](const long long* s, int lane) {
+        return lane >= (int)d ? hc_slot_value<T>(s, lane - (int)d) : v;
+    });
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int d) {
+    return hc_exchange(v, [d](const long long* s, int lane) { return hc_slot_value<T>(s, lane ^ d); });
+}
+
+inline unsigned __match_any_sync(unsigned, int v) {
+    return hc_exchange(0u + (unsigned)v, [v](const long long* s, int) {
+        unsigned mask = 0;
+        for (int l = 0; l < 32; ++l)
+            if (hc_slot_value<int>(s, l) == v) mask |= 1u << l;
+        return mask;
+    });
+}
+
+// Run kernel() on grid x block threads, blocks in order, with `smem_bytes` of dynamic shared memory.
+inline void hc_launch(unsigned grid, unsigned block, size_t smem_bytes, const std::function<void()>& kernel) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        hc_block_state state;
+        state.block_barrier = std::make_unique<std::barrier<>>(block);
+        for (unsigned w = 0; w < block / 32; ++w) state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+        state.exchange.assign(block, 0);
+        hc_state = &state;
+        hc_smem_storage.assign(HC_SMEM_HEAD + smem_bytes / 4 + 1, 0);
+        for (size_t i = HC_SMEM_HEAD; i < hc_smem_storage.size(); ++i) hc_smem_storage[i] = (int)(0x5bd1e995u * (i + b));
+        hc_dynamic_smem = hc_smem_storage.data() + HC_SMEM_HEAD;
+        std::vector<std::thread> threads;
+        threads.reserve(block);
+        for (unsigned t = 0; t < block; ++t)
+            threads.emplace_back([t, b, &kernel] {
+                threadIdx = {t, 1, 1};
+                blockIdx = {b, 1, 1};
+                kernel();
+            });
+        for (auto& th : threads) th.join();
+        hc_state = nullptr;
+    }
+}

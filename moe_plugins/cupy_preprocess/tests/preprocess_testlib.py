@@ -1,0 +1,175 @@
+"""Inputs, references and checks shared by the emulator (CPU) and GPU tests of the cupy preprocess.
+
+Inputs follow the received layout of `hostcore.contract`: ``[ep_size, R, K]`` rank-major, each source
+slice has a random number of real rows (random global ids in ``[0, E)``) followed by padding rows whose
+ids all equal the sentinel; flattened to ``[ep_size * R, K]``. Sentinels are built as the sentinel
+strategies of moe-plugin-sentinel define them (the plugin itself is not needed):
+
+``non_local``     the first expert-map entry equal to -1 (needs a non-local expert)
+``guard_slot``    E, with the map extended by one trailing -1 guard slot
+``out_of_range``  E, without a map (contiguous placement)
+``negative``      -1 (breaks the contract; for safe counting and faithful misrouting)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hostcore.contract import LocalRouting, aligned_capacity
+from hostcore.hookspecs import BuildContext
+from hostcore.placement import ExpertPlacement, LocalExperts
+
+from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
+from moe_plugin_cupy_preprocess.plan import Plan
+
+SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
+POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
+GUARD = 12_345_678  # fills the words around each buffer: any change is an out-of-bounds write
+GUARD_WORDS = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    placement: ExpertPlacement
+    rank: int
+    local: LocalExperts
+    sentinel: int
+    ids: torch.Tensor  # [ep_size * R, K]
+    real_rows: int
+
+
+def make_local(num_experts: int, ep_size: int, rank: int, sentinel_kind: str, round_robin: bool = False,
+               device: torch.device | str = "cpu") -> tuple[ExpertPlacement, LocalExperts, int]:
+    """Placement, the rank's view after the sentinel strategy, and the sentinel."""
+    placement = (ExpertPlacement.round_robin if round_robin else ExpertPlacement.contiguous)(num_experts, ep_size)
+    if sentinel_kind == "out_of_range":
+        return placement, placement.local_experts(rank, use_map=False, device=device), num_experts
+    local = placement.local_experts(rank, use_map=True, device=device)
+    table = local.expert_map.to("cpu")
+    if sentinel_kind == "non_local":
+        nonlocal_ids = (table == -1).nonzero()
+        if nonlocal_ids.numel() == 0:
+            raise ValueError("non_local needs a non-local expert (ep_size > 1)")
+        return placement, local, int(nonlocal_ids[0])
+    if sentinel_kind == "guard_slot":
+        extended = torch.cat([table, torch.tensor([-1], dtype=torch.int32)]).to(device)
+        return placement, local.with_map(extended), num_experts
+    if sentinel_kind == "negative":
+        return placement, local, -1
+    raise ValueError(f"unknown sentinel kind {sentinel_kind!r}")
+
+
+def make_ids(num_experts: int, ep_size: int, rows_per_rank: int, top_k: int, sentinel: int, generator: torch.Generator,
+             dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, int]:
+    """Fresh random received ids ``[ep_size * R, K]`` (CPU) and the number of real rows."""
+    ids = torch.randint(0, num_experts, (ep_size, rows_per_rank, top_k), generator=generator, dtype=torch.int64)
+    real = torch.randint(0, rows_per_rank + 1, (ep_size,), generator=generator)
+    for s in range(ep_size):
+        ids[s, int(real[s]):] = sentinel
+    return ids.reshape(ep_size * rows_per_rank, top_k).to(dtype), int(real.sum())
+
+
+def make_case(num_experts: int, ep_size: int, rank: int, sentinel_kind: str, rows_per_rank: int, top_k: int,
+              seed: int, dtype: torch.dtype = torch.int32, round_robin: bool = False,
+              device: torch.device | str = "cpu") -> Case:
+    generator = torch.Generator().manual_seed(seed)
+    placement, local, sentinel = make_local(num_experts, ep_size, rank, sentinel_kind, round_robin, device)
+    ids, real = make_ids(num_experts, ep_size, rows_per_rank, top_k, sentinel, generator, dtype)
+    return Case(placement, rank, local, sentinel, ids.to(device), real)
+
+
+def context(placement: ExpertPlacement, rank: int, local: LocalExperts, device: torch.device | str,
+            top_k: int = 8, sentinel: int | None = None) -> BuildContext:
+    return BuildContext(rank=rank, ep_size=placement.ep_size, device=torch.device(device), placement=placement,
+                        local=local, hidden_size=64, top_k=top_k, dtype=torch.bfloat16, max_tokens_per_rank=64,
+                        sentinel=sentinel)
+
+
+def reference(case: Case, block_m: int | None, mode: str = "safe") -> LocalRouting:
+    """The host's torch reference on the CPU (a different implementation, on another device)."""
+    from hostcore.backends.preprocess_torch import TorchPreprocess
+
+    local = case.local
+    if local.expert_map is not None:
+        local = local.with_map(local.expert_map.to("cpu"))
+    ctx = context(case.placement, case.rank, local, "cpu", top_k=case.ids.shape[1], sentinel=case.sentinel)
+    return TorchPreprocess(ctx, mode=mode).preprocess(case.ids.to("cpu"), block_m)
+
+
+def guarded_buffers(plan: Plan, device: torch.device | str) -> tuple[PreprocessBuffers, list[torch.Tensor]]:
+    """Buffers whose every tensor is poisoned and sits between GUARD words; returns (buffers, backing tensors)."""
+    backing: list[torch.Tensor] = []
+
+    def alloc(n: int, fill: int = POISON) -> torch.Tensor:
+        store = torch.full((n + 2 * GUARD_WORDS,), GUARD, dtype=torch.int32, device=device)
+        store[GUARD_WORDS:GUARD_WORDS + n] = fill
+        backing.append(store)
+        return store[GUARD_WORDS:GUARD_WORDS + n]
+
+    ws = plan.workspace_ints()
+    buffers = PreprocessBuffers(
+        plan=plan, local_ids=alloc(plan.num_slots).view(plan.rows, plan.top_k), expert_counts=alloc(plan.num_local),
+        invalid_count=alloc(1), sorted_slot_ids=alloc(plan.capacity), block_expert_ids=alloc(plan.num_blocks),
+        num_slots_post_padded=alloc(1 if plan.block_m else 0), tile_hist=alloc(ws["tile_hist"]),
+        tile_invalid=alloc(ws["tile_invalid"]), group_start=alloc(ws["group_start"]), done=alloc(ws["done"], 0))
+    return buffers, backing
+
+
+def check_guards(backing: list[torch.Tensor]) -> None:
+    for i, store in enumerate(backing):
+        head, tail = store[:GUARD_WORDS], store[-GUARD_WORDS:]
+        assert bool((head == GUARD).all()) and bool((tail == GUARD).all()), f"buffer {i}: a write outside its bounds"
+
+
+def assert_matches(got: LocalRouting, ref: LocalRouting, block_m: int | None, what: str = "") -> None:
+    """Every output equal to the reference's (the layout entry for entry), nothing left unwritten."""
+    where = f" ({what})" if what else ""
+    assert torch.equal(got.local_ids.cpu(), ref.local_ids), f"local_ids differ{where}"
+    assert torch.equal(got.expert_counts.cpu(), ref.expert_counts), f"expert_counts differ{where}"
+    if ref.invalid_count is not None:
+        assert got.invalid_count is not None, f"invalid_count missing{where}"
+        assert int(got.invalid_count.cpu()) == int(ref.invalid_count), f"invalid_count differs{where}"
+    if block_m is None:
+        assert got.aligned is None
+        return
+    g, r = got.aligned, ref.aligned
+    assert int(g.num_slots_post_padded.cpu()) == int(r.num_slots_post_padded), f"num_slots_post_padded differs{where}"
+    assert torch.equal(g.sorted_slot_ids.cpu(), r.sorted_slot_ids), f"sorted_slot_ids differ{where}"
+    assert torch.equal(g.block_expert_ids.cpu(), r.block_expert_ids), f"block_expert_ids differ{where}"
+    assert g.block_m == block_m
+
+
+def assert_layout_valid(routing: LocalRouting, block_m: int) -> None:
+    """The aligned layout is a permutation of the local slots, grouped, padded and labelled as documented."""
+    flat = routing.local_ids.reshape(-1).cpu()
+    n = flat.numel()
+    layout = routing.aligned
+    counts = routing.expert_counts.cpu()
+    sorted_ids = layout.sorted_slot_ids.cpu()
+    blocks = layout.block_expert_ids.cpu()
+    total = int(layout.num_slots_post_padded.cpu())
+    assert sorted_ids.numel() == aligned_capacity(n, counts.numel(), block_m)
+    assert total % block_m == 0 and total <= sorted_ids.numel()
+    used = sorted_ids[:total]
+    real = used[used < n]
+    local_slots = (flat >= 0) & (flat < counts.numel())
+    assert torch.equal(torch.sort(real.long()).values, local_slots.nonzero().reshape(-1)), "each local slot exactly once"
+    assert bool((sorted_ids[total:] == n).all()) and bool((used >= 0).all()) and bool((used <= n).all())
+    assert bool((blocks[total // block_m:] == -1).all())
+    labels = blocks[: total // block_m]
+    assert bool((labels[1:] >= labels[:-1]).all()), "blocks in increasing expert order"
+    expected = torch.repeat_interleave(torch.arange(counts.numel()), (counts + block_m - 1) // block_m)
+    assert torch.equal(labels.long(), expected), "each expert gets ceil(count / block_m) blocks"
+    position_label = labels.long().repeat_interleave(block_m)
+    is_real = used < n
+    assert bool((flat[used[is_real].long()] == position_label[is_real]).all()), "a slot sits in another expert's block"
+    per_group = torch.zeros(counts.numel(), dtype=torch.int64).index_add_(0, position_label[is_real],
+                                                                         torch.ones_like(position_label[is_real]))
+    assert torch.equal(per_group, counts.long()), "each group holds exactly its expert's slots"
+    # Within a group the real slots come first (padding only at its end), in increasing slot order.
+    same = position_label[1:] == position_label[:-1]
+    assert not bool((same & ~is_real[:-1] & is_real[1:]).any()), "padding before a real slot inside a group"
+    both = same & is_real[:-1] & is_real[1:]
+    assert bool((used[1:][both] > used[:-1][both]).all()), "slots of an expert in increasing slot order"

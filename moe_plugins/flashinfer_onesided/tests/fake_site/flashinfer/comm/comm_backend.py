@@ -1,0 +1,49 @@
+"""Fake of ``flashinfer.comm.comm_backend``: the torch.distributed communicator adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TorchDistBackend:
+    """Same surface as FlashInfer's: Get_rank, Get_size, allgather, bcast, barrier, Split."""
+
+    instances = 0
+
+    def __init__(self, group: Any | None = None):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized. "
+                               "Please call torch.distributed.init_process_group() first.")
+        self._group = group
+        self._dist = dist
+        TorchDistBackend.instances += 1
+
+    def Get_rank(self) -> int:
+        return self._dist.get_rank(self._group)
+
+    def Get_size(self) -> int:
+        return self._dist.get_world_size(self._group)
+
+    def allgather(self, data: Any) -> tuple[Any, ...]:
+        out = [None] * self.Get_size()
+        self._dist.all_gather_object(out, data, group=self._group)
+        return tuple(out)
+
+    def bcast(self, data: Any, root: int) -> Any:
+        objs = [data]
+        src = self._dist.get_global_rank(self._group, root) if self._group is not None else root
+        self._dist.broadcast_object_list(objs, src=src, group=self._group)
+        return objs[0]
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self._group)
+
+    def Split(self, color: int, key: int) -> "TorchDistBackend":
+        # The real one builds new sub-groups; with one color (as MoeAlltoAll uses it) they have the same members.
+        info = self.allgather((color, key, self.Get_rank()))
+        if len({c for c, _, _ in info}) != 1:
+            raise NotImplementedError("the fake only splits into one color")
+        self.barrier()
+        return TorchDistBackend(self._group)

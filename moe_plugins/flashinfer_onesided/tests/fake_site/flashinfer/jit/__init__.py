@@ -1,0 +1,1 @@
+"""Fake of ``flashinfer.jit`` (package marker)."""

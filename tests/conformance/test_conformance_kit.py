@@ -105,16 +105,16 @@ def test_unknown_backend_fails_listing_the_installed_ones() -> None:
 # --- dispatch (spawned ranks; the broken module is imported there through `plugin`) -----------
 
 def test_dispatch_kit_catches_minus_one_padding() -> None:
-    inst = contract(DispatchContract, "broken_minus_one", ep_sizes=(2,))
-    fails(inst, "test_received_layout_follows_the_contract", "padding row", "expected all", hostcore_ep_size=2)
-    inst.test_combine_sums_the_rows_of_each_token(hostcore_ep_size=2)  # the rest still works
+    inst = contract(DispatchContract, "broken_minus_one", ep_sizes=(1,))  # one spawned rank keeps it quick
+    fails(inst, "test_received_layout_follows_the_contract", "padding row", "expected all", hostcore_ep_size=1)
+    inst.test_combine_sums_the_rows_of_each_token(hostcore_ep_size=1)  # the rest still works
 
 
 def test_dispatch_kit_catches_a_wrong_combine() -> None:
-    inst = contract(DispatchContract, "broken_doubling", ep_sizes=(2,))
-    inst.test_received_layout_follows_the_contract(hostcore_ep_size=2)
-    inst.test_each_token_reaches_each_owner_rank_once(hostcore_ep_size=2)
-    fails(inst, "test_combine_sums_the_rows_of_each_token", "combine wrong for tokens", hostcore_ep_size=2)
+    inst = contract(DispatchContract, "broken_doubling", ep_sizes=(1,))
+    inst.test_received_layout_follows_the_contract(hostcore_ep_size=1)
+    inst.test_each_token_reaches_each_owner_rank_once(hostcore_ep_size=1)
+    fails(inst, "test_combine_sums_the_rows_of_each_token", "combine wrong for tokens", hostcore_ep_size=1)
 
 
 # --- check_aligned_layout on hand-corrupted layouts ---------------------------------------------

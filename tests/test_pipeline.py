@@ -12,45 +12,7 @@ import pytest
 import torch
 from distributed import run_ranks
 
-from hostcore.contract import check_received
-from hostcore.errors import ContractError, UnsafeSentinelError
-from hostcore.layer import EPMoELayer, padding_mask
-from hostcore.placement import ExpertPlacement
-from hostcore.workload import MoEShape, dense_reference, experts_weights, synthetic_router_output, uneven_token_counts
-
-SHAPE = MoEShape("test", 256, 128, 10, 3)  # 10 experts: not divisible by 4 ranks
-
-
-def _layer(rank: int, world: int, backends: str, use_map: bool, placement: ExpertPlacement, tokens: list[int]):
-    local = placement.local_experts(rank, use_map).global_ids()
-    return EPMoELayer(placement, experts_weights(SHAPE, local, seed=1), hidden_size=SHAPE.hidden_size,
-                      top_k=SHAPE.top_k, max_tokens_per_rank=max(tokens) + 1, dtype=torch.float32, rank=rank,
-                      backends=backends, use_expert_map=use_map)
-
-
-def _forward_case(rank: int, world: int, backends: str, use_map: bool, kind: str) -> dict:
-    placement = getattr(ExpertPlacement, kind)(SHAPE.num_experts, world)
-    tokens = uneven_token_counts(7, world)
-    router = synthetic_router_output(SHAPE, tokens[rank], seed=1, rank=rank, dtype=torch.float32, skip_fraction=0.2)
-    result: dict = {"tokens": tokens[rank]}
-    try:
-        layer = _layer(rank, world, backends, use_map, placement, tokens)
-    except UnsafeSentinelError as exc:
-        return {**result, "refused": str(exc)}
-    try:
-        out, trace = layer.forward_traced(router.hidden, router.topk_ids, router.topk_weights, max(tokens) + 1)
-    except ContractError as exc:
-        return {**result, "forward_error": str(exc)}
-    ref = dense_reference(router, SHAPE, seed=1, compute_dtype=torch.float64)
-    scale = float(ref.abs().max()) if ref.numel() else 1.0
-    err = float((out.double() - ref).abs().max()) / scale if ref.numel() else 0.0
-    return {**result, "rel_err": err, "trace": trace, "sentinel": layer.sentinel,
-            "last_local_is_mapped_by_minus_one": use_map and int(layer.local.expert_map[-1]) >= 0}
-
-
-def _all_cases(rank: int, world: int, cases: list[tuple[str, bool, str]]) -> list[dict]:
-    return [_forward_case(rank, world, *case) for case in cases]
-
+from pipeline_workers import all_cases, received_rows
 
 SAFE_CASES = [("sentinel=non_local", True, "contiguous"), ("sentinel=guard_slot", True, "contiguous"),
               ("sentinel=auto", True, "round_robin"), ("sentinel=guard_slot", True, "round_robin"),
@@ -61,7 +23,7 @@ SAFE_CASES = [("sentinel=non_local", True, "contiguous"), ("sentinel=guard_slot"
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_safe_sentinels_match_the_dense_reference(world: int, tmp_path: Path) -> None:
     cases = [c for c in SAFE_CASES if not (world == 1 and "non_local" in c[0])]  # no non-local expert at EP 1
-    per_rank = run_ranks(world, _all_cases, cases, tmp=tmp_path)
+    per_rank = run_ranks(world, all_cases, cases, tmp=tmp_path)
     assert [r[0]["tokens"] for r in per_rank][-1] == (0 if world > 1 else 7), "the last rank has no tokens"
     for i, case in enumerate(cases):
         for rank, results in enumerate(per_rank):
@@ -73,7 +35,7 @@ def test_safe_sentinels_match_the_dense_reference(world: int, tmp_path: Path) ->
 
 
 def test_non_local_is_refused_when_every_expert_is_local(tmp_path: Path) -> None:
-    (r,) = run_ranks(1, _all_cases, [("sentinel=non_local", True, "contiguous")], tmp=tmp_path)
+    (r,) = run_ranks(1, all_cases, [("sentinel=non_local", True, "contiguous")], tmp=tmp_path)
     assert "every expert is local" in r[0]["refused"]
 
 
@@ -81,7 +43,7 @@ def test_negative_sentinel_refused_caught_and_misrouting(tmp_path: Path) -> None
     cases = [("sentinel=negative", True, "contiguous"),
              ("sentinel=negative(allow_unsafe=true),preprocess=torch(mode=checked)", True, "contiguous"),
              ("sentinel=negative(allow_unsafe=true),preprocess=torch(mode=faithful)", True, "contiguous")]
-    per_rank = run_ranks(4, _all_cases, cases, tmp=tmp_path)
+    per_rank = run_ranks(4, all_cases, cases, tmp=tmp_path)
     refused, checked, faithful = zip(*per_rank)
     assert all("allow_unsafe" in r["refused"] and "-1" in r["refused"] for r in refused), refused[0]
     assert all("ids outside the expert map" in r["forward_error"] for r in checked), checked[0]
@@ -94,23 +56,8 @@ def test_negative_sentinel_refused_caught_and_misrouting(tmp_path: Path) -> None
     assert all(r["rel_err"] < 1e-6 for r in faithful), "the misrouting is silent: outputs still match"
 
 
-def _received_rows(rank: int, world: int) -> dict:
-    placement = ExpertPlacement.contiguous(SHAPE.num_experts, world)
-    tokens = [5, 3, 0, 4]
-    layer = _layer(rank, world, "sentinel=auto", True, placement, tokens)
-    ids = torch.full((tokens[rank], SHAPE.top_k), -1, dtype=torch.int32)
-    if tokens[rank]:
-        ids[0] = torch.tensor([0, 9, -1])  # one real token with a skipped slot; the others fully skipped
-    prepared = layer.prepare.prepare(torch.randn(tokens[rank], SHAPE.hidden_size), ids, torch.rand(ids.shape))
-    received = layer.dispatch.dispatch(prepared, max(tokens))
-    check_received(received, SHAPE.num_experts)
-    real = received.rows_per_source.tolist()
-    layer.dispatch.combine(received.hidden.new_zeros(received.hidden.shape))
-    return {"real_rows_from": real, "padding": int(padding_mask(received).sum())}
-
-
 def test_router_skipped_slots_never_reach_another_rank(tmp_path: Path) -> None:
-    per_rank = run_ranks(4, _received_rows, tmp=tmp_path)
+    per_rank = run_ranks(4, received_rows, tmp=tmp_path)
     # Token 0 of each rank goes to the owners of experts 0 (rank 0) and 9 (rank 3) only: its skipped slot
     # adds no destination. The fully skipped tokens 1.. stay on their own rank.
     tokens = [5, 3, 0, 4]

@@ -39,9 +39,11 @@ class LocalDispatch:
         if ctx.ep_size != 1:
             raise ContractError(f"dispatch=local runs one rank only, but ep_size={ctx.ep_size}; use dispatch=torch_a2a")
         self.sentinel = _sentinel(ctx)
-        self._tokens = 0
+        self._tokens: int | None = None
 
     def dispatch(self, tokens: PreparedTokens, rows_per_rank: int | None = None) -> ReceivedTokens:
+        if self._tokens is not None:
+            raise ContractError("dispatch called twice without combine: every dispatch must be followed by its combine")
         _check_rows(tokens, rows_per_rank)
         t, k = tokens.topk_ids.shape
         r = t if rows_per_rank is None else rows_per_rank
@@ -56,7 +58,10 @@ class LocalDispatch:
         return ReceivedTokens(hidden, ids, weights, self.sentinel, counts)
 
     def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
-        return expert_out[0, : self._tokens].clone()
+        if self._tokens is None:
+            raise ContractError("combine called without a preceding dispatch")
+        tokens, self._tokens = self._tokens, None
+        return expert_out[0, :tokens].clone()
 
 
 class TorchAllToAllDispatch:

@@ -37,8 +37,3 @@ class TestTorchAllToAllDispatch(DispatchContract):
 class TestLocalDispatch(DispatchContract):
     backend = "local"
     ep_sizes = (1,)
-
-    @pytest.mark.xfail(strict=True, reason="hostcore.backends.dispatch_torch.LocalDispatch does not track the "
-                                           "dispatch/combine phase (torch_a2a does); strict: remove once it raises")
-    def test_dispatch_twice_without_combine_is_an_error(self, hostcore_ep_size: int) -> None:
-        super().test_dispatch_twice_without_combine_is_an_error(hostcore_ep_size)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from distributed import run_ranks
 
 from pipeline_workers import all_cases, received_rows

@@ -8,7 +8,7 @@ strategy chose for each receiving rank. Modules:
 ``_flashinfer``   the only module that imports FlashInfer (the adapter)
 ``layout``        pure rules: ownership check, payload order, bytes, ``R`` checks
 ``dispatch``      the stage object and the factory
-``availability``  why it cannot run here, for ``hostcore plugins``
+``host_check``    `availability`: why it cannot run here, for ``hostcore plugins``
 ``warmup``        `warm_up`: the first-use JIT build with visible progress
 ``graphs``        CUDA-graph capture of dispatch + combine with a fixed ``R``
 """
@@ -19,7 +19,7 @@ from hostcore.contract import Stage
 from hostcore.hookspecs import Backend, Option, Register, hookimpl
 
 from ._flashinfer import APIS
-from .availability import availability
+from .host_check import availability
 from .dispatch import FlashInferOneSidedDispatch, build
 from .warmup import WarmUpReport, warm_up
 

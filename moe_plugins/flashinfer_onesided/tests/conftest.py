@@ -14,3 +14,22 @@ HERE = Path(__file__).resolve().parent
 for path in (HERE, HERE.parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The CPU fake of FlashInfer importable as ``flashinfer`` in this process, with a fresh JIT cache dir."""
+    import fi_testlib
+
+    monkeypatch.setenv("FAKE_FLASHINFER_JIT_DIR", str(tmp_path / "jit"))
+    saved = list(sys.path)
+    fi_testlib.use_fake_flashinfer()
+    import flashinfer
+
+    yield flashinfer
+    sys.path[:] = saved
+    for name in [m for m in sys.modules if m == "flashinfer" or m.startswith("flashinfer.")]:
+        del sys.modules[name]

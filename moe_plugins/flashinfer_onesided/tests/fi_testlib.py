@@ -75,6 +75,24 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 9
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
+# -- workspace ----------------------------------------------------------------------------------------
+
+
+def expected_workspace_bytes(ep: int, max_tokens: int, dispatch_bytes: int, combine_bytes: int) -> int:
+    """FlashInfer's formula, written out independently: aux region (C++ calculateOffsets: counters, flags,
+    per-token top-k scratch for kMaxTopK=22, each 128-aligned) + dispatch planes + combine plane."""
+    def pad(x: int) -> int:
+        return (x + 127) // 128 * 128
+
+    off = 8 + 8 * ep
+    off = pad(off) + 4 * ep
+    off = pad(off) + 4 * ep
+    off = pad(off) + max_tokens * 22 * 4
+    off = pad(off) + max_tokens * 22 * 4
+    aux = pad(pad(off))
+    return aux + pad(ep * max_tokens * dispatch_bytes) + pad(ep * max_tokens * combine_bytes)
+
+
 # -- workloads and exact expectations -----------------------------------------------------------------
 
 

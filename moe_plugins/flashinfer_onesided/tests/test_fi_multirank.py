@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from fi_testlib import COUNTS, EXPERTS_PER_RANK, MAX_TOKENS, non_local_sentinel, run_ranks, run_suite
+from fi_testlib import (COUNTS, EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, TOP_K, expected_workspace_bytes,
+                        non_local_sentinel, run_ranks, run_suite)
 
 TRANSPORT = {2: [("moe_alltoall", "non_local", "bfloat16"), ("moe_ep", "guard_slot", "bfloat16")],
              4: [("auto", "non_local", "float32"), ("auto", "guard_slot", "bfloat16")]}
@@ -37,7 +38,10 @@ def test_round_trips_match_exact_expectations_and_torch_a2a(world: int, api: str
                                                             request: pytest.FixtureRequest) -> None:
     results = [r[f"scenario_transport{(api, strategy, dtype)}"] for r in request.getfixturevalue(f"world{world}")]
     experts = EXPERTS_PER_RANK * world
+    item = 2 if dtype == "bfloat16" else 4
+    workspace = expected_workspace_bytes(world, MAX_TOKENS, HIDDEN * item + TOP_K * 8, HIDDEN * item)
     for rank, res in enumerate(results):
+        assert res["workspace"] == workspace
         # each receiving rank's own sentinel (the ranks check it in every padding row)
         want_sentinel = non_local_sentinel(rank, world, experts) if strategy == "non_local" else experts
         assert res["sentinel"] == want_sentinel

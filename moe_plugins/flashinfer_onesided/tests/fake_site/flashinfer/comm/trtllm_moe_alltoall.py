@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..jit.comm import gen_moe_alltoall_module
+from ..tllm_enums import SfLayout
 
 K_MAX_TOP_K = 22
 K_MAX_PAYLOADS = 6
@@ -248,7 +249,8 @@ class MoeAlltoAll:
 
     def combine(self, payload: torch.Tensor, runtime_max_tokens_per_rank: int, payload_in_workspace: bool = False,
                 output_dtype: Optional[torch.dtype] = None, output_scales: Optional[torch.Tensor] = None,
-                output_scalar_scale: float = 1.0, sf_layout: Any = None, output: Optional[torch.Tensor] = None, *,
+                output_scalar_scale: float = 1.0, sf_layout: SfLayout = SfLayout.layout_linear,
+                output: Optional[torch.Tensor] = None, *,
                 use_low_precision: bool = False, active_rank_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         assert self._state.phase == "dispatched", "combine called before successful dispatch"
         r = runtime_max_tokens_per_rank

@@ -1,0 +1,522 @@
+// W4A16 (GPTQ uint4b8) Mixture-of-Experts kernels in a Marlin-style tile layout.
+//
+// Compiled at run time by NVRTC (through CuPy) for the GPU at hand, sm_80 or newer.
+// The file includes no header at all, so it compiles with NVRTC's built-ins only;
+// `nvcc -arch=sm_90 -Xptxas -v -c -DMARLIN_OFFLINE_CHECK` checks it offline.
+//
+// Kernels (host side: moe_plugin_marlin/kernels.py)
+//   moe_marlin_align          local ids [N*topk] -> aligned block layout (one CTA)
+//   moe_marlin_gemm<...>      one launch per GEMM over all local experts:
+//       GEMM1 (GEMM2 = false): A = hidden [N, H] (row = slot / topk), B = w13,
+//             epilogue silu(gate) * up -> inter [N*topk, I] (activation dtype)
+//       GEMM2 (GEMM2 = true):  A = inter [N*topk, I] (row = slot), B = w2,
+//             epilogue * router weight -> slot_out [N*topk, H] (fp32; atomics when split along K)
+//   moe_marlin_topk_sum<...>  slot_out -> out [N, H]: sum over the top-k slots that are local
+//
+// Weight layout: see moe_plugin_marlin/layout.py (the single source of truth).
+// Memory: every pointer is owned by the caller (torch tensors); kernels never allocate.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+struct __align__(16) V4 { u32 x, y, z, w; };
+struct __align__(16) F4 { float x, y, z, w; };
+struct __align__(8) F2 { float x, y; };
+struct __align__(8) U2 { u32 x, y; };
+
+#define DEVI __device__ __forceinline__
+
+namespace marlin {
+
+constexpr int THREADS = 256;  // 8 warps per CTA, every GEMM configuration
+constexpr int STAGES = 4;     // cp.async pipeline depth
+
+DEVI u32 smem_u32(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills without reading global memory.
+DEVI void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+// Weights are streamed once per call: hint L2 to evict them first so activations stay cached.
+DEVI void cp_async16_stream(u32 dst, const void* src, u64 policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(policy)
+               : "memory");
+}
+DEVI u64 evict_first_policy() {
+  u64 p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+DEVI void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+DEVI void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <bool BF16>
+DEVI void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  if constexpr (BF16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// d = a * b + c on packed pairs (fma is sm_80+ for both types; plain bf16 mul/sub are sm_90 only).
+template <bool BF16>
+DEVI u32 fma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  if constexpr (BF16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+
+// 8 nibbles -> 4 registers of 2 weights (q - 8), exact. Register i takes nibble
+// positions i (low half) and i + 4 (high half): OR-ing a nibble into the mantissa
+// of MAGIC (128.0 in bf16, 1024.0 in fp16, whose last mantissa bit is worth 1)
+// gives MAGIC + q; one fma subtracts MAGIC + 8. The compiler turns the
+// shift-and-mask-or into one SHF + one LOP3.
+template <bool BF16>
+DEVI void dequant8(u32 q, u32 (&w)[4]) {
+  constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
+  constexpr u32 ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
+  constexpr u32 NEG_BIAS = BF16 ? 0xC308C308u : 0xE408E408u;  // -(MAGIC + 8)
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 t = ((q >> (4 * i)) & 0x000F000Fu) | MAGIC;
+    w[i] = fma2<BF16>(t, ONE, NEG_BIAS);
+  }
+}
+
+template <bool BF16>
+DEVI float half_to_float(u32 h16) {
+  if constexpr (BF16) {
+    return __uint_as_float(h16 << 16);
+  } else {
+    float f;
+    unsigned short hs = (unsigned short)h16;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(hs));
+    return f;
+  }
+}
+
+// Two floats -> one packed pair (lo in bits 0..15), round to nearest even.
+template <bool BF16>
+DEVI u32 pack2(float lo, float hi) {
+  u32 d;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+  }
+  return d;
+}
+
+DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// The MoE GEMM. CTA tile: BM = 16*M_TILES rows (one aligned block: one expert) x TN = 64*N_WARPS
+// columns; K is walked TK = 16*K_WARPS*KW at a time through a STAGES-deep cp.async pipeline.
+// Warp (wn, wk) owns the 64-column slice wn and the k16 sub-steps wk*KW .. wk*KW+KW-1 of every
+// stage; the K_WARPS partial sums are reduced through shared memory at the end.
+//
+// grid.x = num_mblocks * k_splits * n_tiles, decoded m-block fastest (CTAs that share a weight
+// tile run together, so a tile read by several m-blocks of one expert is served from L2).
+// Blocks past num_post_padded or with expert -1 (non-local / padding) exit before touching
+// any weight. Rows whose slot id is >= num_slots (alignment padding) are zero-filled, never
+// read, never written.
+// ---------------------------------------------------------------------------------------------
+template <bool BF16, int M_TILES, int N_WARPS, int KW, bool GROUPED, bool GEMM2>
+__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
+    moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
+                    int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
+                    int K,                      // reduction size (H or I)
+                    int N,                      // output columns of the weight (2I or H)
+                    const V4* __restrict__ B,   // packed weights [E][K/16][N/2] V4
+                    const u16* __restrict__ S,  // scales [E][K/g or 1][N]
+                    int g_log2,                 // log2 group size (GROUPED only)
+                    int num_experts,            // local experts (bound check of block expert ids)
+                    const int* __restrict__ sorted_slot_ids, const int* __restrict__ block_expert_ids,
+                    const int* __restrict__ num_post_padded, int num_mblocks, int num_slots,
+                    int k_splits,                             // GEMM2 only; > 1: atomics into zeroed C
+                    const float* __restrict__ topk_weights,   // [num_slots] (GEMM2)
+                    void* __restrict__ C) {
+  constexpr int K_WARPS = 8 / N_WARPS;
+  constexpr int TN = 64 * N_WARPS;
+  constexpr int TK = 16 * K_WARPS * KW;
+  constexpr int BM = 16 * M_TILES;
+  constexpr int A_CHUNKS = TK / 8;               // 16-byte chunks per A row per stage
+  constexpr int B_STAGE = (TK / 16) * (TN / 2);  // V4 per stage
+  constexpr int A_STAGE = BM * A_CHUNKS;         // V4 per stage
+  static_assert(A_CHUNKS >= 8, "the A swizzle needs at least 8 chunks per row");
+  static_assert(B_STAGE % THREADS == 0, "B stage must split evenly over the CTA");
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % N_WARPS, wk = warp / N_WARPS;
+
+  int bid = blockIdx.x;
+  const int mb = bid % num_mblocks;
+  bid /= num_mblocks;
+  const int split = bid % k_splits;
+  const int nt = bid / k_splits;
+  if (mb * BM >= __ldg(num_post_padded)) return;
+  const int e = __ldg(block_expert_ids + mb);
+  if (e < 0 || e >= num_experts) return;  // skipped block: no weight is read
+
+  __shared__ int s_slot[BM];
+  __shared__ int s_arow[BM];
+  if (tid < BM) {
+    const int slot = __ldg(sorted_slot_ids + mb * BM + tid);
+    const bool ok = slot >= 0 && slot < num_slots;
+    s_slot[tid] = ok ? slot : -1;
+    s_arow[tid] = ok ? slot / a_row_div : -1;
+  }
+
+  extern __shared__ V4 smem[];
+  const int s_rows = GROUPED ? ((TK >> g_log2) > 0 ? (TK >> g_log2) : 1) : 0;  // scale rows per stage
+  const int S_STAGE = s_rows * (TN / 8);                                     // V4 per stage
+  V4* sB = smem;
+  V4* sA = sB + STAGES * B_STAGE;
+  V4* sS = sA + STAGES * A_STAGE;
+
+  const int total_iters = K / TK;
+  const int per_split = (total_iters + k_splits - 1) / k_splits;
+  const int it0 = split * per_split;
+  const int n_iters = min(total_iters, it0 + per_split) - it0;
+
+  const V4* Bt = B + (size_t)e * ((size_t)K * N / 32) + nt * (TN / 2);
+  const int b_row = N / 2;  // V4 per k16 row
+  const int groups = GROUPED ? (K >> g_log2) : 1;
+  const u16* Se = S + (size_t)e * groups * N;
+  const u64 policy = evict_first_policy();
+  __syncthreads();  // s_slot / s_arow visible
+
+  auto load_stage = [&](int stage, int it) {
+    const int kb = it * TK;
+    const u32 dB = smem_u32(sB + stage * B_STAGE);
+#pragma unroll
+    for (int c = tid; c < B_STAGE; c += THREADS) {
+      const int r = c / (TN / 2), col = c % (TN / 2);
+      cp_async16_stream(dB + c * 16, Bt + (size_t)(kb / 16 + r) * b_row + col, policy);
+    }
+    const u32 dA = smem_u32(sA + stage * A_STAGE);
+#pragma unroll
+    for (int c = tid; c < A_STAGE; c += THREADS) {
+      const int r = c / A_CHUNKS, ch = c % A_CHUNKS;
+      const int arow = s_arow[r];
+      const u16* src = arow >= 0 ? A + (size_t)arow * K + kb + ch * 8 : A;
+      cp_async16(dA + (r * A_CHUNKS + (ch ^ (r & 7))) * 16, src, arow >= 0 ? 16 : 0);
+    }
+    if constexpr (GROUPED) {
+      const u32 dS = smem_u32(sS + stage * S_STAGE);
+      const int g0 = kb >> g_log2;
+      for (int c = tid; c < S_STAGE; c += THREADS) {
+        const int r = c / (TN / 8), col = c % (TN / 8);
+        cp_async16(dS + c * 16, Se + (size_t)(g0 + r) * N + nt * TN + col * 8, 16);
+      }
+    }
+  };
+
+  float acc[M_TILES][8][4];
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
+
+  auto compute_stage = [&](int stage) {
+    const V4* cB = sB + stage * B_STAGE;
+    const u32 aBase = smem_u32(sA + stage * A_STAGE);
+    const V4* cS = sS + stage * S_STAGE;
+#pragma unroll
+    for (int i = 0; i < KW; ++i) {
+      const int kk = wk * KW + i;  // k16 sub-step within the stage
+      u32 a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        const int r = mt * 16 + (lane & 15);
+        const int ch = kk * 2 + (lane >> 4);
+        ldmatrix_x4(a[mt], aBase + (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u);
+      }
+      const V4 b = cB[kk * (TN / 2) + wn * 32 + lane];
+      const u32 q[4] = {b.x, b.y, b.z, b.w};
+      u32 sw[4] = {0u, 0u, 0u, 0u};
+      if constexpr (GROUPED) {
+        const V4 sc = cS[((kk * 16) >> g_log2) * (TN / 8) + wn * 8 + (lane >> 2)];
+        sw[0] = sc.x; sw[1] = sc.y; sw[2] = sc.z; sw[3] = sc.w;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        u32 w[4];
+        dequant8<BF16>(q[j], w);
+        if constexpr (GROUPED) {
+          const u32 s0 = __byte_perm(sw[j], 0, 0x1010);  // scale of column n0, in both halves
+          const u32 s1 = __byte_perm(sw[j], 0, 0x3232);  // scale of column n1
+          w[0] = fma2<BF16>(w[0], s0, 0x80008000u);
+          w[1] = fma2<BF16>(w[1], s0, 0x80008000u);
+          w[2] = fma2<BF16>(w[2], s1, 0x80008000u);
+          w[3] = fma2<BF16>(w[3], s1, 0x80008000u);
+        }
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma16816<BF16>(acc[mt][2 * j], a[mt], w[0], w[1]);
+          mma16816<BF16>(acc[mt][2 * j + 1], a[mt], w[2], w[3]);
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_iters) load_stage(s, it0 + s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_iters; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `it` landed for everyone; stage it-1 is free to refill
+    const int nx = it + STAGES - 1;
+    if (nx < n_iters) load_stage(nx % STAGES, it0 + nx);
+    cp_async_commit();
+    compute_stage(it % STAGES);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // pipeline buffers are reused for the reduction below
+
+  if constexpr (K_WARPS > 1) {
+    float* red = reinterpret_cast<float*>(smem);
+    constexpr int PER_WARP = M_TILES * 32 * 32;  // floats
+    if (wk > 0) {
+      float* dst = red + ((wk - 1) * N_WARPS + wn) * PER_WARP;
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dst[((mt * 8 + t) * 4 + i) * 32 + lane] = acc[mt][t][i];
+    }
+    __syncthreads();
+    if (wk != 0) return;
+#pragma unroll 1
+    for (int w2 = 1; w2 < K_WARPS; ++w2) {
+      const float* src = red + ((w2 - 1) * N_WARPS + wn) * PER_WARP;
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[mt][t][i] += src[((mt * 8 + t) * 4 + i) * 32 + lane];
+    }
+  }
+
+  // Epilogue. Accumulator (mt, t, i): row mt*16 + lane/4 + 8*(i/2), column nbase + 8t + 2*(lane%4) + i%2.
+  const int nbase = nt * TN + wn * 64;
+  const int cq = 2 * (lane & 3);
+  if constexpr (!GEMM2) {
+    // t = 2j is gate, t = 2j+1 is up, of intermediate columns nbase/2 + 8j + cq + {0,1}.
+    u16* out = reinterpret_cast<u16*>(C);
+    const int I = N / 2;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float sg0 = 1.f, sg1 = 1.f, su0 = 1.f, su1 = 1.f;
+      if constexpr (!GROUPED) {  // per-channel: scale the fp32 sums (columns in permuted order)
+        const u32 sg = *reinterpret_cast<const u32*>(Se + nbase + 16 * j + cq);
+        const u32 su = *reinterpret_cast<const u32*>(Se + nbase + 16 * j + 8 + cq);
+        sg0 = half_to_float<BF16>(sg & 0xFFFFu); sg1 = half_to_float<BF16>(sg >> 16);
+        su0 = half_to_float<BF16>(su & 0xFFFFu); su1 = half_to_float<BF16>(su >> 16);
+      }
+      const int icol = nbase / 2 + 8 * j + cq;
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int slot = s_slot[mt * 16 + (lane >> 2) + 8 * hf];
+          if (slot < 0) continue;
+          const float g0 = acc[mt][2 * j][2 * hf] * sg0, g1 = acc[mt][2 * j][2 * hf + 1] * sg1;
+          const float u0 = acc[mt][2 * j + 1][2 * hf] * su0, u1 = acc[mt][2 * j + 1][2 * hf + 1] * su1;
+          *reinterpret_cast<u32*>(out + (size_t)slot * I + icol) = pack2<BF16>(silu(g0) * u0, silu(g1) * u1);
+        }
+    }
+  } else {
+    float* out = reinterpret_cast<float*>(C);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const int col = nbase + 8 * t + cq;
+      float s0 = 1.f, s1 = 1.f;
+      if constexpr (!GROUPED) {
+        const u32 sv = *reinterpret_cast<const u32*>(Se + col);
+        s0 = half_to_float<BF16>(sv & 0xFFFFu); s1 = half_to_float<BF16>(sv >> 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int slot = s_slot[mt * 16 + (lane >> 2) + 8 * hf];
+          if (slot < 0) continue;
+          const float wt = __ldg(topk_weights + slot);
+          const float v0 = acc[mt][t][2 * hf] * s0 * wt, v1 = acc[mt][t][2 * hf + 1] * s1 * wt;
+          float* dst = out + (size_t)slot * N + col;
+          if (k_splits == 1) {
+            *reinterpret_cast<F2*>(dst) = F2{v0, v1};
+          } else {
+            atomicAdd(dst, v0);
+            atomicAdd(dst + 1, v1);
+          }
+        }
+    }
+  }
+}
+
+// Sum over the top-k slots of each row whose local id is valid: out[n, :] = sum_k slot_out[n*topk + k, :].
+// Rows with no local slot get 0. grid = (rows, ceil(H / (4 * blockDim.x))).
+template <bool BF16>
+__global__ void __launch_bounds__(256) moe_marlin_topk_sum(const float* __restrict__ slot_out,
+                                                           const int* __restrict__ local_ids, int topk, int H,
+                                                           int num_experts, u16* __restrict__ out) {
+  const int row = blockIdx.x;
+  const int h = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  if (h >= H) return;
+  F4 acc = {0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < topk; ++k) {
+    const int id = __ldg(local_ids + (size_t)row * topk + k);
+    if (id < 0 || id >= num_experts) continue;
+    const F4 v = *reinterpret_cast<const F4*>(slot_out + ((size_t)row * topk + k) * H + h);
+    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+  }
+  *reinterpret_cast<U2*>(out + (size_t)row * H + h) = U2{pack2<BF16>(acc.x, acc.y), pack2<BF16>(acc.z, acc.w)};
+}
+
+}  // namespace marlin
+
+// Aligned block layout of the local ids, one CTA of 1024 threads (the same contract as
+// hostcore.contract.AlignedLayout): slots grouped by local expert (order within a group
+// unspecified), each group padded to a multiple of block_m with num_slots; block expert
+// ids, -1 past the end; num_post_padded[0] = used entries. Ids outside [0, num_experts)
+// are skipped. Dynamic shared memory: 3 * num_experts ints.
+extern "C" __global__ void __launch_bounds__(1024)
+    moe_marlin_align(const int* __restrict__ local_ids, int num_slots, int num_experts, int block_m,
+                     int num_mblocks, int* __restrict__ sorted_slot_ids, int* __restrict__ block_expert_ids,
+                     int* __restrict__ num_post_padded) {
+  extern __shared__ int sh[];
+  int* cnt = sh;
+  int* end = sh + num_experts;
+  int* fill = end + num_experts;
+  __shared__ int warp_sum[32];
+  const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, wid = tid >> 5;
+
+  for (int i = tid; i < num_experts; i += nthr) {
+    cnt[i] = 0;
+    fill[i] = 0;
+  }
+  for (int i = tid; i < num_mblocks * block_m; i += nthr) sorted_slot_ids[i] = num_slots;
+  __syncthreads();
+  for (int i = tid; i < num_slots; i += nthr) {
+    const int e = __ldg(local_ids + i);
+    if (e >= 0 && e < num_experts) atomicAdd(cnt + e, 1);
+  }
+  __syncthreads();
+
+  // Inclusive scan of the padded group sizes: each thread owns `per` consecutive experts.
+  const int per = (num_experts + nthr - 1) / nthr;
+  const int e0 = tid * per;
+  int mine = 0;
+  for (int i = 0; i < per; ++i) {
+    const int e = e0 + i;
+    if (e < num_experts) mine += (cnt[e] + block_m - 1) / block_m * block_m;
+  }
+  int x = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sum[wid] = x;
+  __syncthreads();
+  if (wid == 0) {
+    int v = lane < nthr / 32 ? warp_sum[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += y;
+    }
+    warp_sum[lane] = v;  // inclusive over warps
+  }
+  __syncthreads();
+  int run = (wid > 0 ? warp_sum[wid - 1] : 0) + x - mine;
+  for (int i = 0; i < per; ++i) {
+    const int e = e0 + i;
+    if (e < num_experts) {
+      run += (cnt[e] + block_m - 1) / block_m * block_m;
+      end[e] = run;
+    }
+  }
+  const int total = warp_sum[nthr / 32 - 1];
+  __syncthreads();
+  if (tid == 0) *num_post_padded = total;
+
+  for (int b = tid; b < num_mblocks; b += nthr) {
+    const int start = b * block_m;
+    int ex = -1;
+    if (start < total) {  // first expert whose group ends after `start` (empty groups never qualify)
+      int lo = 0, hi = num_experts - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (end[mid] > start) hi = mid; else lo = mid + 1;
+      }
+      ex = lo;
+    }
+    block_expert_ids[b] = ex;
+  }
+  for (int i = tid; i < num_slots; i += nthr) {
+    const int e = __ldg(local_ids + i);
+    if (e >= 0 && e < num_experts) {
+      const int padded = (cnt[e] + block_m - 1) / block_m * block_m;
+      sorted_slot_ids[end[e] - padded + atomicAdd(fill + e, 1)] = i;
+    }
+  }
+}
+
+#ifdef MARLIN_OFFLINE_CHECK
+// Explicit instantiations for an offline `nvcc -Xptxas -v` resource check (NVRTC instantiates
+// the same templates through name expressions at run time).
+#define MARLIN_INST(BF, MT, NW, KW, GR, G2)                                                              \
+  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, KW, GR, G2>(                              \
+      const u16*, int, int, int, const V4*, const u16*, int, int, const int*, const int*, const int*, int, \
+      int, int, const float*, void*);
+#define MARLIN_INST_CFGS(BF, GR, G2) \
+  MARLIN_INST(BF, 1, 4, 2, GR, G2)   \
+  MARLIN_INST(BF, 1, 2, 2, GR, G2)   \
+  MARLIN_INST(BF, 1, 1, 2, GR, G2)   \
+  MARLIN_INST(BF, 2, 4, 2, GR, G2)   \
+  MARLIN_INST(BF, 2, 2, 2, GR, G2)   \
+  MARLIN_INST(BF, 4, 4, 2, GR, G2)
+MARLIN_INST_CFGS(true, true, false)
+MARLIN_INST_CFGS(true, true, true)
+MARLIN_INST_CFGS(true, false, false)
+MARLIN_INST_CFGS(true, false, true)
+MARLIN_INST_CFGS(false, true, false)
+MARLIN_INST_CFGS(false, true, true)
+template __global__ void marlin::moe_marlin_topk_sum<true>(const float*, const int*, int, int, int, u16*);
+template __global__ void marlin::moe_marlin_topk_sum<false>(const float*, const int*, int, int, int, u16*);
+#endif

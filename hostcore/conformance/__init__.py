@@ -37,6 +37,7 @@ from .preprocess import PreprocessContract
 from .sentinel import SentinelContract
 
 __all__ = [
-    "DispatchContract", "ExpertsContract", "KINDS", "Layout", "PreprocessContract", "SentinelContract", "auto_sentinel", "check_aligned_layout", "check_expert_counts",
-    "make_layout", "random_layout", "relative_error", "valid_sentinels",
+    "KINDS", "DispatchContract", "ExpertsContract", "Layout", "PreprocessContract", "SentinelContract",
+    "auto_sentinel", "check_aligned_layout", "check_expert_counts", "make_layout", "random_layout",
+    "relative_error", "valid_sentinels",
 ]

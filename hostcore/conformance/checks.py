@@ -112,7 +112,7 @@ def check_aligned_layout(routing: LocalRouting, block_m: int) -> None:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref||_F / ||ref||_F`` in float64 (0 when both are 0; inf when only ``ref`` is 0)."""
-    diff = torch.linalg.vector_norm((out.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)))
+    diff = torch.linalg.vector_norm(out.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64))
     scale = torch.linalg.vector_norm(ref.detach().to("cpu", torch.float64))
     if float(scale) == 0.0:
         return 0.0 if float(diff) == 0.0 else float("inf")

@@ -57,7 +57,7 @@ def run_suite(spec: DispatchSpec) -> dict[str, list[str]] | str:
             try:
                 mp.spawn(run_rank, args=(spec, free_port(), outdir), nprocs=spec.ep_size, join=True,
                          start_method="spawn")
-            except Exception as exc:  # a rank raised or died: report it for every check
+            except Exception as exc:  # noqa: BLE001 - a rank raised or died: report it for every check
                 _RESULTS[spec] = f"a spawned rank failed: {exc}"
                 return _RESULTS[spec]
             merged: dict[str, list[str]] = {check: [] for check in CHECKS}

@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -137,7 +138,8 @@ def run_rank(rank: int, spec: DispatchSpec, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def build(registry: Registry, spec: DispatchSpec, rank: int, device: torch.device, scenario: Scenario) -> tuple:
+def build(registry: Registry, spec: DispatchSpec, rank: int, device: torch.device,
+          scenario: Scenario) -> tuple[Any, ExpertPlacement, int]:
     """The dispatch under test for this rank and scenario, its placement and sentinel (``auto`` semantics)."""
     placement = placement_of(scenario.kind, spec.num_experts, spec.ep_size)
     padding = auto_sentinel(placement.local_experts(rank, scenario.use_map, device))
@@ -268,7 +270,7 @@ def check_phase(registry: Registry, spec: DispatchSpec, rank: int, device: torch
     received = dispatch.dispatch(tokens, 3)
     try:
         received = dispatch.dispatch(tokens, 3)
-    except Exception:  # the expected outcome: any error, raised before communicating
+    except Exception:  # noqa: BLE001, S110 - the expected outcome: any error, raised before communicating
         pass
     else:
         failures["phase"].append(f"rank {rank}: a second dispatch without combine returned normally; it must raise "

@@ -8,8 +8,13 @@ import torch
 
 from hostcore import Registry
 from hostcore.backends.preprocess_torch import TorchPreprocess
-from hostcore.conformance import (DispatchContract, ExpertsContract, PreprocessContract, SentinelContract,
-                                  check_aligned_layout)
+from hostcore.conformance import (
+    DispatchContract,
+    ExpertsContract,
+    PreprocessContract,
+    SentinelContract,
+    check_aligned_layout,
+)
 from hostcore.conformance.base import ContractBase
 from hostcore.contract import AlignedLayout, LocalRouting
 from hostcore.hookspecs import BuildContext

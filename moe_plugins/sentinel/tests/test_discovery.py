@@ -5,10 +5,10 @@ from __future__ import annotations
 from importlib import metadata
 
 import pytest
+from moe_plugin_sentinel.strategies import Negative
 
 from hostcore import BackendChoice, ConfigError, Option, Registry, Stage, resolve_config
 from hostcore.placement import ExpertPlacement
-from moe_plugin_sentinel.strategies import Negative
 
 NAMES = ["auto", "guard_slot", "negative", "non_local", "out_of_range"]
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from moe_plugin_sentinel.strategies import STRATEGIES, Auto, GuardSlot, Negative, NonLocal, OutOfRange
 from sentinel_testlib import assert_padding_skipped, padding_ids, preprocess_for
 
-from hostcore.contract import sentinel_verdict
 from hostcore.conformance.layouts import Layout, make_layout
 from hostcore.conformance.strategies import layouts
+from hostcore.contract import sentinel_verdict
 from hostcore.errors import ContractError, UnsafeSentinelError
-from moe_plugin_sentinel.strategies import STRATEGIES, Auto, GuardSlot, Negative, NonLocal, OutOfRange
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = st.sampled_from(sorted(STRATEGIES))

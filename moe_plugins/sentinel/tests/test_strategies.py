@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_plugin_sentinel.strategies import STRATEGIES, Auto, GuardSlot, Negative, NonLocal, OutOfRange
 
 from hostcore.contract import Verdict
 from hostcore.errors import UnsafeSentinelError
 from hostcore.hookspecs import SentinelStrategy
 from hostcore.placement import ExpertPlacement, LocalExperts
-from moe_plugin_sentinel.strategies import STRATEGIES, Auto, GuardSlot, Negative, NonLocal, OutOfRange
 
 
 def rank0_of_2() -> LocalExperts:

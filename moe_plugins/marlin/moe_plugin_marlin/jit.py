@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,10 +139,17 @@ class KernelSet:
         names = [gemm_name(bf16, c, grouped, g2) for c in TILE_CONFIGS for g2 in (False, True)]
         names += [sum_name(bf16)]
         backend = os.environ.get("MOE_MARLIN_JIT_BACKEND", "nvrtc")
-        options = ("-std=c++17",) if backend == "nvrtc" else ("-std=c++17", "-O3")
         with cupy.cuda.Device(device_index):
-            self.module = cupy.RawModule(code=SOURCE_PATH.read_text(), options=options, backend=backend,
-                                         name_expressions=names)
+            try:
+                self.module = _compile(cupy, backend, names)
+                self.module.get_function(names[0])  # compiles now
+            except Exception as exc:
+                if backend != "nvrtc":
+                    raise
+                # NVRTC is the fast path; nvcc (from the CUDA toolkit) is the fallback if it rejects something.
+                warnings.warn(f"NVRTC failed to compile the marlin kernels ({str(exc)[:200]}); trying nvcc",
+                              RuntimeWarning, stacklevel=2)
+                self.module = _compile(cupy, "nvcc", names)
             self.gemm: dict[tuple[TileConfig, bool], Any] = {}
             for cfg in TILE_CONFIGS:
                 for g2 in (False, True):
@@ -164,6 +172,11 @@ class KernelSet:
                 s = cupy.cuda.ExternalStream(ptr, self.device_index)
                 self._streams[ptr] = s
         return s
+
+
+def _compile(cupy: Any, backend: str, names: list[str]) -> Any:
+    options = ("-std=c++17",) if backend == "nvrtc" else ("-std=c++17", "-O3")
+    return cupy.RawModule(code=SOURCE_PATH.read_text(), options=options, backend=backend, name_expressions=names)
 
 
 @functools.lru_cache(maxsize=None)

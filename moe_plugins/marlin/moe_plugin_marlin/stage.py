@@ -117,14 +117,24 @@ class MarlinExperts:
         self._rows, self._slots = rows, slots
 
     # -- the forward -----------------------------------------------------------------------------
-    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
-        """``hidden [N, H]``, ``topk_weights [N, K]`` fp32, routing -> ``[N, H]`` (see the module docstring)."""
+    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden [N, H]``, ``topk_weights [N, K]`` fp32, routing -> ``[N, H]`` (see the module docstring).
+
+        ``out`` (optional, ``[N, H]`` contiguous, activation dtype, on the device)
+        receives the result instead of the stage's workspace; it is returned.
+        """
         local_ids = routing.local_ids
         self._check_inputs(hidden, topk_weights, local_ids)
         n, top_k = local_ids.shape
         h, i = self.hidden_size, self.intermediate_size
+        if out is not None:
+            if (tuple(out.shape) != (n, h) or out.dtype != self.dtype or out.device != self.device
+                    or not out.is_contiguous()):
+                raise ContractError(f"out must be a contiguous {self.dtype} tensor [N={n}, H={h}] on {self.device}, "
+                                    f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         if n == 0:
-            return self.out[:0]
+            return self.out[:0] if out is None else out
         self.reserve(n, top_k)
         slots = n * top_k
         bm = self.fixed_block_m or kernels.choose_block_m(slots, self.num_local)
@@ -147,9 +157,9 @@ class MarlinExperts:
             slot_out.zero_()
         kernels.launch_gemm(ks, p2, True, inter, 1, i, h, w.w2, w.w2_scales, self.group_size,
                             self.num_local, sorted_ids, block_ids, npp, nblocks, slots, topk_weights, slot_out)
-        out = self.out[:n]
-        kernels.launch_topk_sum(ks, slot_out, local_ids, top_k, h, self.num_local, out)
-        return out
+        result = self.out[:n] if out is None else out
+        kernels.launch_topk_sum(ks, slot_out, local_ids, top_k, h, self.num_local, result)
+        return result
 
     def plan(self, which: str, n_out: int, k: int, slots: int, block_m: int, allow_split: bool) -> kernels.GemmPlan:
         return kernels.plan_gemm(n_out, k, slots, self.num_local, block_m, self.sm_count, allow_split,

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip=(python3 -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[test]" -e moe_plugins/sentinel -e moe_plugins/cupy_preprocess -e moe_plugins/marlin
+"${pip[@]}" -e ".[test]" -e moe_plugins/sentinel -e moe_plugins/cupy_preprocess -e moe_plugins/marlin \
+    -e examples/last-non-local-sentinel
 "${pip[@]}" --no-deps -e moe_plugins/flashinfer_onesided
 python3 -m hostcore.cli.main plugins

@@ -33,8 +33,9 @@ def _real_site() -> str | None:
     site = os.environ.get("FLASHINFER_REAL_SITE")
     if site:
         return site
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('flashinfer') "
-                            "is not None)"], capture_output=True, text=True)
+    # importable as is, and not the fake (a dry run puts the fake on PYTHONPATH)
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('flashinfer'); "
+                            "print(bool(s) and 'fake_site' not in str(s.origin))"], capture_output=True, text=True)
     return "" if probe.stdout.strip() == "True" else None
 
 

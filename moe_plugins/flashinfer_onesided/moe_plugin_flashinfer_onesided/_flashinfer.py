@@ -19,8 +19,10 @@ every rank has it and every rank's sentinel is outside ``[0, E)``, else
 ``moe_alltoall``. Both are wrapped in `OneSidedAllToAll`, whose methods speak
 in the stage's terms (hidden, ids, weights, scales; ``[ep_size, R, ...]``).
 
-Communicator: ``MnnvlConfig(comm_backend=TorchDistBackend(group))``, so the
-memory-handle exchange runs over torch.distributed (no MPI). On one host
+Communicator: ``MnnvlConfig(comm_backend=...)`` with FlashInfer's
+``TorchDistBackend`` over the EP group (`_GroupComm`), so the memory-handle
+exchange runs over torch.distributed (no MPI), on EP groups smaller than the
+world too. On one host
 without an NVLink fabric FlashInfer >= 0.6.16 exchanges POSIX file descriptors
 over AF_UNIX sockets in the temp dir; nothing here uses NVLink multicast.
 
@@ -213,11 +215,49 @@ def _recv_counts_view(a2a: Any, ep_size: int, ep_rank: int) -> torch.Tensor | No
         return None
 
 
-def _torch_backend(group: Any) -> Any:
-    """FlashInfer's torch.distributed communicator over ``group`` (``None``: the default group); no MPI."""
-    from flashinfer.comm.mnnvl import TorchDistBackend
+class _GroupComm:
+    """FlashInfer's ``CommBackend`` over one torch.distributed group (``None``: the default group); no MPI.
 
-    return TorchDistBackend(group=group)
+    Delegates to FlashInfer's ``TorchDistBackend`` except for one thing: when
+    ``MoeAlltoAll`` allocates its workspace it calls ``Split(0, rank)``, a split
+    into the group itself, and ``TorchDistBackend.Split`` builds a new process
+    group for it with ``new_subgroups_by_enumeration``, which every rank of the
+    *world* must enter. With an EP group smaller than the world that hangs, and
+    it costs a new process group per build. A split that keeps the group as it
+    is (one color, keys in rank order) returns this communicator instead; any
+    other split goes to FlashInfer's.
+    """
+
+    def __init__(self, group: Any) -> None:
+        from flashinfer.comm.mnnvl import TorchDistBackend
+
+        self._inner = TorchDistBackend(group=group)
+
+    def Get_rank(self) -> int:  # noqa: N802 - FlashInfer's (MPI-style) method names
+        return self._inner.Get_rank()
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self._inner.Get_size()
+
+    def allgather(self, data: Any) -> tuple[Any, ...]:
+        return self._inner.allgather(data)
+
+    def bcast(self, data: Any, root: int) -> Any:
+        return self._inner.bcast(data, root)
+
+    def barrier(self) -> None:
+        self._inner.barrier()
+
+    def Split(self, color: int, key: int) -> Any:  # noqa: N802
+        everyone = self.allgather((color, key))
+        if len({c for c, _ in everyone}) == 1 and sorted(range(len(everyone)), key=lambda r: everyone[r][1]) == \
+                list(range(len(everyone))):
+            return self
+        return self._inner.Split(color, key)
+
+
+def _torch_backend(group: Any) -> Any:
+    return _GroupComm(group)
 
 
 class _MoeAlltoAllPath(OneSidedAllToAll):

@@ -41,9 +41,11 @@ class TorchDistBackend:
         self._dist.barrier(group=self._group)
 
     def Split(self, color: int, key: int) -> "TorchDistBackend":
-        # The real one builds new sub-groups; with one color (as MoeAlltoAll uses it) they have the same members.
+        # As the real one: the full color partition on every rank, then new_subgroups_by_enumeration (which every
+        # rank of the *world* must enter), then a barrier on the parent group.
         info = self.allgather((color, key, self.Get_rank()))
-        if len({c for c, _, _ in info}) != 1:
-            raise NotImplementedError("the fake only splits into one color")
+        colors = sorted({c for c, _, _ in info})
+        partition = [[r for _, r in sorted((k, r) for c, k, r in info if c == col)] for col in colors]
+        cur_group, _ = self._dist.new_subgroups_by_enumeration(partition)
         self.barrier()
-        return TorchDistBackend(self._group)
+        return TorchDistBackend(group=cur_group)

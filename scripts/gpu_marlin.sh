@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark of the marlin experts backend, in one script for one lent-GPU call.
 #
-#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [bench] [benchquick]
+#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [bench] [benchquick]
 #
 # Writes logs under $OUT (default ./out): log.txt (everything), pytest.log, sweep.jsonl, GPU_RESULTS.md,
 # sanitizer.log, marlin-h100.json, marlin-h100.png. Prints a short summary table last.
@@ -78,7 +78,22 @@ PY
     eval timeout 560 python3 bench/marlin/bench_marlin.py --out "$OUT/marlin-h100.json" --png "$OUT/marlin-h100.png" $args
     rc=$?; record "$p" "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/marlin-h100.json"
     ;;
-  *) echo "unknown phase $p (setup test quicktest sanitize bench benchquick)"; exit 2;;
+  ncu)
+    phase ncu
+    timeout 300 ncu --kernel-name regex:moe_marlin_gemm --launch-count 8 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis python3 bench/marlin/ncu_case.py > "$OUT/ncu.txt" 2>&1
+    rc=$?
+    grep -E "moe_marlin_gemm|^(qwen|mixtral)|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Stall|One or More" "$OUT/ncu.txt" | head -120
+    record ncu "$([ $rc = 0 ] && echo ok || echo "FAIL($rc)")" "$OUT/ncu.txt"
+    ;;
+  stagecmp)
+    phase "stagecmp (MOE_MARLIN_STAGES=${CMP_STAGES:-4})"
+    MOE_MARLIN_STAGES=${CMP_STAGES:-4} timeout 200 python3 bench/marlin/bench_marlin.py --no-first-call --peer '' \
+      --ms ${CMP_MS:-1,16,64} --out "$OUT/stages${CMP_STAGES:-4}.json" | tail -8
+    rc=$?; record stagecmp "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/stages${CMP_STAGES:-4}.json"
+    ;;
+  *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp bench benchquick)"; exit 2;;
   esac
 done
 

@@ -32,8 +32,9 @@ from hostcore.errors import BackendUnavailableError
 SOURCE_PATH = Path(__file__).with_name("csrc") / "marlin_moe.cu"
 THREADS = 256
 """Threads per GEMM CTA (8 warps); must match ``marlin::THREADS`` in the source."""
-STAGES = 4
-"""cp.async pipeline depth; must match ``marlin::STAGES`` in the source."""
+SMEM_PER_CTA = 110 * 1024
+"""Shared-memory budget of one GEMM CTA: two CTAs share an SM (228 KiB on Hopper, 164 KiB on A100)."""
+MAX_STAGES = 8
 ALIGN_THREADS = 1024
 MAX_LOCAL_EXPERTS = 4096
 """The align kernel keeps 3 ints per local expert in shared memory (48 KiB)."""
@@ -52,6 +53,8 @@ class TileConfig:
     m_tiles: int
     n_warps: int
     kw: int = 2
+    stages: int = 0
+    """cp.async pipeline depth; 0 = as many as fit `SMEM_PER_CTA` (at most `MAX_STAGES`), see `resolved`."""
 
     @property
     def bm(self) -> int:
@@ -69,20 +72,33 @@ class TileConfig:
     def tk(self) -> int:
         return 16 * self.k_warps * self.kw
 
-    def smem_bytes(self, group_size: int | None) -> int:
-        """Dynamic shared memory: the pipeline, or the cross-warp reduction if larger."""
+    def stage_bytes(self, group_size: int | None = 16) -> int:
+        """Shared memory of one pipeline stage: B tile + A tile + scale rows (worst case g = 16)."""
         b = self.tk * self.tn // 2
         a = self.bm * self.tk * 2
         s = 0 if group_size is None else max(1, self.tk // group_size) * self.tn * 2
+        return a + b + s
+
+    def resolved(self) -> TileConfig:
+        """This configuration with a concrete stage count (``MOE_MARLIN_STAGES`` overrides, for experiments)."""
+        if self.stages:
+            return self
+        forced = int(os.environ.get("MOE_MARLIN_STAGES", "0"))
+        n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA // self.stage_bytes()))
+        return TileConfig(self.m_tiles, self.n_warps, self.kw, n)
+
+    def smem_bytes(self, group_size: int | None) -> int:
+        """Dynamic shared memory: the pipeline, or the cross-warp reduction if larger."""
+        stages = self.stages or self.resolved().stages
         red = (self.k_warps - 1) * self.n_warps * self.m_tiles * 32 * 32 * 4
-        return max(STAGES * (a + b + s), red)
+        return max(stages * self.stage_bytes(group_size), red)
 
 
-TILE_CONFIGS: tuple[TileConfig, ...] = (
+TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
     TileConfig(1, 4), TileConfig(1, 2), TileConfig(1, 1),
     TileConfig(2, 4), TileConfig(2, 2),
     TileConfig(4, 4),
-)
+))
 """Every configuration compiled for a stage (12 GEMM kernels with both GEMMs)."""
 
 
@@ -112,7 +128,8 @@ def import_cupy() -> Any:
 
 def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
     b = lambda v: "true" if v else "false"  # noqa: E731
-    return f"marlin::moe_marlin_gemm<{b(bf16)},{cfg.m_tiles},{cfg.n_warps},{cfg.kw},{b(grouped)},{b(gemm2)}>"
+    return (f"marlin::moe_marlin_gemm<{b(bf16)},{cfg.m_tiles},{cfg.n_warps},{cfg.kw},{cfg.stages},{b(grouped)},"
+            f"{b(gemm2)}>")
 
 
 def sum_name(bf16: bool) -> str:

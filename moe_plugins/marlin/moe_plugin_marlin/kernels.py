@@ -51,14 +51,19 @@ def choose_block_m(num_slots: int, num_local: int) -> int:
 
 def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, sm_count: int,
               allow_split: bool, override: tuple[int, int] | None = None) -> GemmPlan:
-    """Pick the widest tile that still gives about 4 CTAs per SM, else the narrowest (+ K splits).
+    """Pick the tile and K splits for one GEMM from static shapes only (no device sync).
 
-    ``override = (n_warps, k_splits)`` forces a choice (benchmark sweeps).
+    GEMM1 (``allow_split=False``): the widest tile that still fills one wave of
+    2 CTAs per SM with the expected number of blocks, else the narrowest. GEMM2:
+    the widest tile, split along K (fp32 atomics) until about 4 CTAs per SM are
+    busy, keeping >= 4 pipeline steps per split. Chosen from a tile sweep on an
+    H100 (bench/marlin). ``override = (n_warps, k_splits)`` forces a choice.
     """
     m_tiles = block_m // 16
     fits = [c for c in TILE_CONFIGS if c.m_tiles == m_tiles and n_out % c.tn == 0 and k % c.tk == 0]
     if not fits:
         raise ValueError(f"no tile configuration for N={n_out}, K={k}, block_m={block_m}")
+    fits.sort(key=lambda c: -c.tn)
     if override is not None:
         n_warps, splits = override
         chosen = [c for c in fits if c.n_warps == n_warps]
@@ -67,18 +72,15 @@ def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, 
         return GemmPlan(chosen[0], max(1, min(splits, k // chosen[0].tk)) if allow_split else 1)
     active = max(1, min(num_local, num_slots))
     blocks = active + num_slots // block_m
-    fits.sort(key=lambda c: -c.tn)
-    target = 4 * sm_count
+    if allow_split:
+        c = fits[0]
+        ctas = blocks * (n_out // c.tn)
+        splits = max(1, min(-(-4 * sm_count // ctas), (k // c.tk) // 4, 8))
+        return GemmPlan(c, splits)
     for c in fits:
-        if blocks * (n_out // c.tn) >= target:
+        if blocks * (n_out // c.tn) >= 2 * sm_count:
             return GemmPlan(c)
-    c = fits[-1]
-    ctas = blocks * (n_out // c.tn)
-    splits = 1
-    if allow_split and ctas < 2 * sm_count:
-        iters = k // c.tk
-        splits = max(1, min(-(-2 * sm_count // ctas), iters // 4, 8))
-    return GemmPlan(c, splits)
+    return GemmPlan(fits[-1])
 
 
 def launch_align(ks: KernelSet, local_ids: torch.Tensor, num_local: int, block_m: int,

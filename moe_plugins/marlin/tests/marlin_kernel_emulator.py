@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STAGES = 4
 THREADS = 256
 
 
@@ -67,7 +66,7 @@ class Smem:
         return self.b[addr:addr + n]
 
 
-def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, grouped: bool, gemm2: bool,
+def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, stages: int, grouped: bool, gemm2: bool,
                  a_bits: np.ndarray, a_row_div: int, K: int, N: int, b_words: np.ndarray, s_bits: np.ndarray,
                  g_log2: int, num_experts: int, sorted_ids: np.ndarray, block_ids: np.ndarray, npp: int,
                  num_mblocks: int, num_slots: int, k_splits: int, topk_weights: np.ndarray | None,
@@ -100,7 +99,7 @@ def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, grouped: bo
         s_slot = np.where(ok, slot, -1)
         s_arow = np.where(ok, slot // a_row_div, -1)
         sm = Smem(smem_bytes, rng)
-        sB, sA, sS = 0, STAGES * B_STAGE * 16, STAGES * (B_STAGE + A_STAGE) * 16
+        sB, sA, sS = 0, stages * B_STAGE * 16, stages * (B_STAGE + A_STAGE) * 16
         total = K // TK
         per = -(-total // k_splits)
         it0 = split * per
@@ -169,8 +168,8 @@ def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, grouped: bo
                             _mma(acc[warp, :, mt, 2 * j + 1], _f(afr[mt], bf16), w[:, 2], w[:, 3])
 
         for it in range(n_iters):
-            load_stage(it % STAGES, it0 + it)
-            compute_stage(it % STAGES)
+            load_stage(it % stages, it0 + it)
+            compute_stage(it % stages)
 
         # cross-warp reduction through shared memory (float32, as in the kernel)
         if k_warps > 1:

@@ -61,7 +61,7 @@ def run_emulated(cfg1: TileConfig, cfg2: TileConfig, k_splits: int, group_size: 
     inter = np.full(slots * I, 0x7FC0, dtype=np.uint16)  # poison (NaN)
     s13 = mw.w13_scales.view(torch.int16).numpy().view(np.uint16).reshape(-1)
     s2 = mw.w2_scales.view(torch.int16).numpy().view(np.uint16).reshape(-1)
-    emulate_gemm(bf16=bf16, m_tiles=cfg1.m_tiles, n_warps=cfg1.n_warps, kw=cfg1.kw, grouped=grouped, gemm2=False,
+    emulate_gemm(bf16=bf16, m_tiles=cfg1.m_tiles, n_warps=cfg1.n_warps, kw=cfg1.kw, stages=cfg1.stages, grouped=grouped, gemm2=False,
                  a_bits=a_bits, a_row_div=TOPK, K=H, N=2 * I, b_words=mw.w13.numpy().reshape(-1), s_bits=s13,
                  g_log2=g_log2, num_experts=E, sorted_ids=sorted_ids, block_ids=block_ids, npp=npp,
                  num_mblocks=nblocks, num_slots=slots, k_splits=1, topk_weights=None, out=inter,
@@ -69,7 +69,7 @@ def run_emulated(cfg1: TileConfig, cfg2: TileConfig, k_splits: int, group_size: 
     slot_out = np.full(slots * H, np.nan)
     if k_splits > 1:
         slot_out[:] = 0.0
-    emulate_gemm(bf16=bf16, m_tiles=cfg2.m_tiles, n_warps=cfg2.n_warps, kw=cfg2.kw, grouped=grouped, gemm2=True,
+    emulate_gemm(bf16=bf16, m_tiles=cfg2.m_tiles, n_warps=cfg2.n_warps, kw=cfg2.kw, stages=cfg2.stages, grouped=grouped, gemm2=True,
                  a_bits=inter, a_row_div=1, K=I, N=H, b_words=mw.w2.numpy().reshape(-1), s_bits=s2,
                  g_log2=g_log2, num_experts=E, sorted_ids=sorted_ids, block_ids=block_ids, npp=npp,
                  num_mblocks=nblocks, num_slots=slots, k_splits=k_splits, topk_weights=topw.numpy().reshape(-1),
@@ -82,9 +82,9 @@ def run_emulated(cfg1: TileConfig, cfg2: TileConfig, k_splits: int, group_size: 
 
 
 QUICK = [
-    (TileConfig(1, 2), TileConfig(1, 2), 1, 128, torch.bfloat16, 9),
-    (TileConfig(2, 4), TileConfig(2, 4), 1, None, torch.float16, 21),
-    (TileConfig(1, 1), TileConfig(1, 1), 2, 32, torch.bfloat16, 5),
+    (TileConfig(1, 2).resolved(), TileConfig(1, 2).resolved(), 1, 128, torch.bfloat16, 9),
+    (TileConfig(2, 4).resolved(), TileConfig(2, 4).resolved(), 1, None, torch.float16, 21),
+    (TileConfig(1, 1).resolved(), TileConfig(1, 1, stages=3), 2, 32, torch.bfloat16, 5),
 ]
 
 

@@ -30,7 +30,6 @@ struct __align__(8) U2 { u32 x, y; };
 namespace marlin {
 
 constexpr int THREADS = 256;  // 8 warps per CTA, every GEMM configuration
-constexpr int STAGES = 4;     // cp.async pipeline depth
 
 DEVI u32 smem_u32(const void* p) {
   u32 r;
@@ -137,7 +136,8 @@ DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 
 // ---------------------------------------------------------------------------------------------
 // The MoE GEMM. CTA tile: BM = 16*M_TILES rows (one aligned block: one expert) x TN = 64*N_WARPS
-// columns; K is walked TK = 16*K_WARPS*KW at a time through a STAGES-deep cp.async pipeline.
+// columns; K is walked TK = 16*K_WARPS*KW at a time through a STAGES-deep cp.async pipeline
+// (the host picks STAGES per tile so that two CTAs fit one SM's shared memory).
 // Warp (wn, wk) owns the 64-column slice wn and the k16 sub-steps wk*KW .. wk*KW+KW-1 of every
 // stage; the K_WARPS partial sums are reduced through shared memory at the end.
 //
@@ -147,7 +147,7 @@ DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 // any weight. Rows whose slot id is >= num_slots (alignment padding) are zero-filled, never
 // read, never written.
 // ---------------------------------------------------------------------------------------------
-template <bool BF16, int M_TILES, int N_WARPS, int KW, bool GROUPED, bool GEMM2>
+template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
 __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
     moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
                     int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
@@ -171,6 +171,7 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
   constexpr int A_STAGE = BM * A_CHUNKS;         // V4 per stage
   static_assert(A_CHUNKS >= 8, "the A swizzle needs at least 8 chunks per row");
   static_assert(B_STAGE % THREADS == 0, "B stage must split evenly over the CTA");
+  static_assert(STAGES >= 2, "the pipeline needs at least two stages");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % N_WARPS, wk = warp / N_WARPS;
@@ -501,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // Explicit instantiations for an offline `nvcc -Xptxas -v` resource check (NVRTC instantiates
 // the same templates through name expressions at run time).
 #define MARLIN_INST(BF, MT, NW, KW, GR, G2)                                                              \
-  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, KW, GR, G2>(                              \
+  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, KW, 6, GR, G2>(                           \
       const u16*, int, int, int, const V4*, const u16*, int, int, const int*, const int*, const int*, int, \
       int, int, const float*, void*);
 #define MARLIN_INST_CFGS(BF, GR, G2) \

@@ -201,7 +201,10 @@ class OneSidedAllToAll:
     def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool) -> torch.Tensor:
+    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
+                output: torch.Tensor) -> torch.Tensor:
+        """Sum each local token's rows back into ``output`` (``[T, H]``, allocated by the caller with torch, so
+        its memory comes from torch's allocator: the CUDA-graph pool while capturing) and return it."""
         raise NotImplementedError
 
 
@@ -304,8 +307,9 @@ class _MoeAlltoAllPath(OneSidedAllToAll):
     def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
         return self._a2a.get_combine_payload_tensor_in_workspace(rows_per_rank, self.hidden_size, self.dtype)
 
-    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool) -> torch.Tensor:
-        return self._a2a.combine(payload, rows_per_rank, payload_in_workspace=in_workspace)
+    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
+                output: torch.Tensor) -> torch.Tensor:
+        return self._a2a.combine(payload, rows_per_rank, payload_in_workspace=in_workspace, output=output)
 
 
 class _MoeEpPath(OneSidedAllToAll):
@@ -342,14 +346,24 @@ class _MoeEpPath(OneSidedAllToAll):
     def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
         return self._comm.get_combine_input_buffer(self.dtype).view(self.ep_size, rows_per_rank, -1)
 
-    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool) -> torch.Tensor:
+    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
+                output: torch.Tensor) -> torch.Tensor:
         # NVLinkOneSidedAlltoAll finds out itself whether payload is its combine buffer (by data pointer).
-        return self._comm.combine(payload)
+        return self._comm.combine(payload, output=output)
+
+
+NVLINK_REFUSAL = "NVLink backends are not supported on EP ranks"
+"""How ``NVLinkOneSidedAlltoAll`` refuses after its collective platform check (the same on every rank)."""
 
 
 def open_alltoall(api: str, geometry: Geometry, group: Any, sentinel: int,
                   device: torch.device) -> OneSidedAllToAll:
-    """Allocate the group's workspace through ``api`` (a collective: every rank of ``group`` calls it)."""
+    """Allocate the group's workspace through ``api`` (a collective: every rank of ``group`` calls it).
+
+    ``moe_ep`` raises ``RuntimeError`` containing `NVLINK_REFUSAL` on every rank
+    alike when its NVML check (every NVLink of every GPU up) fails on any rank,
+    before allocating anything; callers may then fall back to ``moe_alltoall``.
+    """
     if api == "moe_ep":
         return _MoeEpPath(geometry, group, sentinel, device)
     if api == "moe_alltoall":

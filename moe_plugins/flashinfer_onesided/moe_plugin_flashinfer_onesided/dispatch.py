@@ -188,12 +188,14 @@ class FlashInferOneSidedDispatch:
             # The other ranks are already in (or heading to) the combine collective: take part with zeros so
             # nobody waits forever, then report the caller's mistake.
             if pending.rows:
-                self._a2a.combine(torch.zeros(want, dtype=g.dtype, device=self.device), pending.rows, False)
+                self._a2a.combine(torch.zeros(want, dtype=g.dtype, device=self.device), pending.rows, False,
+                                  torch.empty((pending.tokens, g.hidden_size), dtype=g.dtype, device=self.device))
             raise ContractError(problem)
         if pending.rows == 0:
             return torch.empty((0, g.hidden_size), dtype=g.dtype, device=self.device)
         in_workspace = buffer is not None and expert_out.data_ptr() == buffer.data_ptr()
-        return self._a2a.combine(expert_out.contiguous(), pending.rows, in_workspace)
+        output = torch.empty((pending.tokens, g.hidden_size), dtype=g.dtype, device=self.device)
+        return self._a2a.combine(expert_out.contiguous(), pending.rows, in_workspace, output)
 
 
 # -- factory ------------------------------------------------------------------------------------------
@@ -232,7 +234,15 @@ def build(ctx: BuildContext, api: str = "auto", scale_bytes_per_token: int = 0,
         _check_agreement(everyone)
         chosen, why = _flashinfer.choose_api(api, [f["moe_ep"] for f in everyone], [f["sentinel"] for f in everyone],
                                              geometry.global_num_experts)
-        a2a = _flashinfer.open_alltoall(chosen, geometry, ctx.group, sentinel, device)
+        try:
+            a2a = _flashinfer.open_alltoall(chosen, geometry, ctx.group, sentinel, device)
+        except RuntimeError as exc:
+            # moe_ep's NVML check (all NVLinks up) refuses on every rank alike, before allocating anything;
+            # with api=auto the group then takes the same kernels through MoeAlltoAll.
+            if api != "auto" or chosen != "moe_ep" or _flashinfer.NVLINK_REFUSAL not in str(exc):
+                raise
+            chosen, why = "moe_alltoall", f"moe_ep refused this host ({exc})"
+            a2a = _flashinfer.open_alltoall(chosen, geometry, ctx.group, sentinel, device)
     return FlashInferOneSidedDispatch(a2a, geometry, sentinel, ctx.group, device, why, rows_per_source)
 
 

@@ -378,6 +378,25 @@ def scenario_refusals(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def scenario_nvlink_refused(rank: int, world: int) -> dict[str, str]:
+    """moe_ep's NVML check fails (fake): api=auto falls back to MoeAlltoAll on every rank, api=moe_ep raises."""
+    os.environ["FAKE_FLASHINFER_NO_NVLINK"] = "1"
+    ep, experts = world, EXPERTS_PER_RANK * world
+    ctx = context(rank, ep, experts, HIDDEN, TOP_K, torch.bfloat16, MAX_TOKENS, experts)
+    try:
+        stage = cpu_stage(ctx)
+        out = {"auto": f"{stage.api}: {stage.api_reason}"}
+        round_trip(stage, None, rank, ep, COUNTS[:ep], None, HIDDEN, TOP_K, experts, torch.bfloat16)
+        try:
+            cpu_stage(ctx, api="moe_ep")
+            out["moe_ep"] = "built"
+        except RuntimeError as exc:
+            out["moe_ep"] = str(exc)
+    finally:
+        del os.environ["FAKE_FLASHINFER_NO_NVLINK"]
+    return out
+
+
 def run_suite(rank: int, world: int, jobs: list[tuple[str, tuple]]) -> dict[str, Any]:
     """Run several scenarios in one set of rank processes (starting processes dominates the test time)."""
     return {f"{name}{args}": globals()[name](rank, world, *args) for name, args in jobs}

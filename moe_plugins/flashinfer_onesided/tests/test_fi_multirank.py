@@ -23,7 +23,8 @@ TRANSPORT = {2: [("moe_alltoall", "non_local", "bfloat16"), ("moe_ep", "guard_sl
 
 @pytest.fixture(scope="module")
 def world2() -> list[dict[str, Any]]:
-    jobs = [("scenario_transport", a) for a in TRANSPORT[2]] + [("scenario_scales", ()), ("scenario_refusals", ())]
+    jobs = [("scenario_transport", a) for a in TRANSPORT[2]] + [("scenario_scales", ()), ("scenario_refusals", ()),
+                                                           ("scenario_nvlink_refused", ())]
     return run_ranks(2, run_suite, jobs)
 
 
@@ -87,3 +88,9 @@ def test_group_wide_refusals_happen_on_every_rank(world2: list[dict[str, Any]]) 
         assert "hidden_size: rank 0 has 64, rank 1 has 32" in res["disagree"]
         assert res["moe_ep_in_range"].startswith("ContractError")
         assert "outside [0, E=8)" in res["moe_ep_in_range"] and "api=moe_alltoall" in res["moe_ep_in_range"]
+
+
+def test_moe_ep_refusing_the_host_falls_back_to_moe_alltoall_under_auto(world2: list[dict[str, Any]]) -> None:
+    for res in (r["scenario_nvlink_refused()"] for r in world2):
+        assert res["auto"].startswith("moe_alltoall: moe_ep refused this host")
+        assert "NVLink backends are not supported on EP ranks [0, 1]" in res["moe_ep"]

@@ -62,8 +62,8 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {  # name: (hidden, top_k, experts)
@@ -156,10 +156,11 @@ class Contenders:
 
     def __init__(self, shape: str, ep: int, rank: int, device: torch.device, max_tokens: int, dry_run: bool,
                  extras: bool) -> None:
+        from moe_plugin_flashinfer_onesided import build
+
         from hostcore import BackendChoice, BuildContext, ExpertPlacement, Stage
         from hostcore.backends.dispatch_torch import TorchAllToAllDispatch
         from hostcore.registry import get_registry
-        from moe_plugin_flashinfer_onesided import build
 
         hidden, top_k, experts = SHAPES[shape]
         self.shape, self.ep, self.rank, self.device = shape, ep, rank, device
@@ -188,7 +189,11 @@ class Contenders:
         """``MoeAlltoAll`` as a user would build it: same workspace size (so FlashInfer shares the workspace)."""
         import warnings
 
-        from flashinfer.comm import Mapping, MoeAlltoAll, moe_a2a_get_workspace_size_per_rank
+        from flashinfer.comm import (
+            Mapping,
+            MoeAlltoAll,
+            moe_a2a_get_workspace_size_per_rank,
+        )
         from flashinfer.comm.mnnvl import MnnvlConfig, TorchDistBackend
 
         size = moe_a2a_get_workspace_size_per_rank(self.ep, max_tokens, hidden * 2 + top_k * 8, hidden * 2)

@@ -11,8 +11,9 @@ the plugins through their ``hostcore.plugins`` entry points exactly as after a p
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def write(site: Path, root: Path) -> Path | None:

@@ -19,8 +19,8 @@ from hostcore.contract import Stage
 from hostcore.hookspecs import Backend, Option, Register, hookimpl
 
 from ._flashinfer import APIS
-from .host_check import availability
 from .dispatch import FlashInferOneSidedDispatch, build
+from .host_check import availability
 from .warmup import WarmUpReport, warm_up
 
 hostcore_api_version = 1
@@ -42,5 +42,13 @@ def hostcore_register_dispatch(register: Register) -> None:
                      OPTIONS, availability=availability))
 
 
-__all__ = ["FlashInferOneSidedDispatch", "OPTIONS", "WarmUpReport", "availability", "build",
-           "hostcore_api_version", "hostcore_register_dispatch", "warm_up"]
+__all__ = [
+    "OPTIONS",
+    "FlashInferOneSidedDispatch",
+    "WarmUpReport",
+    "availability",
+    "build",
+    "hostcore_api_version",
+    "hostcore_register_dispatch",
+    "warm_up",
+]

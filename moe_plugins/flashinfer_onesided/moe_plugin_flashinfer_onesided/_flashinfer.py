@@ -236,10 +236,10 @@ class _GroupComm:
 
         self._inner = TorchDistBackend(group=group)
 
-    def Get_rank(self) -> int:  # noqa: N802 - FlashInfer's (MPI-style) method names
+    def Get_rank(self) -> int:
         return self._inner.Get_rank()
 
-    def Get_size(self) -> int:  # noqa: N802
+    def Get_size(self) -> int:
         return self._inner.Get_size()
 
     def allgather(self, data: Any) -> tuple[Any, ...]:
@@ -251,7 +251,7 @@ class _GroupComm:
     def barrier(self) -> None:
         self._inner.barrier()
 
-    def Split(self, color: int, key: int) -> Any:  # noqa: N802
+    def Split(self, color: int, key: int) -> Any:
         everyone = self.allgather((color, key))
         if len({c for c, _ in everyone}) == 1 and sorted(range(len(everyone)), key=lambda r: everyone[r][1]) == \
                 list(range(len(everyone))):
@@ -316,7 +316,12 @@ class _MoeEpPath(OneSidedAllToAll):
     api = "moe_ep"
 
     def __init__(self, geometry: Geometry, group: Any, sentinel: int, device: torch.device) -> None:
-        from flashinfer.moe_ep import BootstrapConfig, MoEEpCommParams, NVLinkOneSidedAlltoAll, NVLinkOneSidedConfig
+        from flashinfer.moe_ep import (
+            BootstrapConfig,
+            MoEEpCommParams,
+            NVLinkOneSidedAlltoAll,
+            NVLinkOneSidedConfig,
+        )
 
         g = geometry
         self.ep_size = g.ep_size

@@ -16,7 +16,7 @@ for path in (HERE, HERE.parent):
         sys.path.insert(0, str(path))
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from moe_plugin_flashinfer_onesided import host_check as av
 
 

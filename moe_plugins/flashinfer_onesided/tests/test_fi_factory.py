@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import fi_testlib
 import pytest
 import torch
 
@@ -12,8 +13,6 @@ from hostcore import BackendChoice, BackendConfig, Stage
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from hostcore.placement import ExpertPlacement
 from hostcore.registry import Registry, coerce_options
-
-import fi_testlib
 
 
 @pytest.fixture

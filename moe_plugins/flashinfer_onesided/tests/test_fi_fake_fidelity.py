@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fi_testlib import FAKE_SITE, TESTS
 
 

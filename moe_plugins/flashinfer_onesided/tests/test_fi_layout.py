@@ -7,12 +7,15 @@ import random
 
 import pytest
 import torch
+from moe_plugin_flashinfer_onesided import layout
+from moe_plugin_flashinfer_onesided._flashinfer import (
+    choose_api,
+    release_tuple,
+    version_problem,
+)
 
 from hostcore.errors import BackendUnavailableError, ContractError
 from hostcore.placement import ExpertPlacement
-from moe_plugin_flashinfer_onesided import layout
-from moe_plugin_flashinfer_onesided._flashinfer import choose_api, release_tuple, version_problem
-
 
 # -- ownership --------------------------------------------------------------------------------------------
 

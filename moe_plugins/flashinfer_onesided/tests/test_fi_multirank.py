@@ -13,9 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from fi_testlib import (COUNTS, EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, TOP_K, expected_workspace_bytes,
-                        non_local_sentinel, run_ranks, run_suite)
+from fi_testlib import (
+    COUNTS,
+    EXPERTS_PER_RANK,
+    HIDDEN,
+    MAX_TOKENS,
+    TOP_K,
+    expected_workspace_bytes,
+    non_local_sentinel,
+    run_ranks,
+    run_suite,
+)
 
 TRANSPORT = {2: [("moe_alltoall", "non_local", "bfloat16"), ("moe_ep", "guard_slot", "bfloat16")],
              4: [("auto", "non_local", "float32"), ("auto", "guard_slot", "bfloat16")]}

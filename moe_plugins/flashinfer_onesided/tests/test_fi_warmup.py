@@ -10,7 +10,6 @@ from hostcore.errors import BackendUnavailableError
 def test_cold_build_shows_progress_then_the_cache_is_reused(fake_flashinfer, monkeypatch: pytest.MonkeyPatch,
                                                             capfd: pytest.CaptureFixture) -> None:
     from flashinfer.jit.comm import BUILDS
-
     from moe_plugin_flashinfer_onesided import warm_up
 
     monkeypatch.setenv("FAKE_FLASHINFER_BUILD_S", "0.35")

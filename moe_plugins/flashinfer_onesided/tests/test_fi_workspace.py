@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fi_testlib import expected_workspace_bytes
 from moe_plugin_flashinfer_onesided import layout
 

@@ -15,11 +15,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import fi_testlib as L
 import pytest
 import torch
 
-import fi_testlib as L
-from hostcore import BuildContext, ExpertPlacement, PreparedTokens, Stage, sentinel_verdict
+from hostcore import (
+    BuildContext,
+    ExpertPlacement,
+    PreparedTokens,
+    Stage,
+    sentinel_verdict,
+)
 from hostcore.backends.dispatch_torch import TorchAllToAllDispatch
 from hostcore.contract import check_received
 from hostcore.placement import LocalExperts

@@ -14,7 +14,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

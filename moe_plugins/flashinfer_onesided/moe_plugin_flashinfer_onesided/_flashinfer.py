@@ -392,9 +392,15 @@ class JitModule:
         """An artifact exists (FlashInfer's ninja still re-checks that it is up to date)."""
         return bool(self.spec.is_compiled)
 
+    @property
+    def prebuilt(self) -> bool:
+        """Shipped ahead of time (the flashinfer-jit-cache package): loaded as is, never compiled here."""
+        return bool(getattr(self.spec, "is_aot", False))
+
     def build(self, verbose: bool) -> None:
         """Compile (or no-op when up to date) under FlashInfer's own file lock, so concurrent ranks build once."""
-        self.spec.build(verbose=verbose, need_lock=True)
+        if not self.prebuilt:
+            self.spec.build(verbose=verbose, need_lock=True)
 
 
 def alltoall_jit_module() -> JitModule:

@@ -20,6 +20,13 @@ both into the launches), after one eager warm-up step; replay on every rank in
 lockstep. `moe_plugin_flashinfer_onesided.graphs.GraphedDispatchCombine` does
 exactly that. Passing ``rows_per_rank=None`` while capturing raises.
 
+Errors: caller mistakes that every rank makes alike (shapes, dtypes,
+``rows_per_rank > max_tokens_per_rank``) raise on every rank before any
+collective. A mistake on one rank only (``T > rows_per_rank`` there) raises on
+that rank and leaves the others waiting inside FlashInfer's kernel, as with
+any collective; a bad expert output in `combine` is reported after this rank
+took part with zeros, so the others finish.
+
 Zero-copy combine: an expert stage that writes its output into
 `combine_input_buffer()` (a workspace view) saves FlashInfer's staging copy;
 any other ``[ep_size, R, H]`` tensor is copied into the workspace by FlashInfer.

@@ -14,7 +14,8 @@ Contenders, all in the same processes, on the same tokens and routing:
     default strategy ``auto`` (the first non-local expert: ``api=moe_alltoall``).
 ``moe_alltoall_raw``
     ``flashinfer.comm.MoeAlltoAll.dispatch`` + ``combine`` called directly with
-    the same payloads, sentinel and workspace: the floor the plugin adds to.
+    the same payloads, sentinel, workspace and output allocation (a torch
+    tensor, as the plugin passes): the floor the plugin adds to.
 ``torch_a2a``
     the host's padded all-to-all over NCCL (the peer; ``speedup = torch_a2a /
     flashinfer_onesided``).
@@ -219,7 +220,8 @@ class Contenders:
             MAIN: Step(lambda: self.plugin.dispatch(prepared, r), lambda: self.plugin.combine(expert_out)),
             RAW: Step(lambda: raw.dispatch(tok["topk_ids"], [tok["topk_ids"], tok["topk_weights"], tok["hidden"]], r,
                                            invalid_token_expert_id=sentinel, expert_id_payload_index=0),
-                      lambda: raw.combine(expert_out, r)),
+                      lambda: raw.combine(expert_out, r, output=torch.empty((tokens, hidden), dtype=torch.bfloat16,
+                                                                            device=self.device))),
             PEER: Step(lambda: self.torch_a2a.dispatch(prepared, r), lambda: self.torch_a2a.combine(expert_out)),
         }
         if self.moe_ep is not None:

@@ -43,8 +43,8 @@ def test_missing_peer_access_is_reported_before_nvlink() -> None:
 
 def test_this_machine_and_a_failing_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     av.availability.cache_clear()
-    reason = av.availability()  # the CI machine: no flashinfer or no GPU; either way a reason, no exception
-    assert isinstance(reason, str) and reason.startswith("needs ")
+    reason = av.availability()  # CI: no flashinfer or no GPU -> a reason; a GPU host may say it runs (None)
+    assert reason is None or (isinstance(reason, str) and reason)
 
     def broken() -> av.Probes:
         raise OSError("NVML driver mismatch")

@@ -41,7 +41,7 @@ from hostcore.hookspecs import BuildContext
 
 from . import jit
 from .buffers import PreprocessBuffers, map_with_head
-from .launch import launch
+from .launch import KernelSet, launch
 from .plan import MAP_GLOBAL, PATHS, MapChoice, Plan, check_block_m, choose_map, plan_for
 from .validate import as_tensor, check_contiguous_for_capture, check_topk_ids, normalize_device
 
@@ -51,21 +51,28 @@ MODES = ("safe", "checked", "faithful")
 class CupyPreprocess:
     """Fused expert-map preprocess on CuPy RawKernels; see the module docstring for modes and ownership."""
 
-    def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto") -> None:
+    def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto", *,
+                 kernels: KernelSet | None = None) -> None:
+        """Build for ``ctx`` (its device, placement and map). ``kernels`` is for tests only: a CPU emulation
+        of the kernels, with which the stage runs on ``ctx.device`` as given (no GPU, no CuPy)."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if path not in PATHS:
             raise ConfigError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
-        from . import availability_reason
+        if kernels is None:
+            from . import availability_reason
 
-        reason = availability_reason()
-        if reason:
-            raise BackendUnavailableError(f"preprocess backend 'cupy' cannot run here: {reason}")
+            reason = availability_reason()
+            if reason:
+                raise BackendUnavailableError(f"preprocess backend 'cupy' cannot run here: {reason}")
+            self.device = normalize_device(ctx.device)
+            kernels = jit.kernels(self.device.index)
+        else:
+            self.device = torch.device(ctx.device)
         self.mode = mode
         self.path = path
-        self.device = normalize_device(ctx.device)
         self.local = ctx.local
-        self.kernels = jit.kernels(self.device.index)
+        self.kernels = kernels
         table = ctx.local.expert_map
         self.map: MapChoice = choose_map(None if table is None else int(table.numel()), map_in, self.kernels.smem_optin)
         self.device_map: torch.Tensor | None = None

@@ -35,8 +35,9 @@ class PreprocessBuffers:
     Outputs: ``local_ids int32[rows, top_k]``, ``expert_counts int32[num_local]``, ``invalid_count int32[1]``,
     and with ``block_m``: ``sorted_slot_ids int32[capacity]``, ``block_expert_ids int32[capacity // block_m]``,
     ``num_slots_post_padded int32[1]``. Workspace (grid path only; empty on the block path):
-    ``tile_hist int32[window * tiles]``, ``tile_invalid int32[tiles]``, ``group_start int32[num_local + 1]``
-    and ``done int32[1]``, which starts at 0 and is left at 0 by every launch sequence.
+    ``tile_hist int32[window * tiles]``, ``tile_invalid int32[tiles]``, ``group_start int32[num_local + 1]``,
+    ``done int32[1]``, which starts at 0 and is left at 0 by every launch sequence, and ``keys8
+    uint8[num_slots]`` (with at most 254 local experts and a layout to build; else empty).
     """
 
     plan: Plan
@@ -50,6 +51,7 @@ class PreprocessBuffers:
     tile_invalid: torch.Tensor
     group_start: torch.Tensor
     done: torch.Tensor
+    keys8: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: Plan, device: torch.device) -> PreprocessBuffers:
@@ -65,7 +67,8 @@ class PreprocessBuffers:
                    num_slots_post_padded=empty(1 if plan.block_m else 0),
                    tile_hist=empty(ws["tile_hist"]), tile_invalid=empty(ws["tile_invalid"]),
                    group_start=empty(ws["group_start"]),
-                   done=torch.zeros(ws["done"], dtype=torch.int32, device=device))
+                   done=torch.zeros(ws["done"], dtype=torch.int32, device=device),
+                   keys8=torch.empty(ws["keys8_bytes"], dtype=torch.uint8, device=device))
 
     def routing(self, count_invalid: bool) -> LocalRouting:
         """The `LocalRouting` view of these buffers (``invalid_count`` only when the mode counts)."""

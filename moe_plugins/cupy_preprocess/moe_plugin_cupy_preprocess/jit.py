@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,31 @@ def kernels(device_index: int) -> Kernels:
         return found
     import cupy
 
-    with _lock, cupy.cuda.Device(device_index) as device:
+    device = cupy.cuda.Device(device_index)
+    with _lock, device:
         if device_index in _kernels:
             return _kernels[device_index]
         module = _module()
         functions = {name: module.get_function(name) for name in name_expressions()}
-        optin = int(device.attributes["MaxSharedMemoryPerBlockOptin"])
+        optin = smem_optin(device_index)
         for name, fn in functions.items():
             if name.startswith(("block_preprocess", "grid_count", "grid_place")):
                 # Loads the binary for this device and lets launches ask for up to `optin` bytes.
                 fn.max_dynamic_shared_size_bytes = optin - int(fn.shared_size_bytes)
         _kernels[device_index] = Kernels(device_index, optin, functions)
         return _kernels[device_index]
+
+
+def smem_optin(device_index: int) -> int:
+    """The most shared memory one block may opt in to on this device, in bytes."""
+    import torch
+
+    value = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0)
+    if value:
+        return int(value)
+    import cupy
+
+    return int(cupy.cuda.runtime.deviceGetAttribute(97, device_index))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 _streams: dict[tuple[int, int], Any] = {}
@@ -128,5 +142,10 @@ def current_stream(device_index: int) -> Any:
     key = (device_index, handle)
     stream = _streams.get(key)
     if stream is None:
-        stream = _streams[key] = cupy.cuda.ExternalStream(handle, device_index)
+        # ExternalStream wraps the handle without owning it (it never destroys torch's stream); CuPy 14
+        # deprecates it in favour of Stream.from_external, whose objects are Streams that destroy their
+        # handle when collected. The wrapper is made once per stream and kept for the process.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[key] = cupy.cuda.ExternalStream(handle, device_index)
     return stream

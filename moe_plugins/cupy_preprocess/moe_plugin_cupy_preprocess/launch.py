@@ -26,6 +26,8 @@ class KernelSet(Protocol):
     Each kernel is called as ``kernel(grid, block, args, shared_mem=bytes)``.
     """
 
+    smem_optin: int  # the most dynamic shared memory a block may ask for, in bytes
+
     def block(self, id_type: str, ipt: int) -> Any: ...
 
     def count(self, id_type: str) -> Any: ...
@@ -70,13 +72,14 @@ def launch(kernels: KernelSet, plan: Plan, topk_ids: torch.Tensor, device_map: t
                 shared_mem=plan.smem_block_bytes)
             return
         windows = plan.window_bounds()
+        keys8 = _ptr(out.keys8) if plan.keys8_bytes else null
         tiles = _i32(plan.tiles)
         for w, (e0, wl) in enumerate(windows):
             first_window, last_window = w == 0, w == len(windows) - 1
             kernels.count(id_type)(
                 (plan.tiles,), (GRID_THREADS,),
                 lookup + (_ptr(out.local_ids), _i32(int(first_window)), _ptr(out.tile_hist), _ptr(out.tile_invalid),
-                          _i32(e0), _i32(wl), _i32(plan.window), tiles),
+                          keys8, _i32(e0), _i32(wl), _i32(plan.window), tiles),
                 shared_mem=plan.smem_count_bytes)
             kernels.scan(
                 (max(wl, 1),), (SCAN_THREADS,),
@@ -86,7 +89,7 @@ def launch(kernels: KernelSet, plan: Plan, topk_ids: torch.Tensor, device_map: t
             if aligned:
                 kernels.place(
                     (plan.tiles,), (GRID_THREADS,),
-                    (_ptr(out.local_ids), _i32(nk), _i32(plan.num_local), _ptr(out.tile_hist), tiles,
+                    (_ptr(out.local_ids), keys8, _i32(nk), _i32(plan.num_local), _ptr(out.tile_hist), tiles,
                      _ptr(out.expert_counts), _ptr(out.group_start), _i32(e0), _i32(wl), _i32(plan.window),
                      sorted_ptr, blocks_ptr, _i32(plan.block_m), _i32(plan.capacity), _i32(int(last_window))),
                     shared_mem=plan.smem_place_bytes)

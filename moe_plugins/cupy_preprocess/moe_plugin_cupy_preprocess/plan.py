@@ -37,6 +37,9 @@ MIN_WINDOW = 32
 INT32_MAX = 2**31 - 1
 
 MAP_NONE, MAP_SHARED, MAP_GLOBAL = 0, 1, 2
+KEYS8_MAX_LOCAL = 254
+"""Up to this many local experts the grid path keeps a byte per slot (its expert, 255 for none) for
+grid_place to read instead of the 4-byte local_ids: 3 bytes per slot less traffic."""
 MAP_HEAD = 64
 """Zero int32 entries allocated before the device copy of the map: what a faithful read at ids -64..-1
 returns on the global-memory path (see ``map_one`` in the .cu)."""
@@ -126,9 +129,15 @@ class Plan:
     def workspace_ints(self) -> dict[str, int]:
         """Sizes of the grid path's workspace buffers (all zero on the block path)."""
         if self.path != "grid":
-            return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0}
+            return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
-                "group_start": self.num_local + 1, "done": 1}
+                "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}
+
+    @property
+    def keys8_bytes(self) -> int:
+        """Size of the grid path's byte-per-slot key buffer (0 when it is not used)."""
+        use = self.path == "grid" and self.block_m > 0 and self.num_local <= KEYS8_MAX_LOCAL
+        return self.num_slots if use else 0
 
 
 def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moe_plugin_cupy_preprocess.jit import SOURCE_PATH
+from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN
 
 HERE = Path(__file__).parent / "emulator"
 
@@ -62,6 +63,8 @@ def _words(args: Sequence[Any]) -> np.ndarray:
 class EmulatedKernels:
     """The kernels of ``preprocess.cu`` run by the emulator; the `launch.KernelSet` interface."""
 
+    smem_optin = DEFAULT_SMEM_OPTIN
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         self.launches: list[tuple[str, int, int, int]] = []  # (kernel, grid, block, smem) in launch order
@@ -99,3 +102,13 @@ class EmulatedKernels:
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
+
+
+class FewScanThreads(EmulatedKernels):
+    """grid_scan with 32 threads per block: its code is block-size generic, and the emulator spawns an OS
+    thread per CUDA thread, so many-expert cases stay fast."""
+
+    @property
+    def scan(self) -> Callable[..., None]:
+        run = super().scan
+        return lambda grid, block, args, shared_mem=0: run(grid, (32,), args, shared_mem)

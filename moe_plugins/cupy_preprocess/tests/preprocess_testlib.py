@@ -109,11 +109,14 @@ def guarded_buffers(plan: Plan, device: torch.device | str) -> tuple[PreprocessB
         return store[GUARD_WORDS:GUARD_WORDS + n]
 
     ws = plan.workspace_ints()
+    # keys8 is bytes: a byte view of a guarded int32 store (rounded up to whole words).
+    keys8 = alloc(-(-ws["keys8_bytes"] // 4)).view(torch.uint8)[: ws["keys8_bytes"]]
     buffers = PreprocessBuffers(
         plan=plan, local_ids=alloc(plan.num_slots).view(plan.rows, plan.top_k), expert_counts=alloc(plan.num_local),
         invalid_count=alloc(1), sorted_slot_ids=alloc(plan.capacity), block_expert_ids=alloc(plan.num_blocks),
         num_slots_post_padded=alloc(1 if plan.block_m else 0), tile_hist=alloc(ws["tile_hist"]),
-        tile_invalid=alloc(ws["tile_invalid"]), group_start=alloc(ws["group_start"]), done=alloc(ws["done"], 0))
+        tile_invalid=alloc(ws["tile_invalid"]), group_start=alloc(ws["group_start"]), done=alloc(ws["done"], 0),
+        keys8=keys8)
     return buffers, backing
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from emulation import EmulatedKernels, build
+from emulation import EmulatedKernels, FewScanThreads, build
 from preprocess_testlib import (Case, assert_layout_valid, assert_matches, check_guards, guarded_buffers, make_case,
                                 reference)
 
@@ -17,16 +17,6 @@ from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
 from moe_plugin_cupy_preprocess.plan import Plan, choose_map, plan_for
-
-
-class FewScanThreads(EmulatedKernels):
-    """grid_scan with 32 threads per block: its code is block-size generic, and the emulator spawns an OS
-    thread per CUDA thread, so many-expert cases stay fast."""
-
-    @property
-    def scan(self):  # noqa: ANN201
-        run = super().scan
-        return lambda grid, block, args, shared_mem=0: run(grid, (32,), args, shared_mem)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ template <typename IdT>
 void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
         grid_count<IdT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
-                        P<int>(a, 8), I(a, 9), P<int>(a, 10), P<int>(a, 11), I(a, 12), I(a, 13), I(a, 14), I(a, 15));
+                        P<int>(a, 8), I(a, 9), P<int>(a, 10), P<int>(a, 11), P<unsigned char>(a, 12), I(a, 13),
+                        I(a, 14), I(a, 15), I(a, 16));
     });
 }
 }  // namespace
@@ -58,9 +59,9 @@ extern "C" int emu_scan(unsigned grid, unsigned block, size_t smem, const int64_
 
 extern "C" int emu_place(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
-        grid_place(P<const int>(a, 0), I(a, 1), I(a, 2), P<const int>(a, 3), I(a, 4), P<const int>(a, 5),
-                   P<const int>(a, 6), I(a, 7), I(a, 8), I(a, 9), P<int>(a, 10), P<int>(a, 11), I(a, 12), I(a, 13),
-                   I(a, 14));
+        grid_place(P<const int>(a, 0), P<const unsigned char>(a, 1), I(a, 2), I(a, 3), P<const int>(a, 4), I(a, 5),
+                   P<const int>(a, 6), P<const int>(a, 7), I(a, 8), I(a, 9), I(a, 10), P<int>(a, 11), P<int>(a, 12),
+                   I(a, 13), I(a, 14), I(a, 15));
     });
     return 0;
 }

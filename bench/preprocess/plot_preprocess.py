@@ -1,0 +1,53 @@
+"""Plot a preprocess benchmark JSON (bench_preprocess.py) into a PNG: time and bandwidth against N*K.
+
+    python3 bench/preprocess/plot_preprocess.py bench/results/preprocess-h100.json bench/results/preprocess-h100.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(src: str, dst: str) -> int:
+    with open(src) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    nk = [r["num_slots"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    left.loglog(nk, [r["ours_us"] for r in rows], "o-", label="cupy (events, L2 flushed)")
+    left.loglog(nk, [r["peer_us"] for r in rows], "s-", label="torch reference")
+    graph = [(n, r["ours_graph_us"]) for n, r in zip(nk, rows) if r.get("ours_graph_us")]
+    if graph:
+        left.loglog(*zip(*graph), "o--", alpha=0.6, label="cupy in a CUDA graph")
+    left.axhline(data["launch_us"], color="gray", ls=":", label=f"empty kernel {data['launch_us']:.1f} us")
+    left.axhline(1.2 * data["launch_us"], color="gray", ls="--", lw=0.8, label="1.2x empty kernel (decode goal)")
+    left.set_xlabel("N*K slots")
+    left.set_ylabel("microseconds per call (median)")
+    left.set_title(f"preprocess: lookup + counts + aligned layout\n{data['gpu']}")
+    left.legend(fontsize=8)
+    left.grid(True, which="both", alpha=0.3)
+    right.semilogx(nk, [r["gbps"] for r in rows], "o-", label="cupy: bytes it must move / time")
+    right.axhline(data["copy_gbps"], color="gray", ls=":", label=f"D2D copy {data['copy_gbps']:.0f} GB/s")
+    right.axhline(0.7 * data["copy_gbps"], color="gray", ls="--", lw=0.8, label="70% of copy (goal, N*K >= 1M)")
+    right.set_xlabel("N*K slots")
+    right.set_ylabel("GB/s")
+    right.set_title("bandwidth")
+    right.legend(fontsize=8)
+    right.grid(True, which="both", alpha=0.3)
+    cfg = data.get("config", {})
+    fig.text(0.5, 0.005, f"E={cfg.get('global_experts')} EP={cfg.get('ep_size')} top-{cfg.get('top_k')} "
+                         f"block_m={cfg.get('block_m')} {cfg.get('id_dtype')} ids; {data['date'][:10]}",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(dst, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

@@ -1,0 +1,272 @@
+"""CPU (CI) tests of the cupy preprocess plugin: discovery, availability, sizing, argument checks, source build.
+
+The kernels themselves run on the CPU in test_cupy_emulated.py and on a GPU in test_cupy_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from preprocess_testlib import context, make_local
+
+import moe_plugin_cupy_preprocess as plugin
+from hostcore import BackendChoice, Registry, Stage
+from hostcore.registry import coerce_options
+from hostcore.contract import aligned_capacity
+from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
+from moe_plugin_cupy_preprocess import jit
+from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
+                                             MAX_WINDOW, SMEM_MAP_AUTO_MAX, TILE, MapChoice, check_block_m, choose_map,
+                                             moved_bytes, plan_for)
+from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
+                                                 normalize_device)
+
+HAS_GPU = plugin.availability_reason() is None
+CUDA0 = torch.device("cuda", 0)
+
+
+# --- discovery and availability ----------------------------------------------------------------------
+
+def test_entry_point_names_the_plugin_module() -> None:
+    eps = [ep for ep in metadata.entry_points(group="hostcore.plugins") if ep.name == "cupy_preprocess"]
+    assert eps, "moe-plugin-cupy-preprocess is not installed: pip install -e moe_plugins/cupy_preprocess"
+    assert {ep.value for ep in eps} == {"moe_plugin_cupy_preprocess"}
+    assert {ep.dist.name for ep in eps} == {"moe-plugin-cupy-preprocess"}
+
+
+def test_registered_with_its_options() -> None:
+    registry = Registry.discover()
+    assert not [f for f in registry.failures if f.name == "cupy_preprocess"]
+    backend = registry.get(Stage.PREPROCESS, "cupy")
+    assert backend.distribution == "moe-plugin-cupy-preprocess"
+    assert backend.options["mode"].default == "safe"
+    assert set(backend.options["mode"].choices) == {"safe", "checked", "faithful"}
+    assert set(backend.options) == {"mode", "map_in", "path"}
+
+
+def test_extras_name_the_cupy_wheels() -> None:
+    requires = metadata.requires("moe-plugin-cupy-preprocess") or []
+    assert any(r.startswith("cupy-cuda12x") and 'extra == "cuda12"' in r for r in requires), requires
+    assert any(r.startswith("cupy-cuda13x") and 'extra == "cuda13"' in r for r in requires), requires
+    assert not any(r.startswith("cupy") and "extra" not in r for r in requires), "CuPy must stay an extra"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine can run the backend")
+def test_unavailable_here_says_why_and_how_to_fix() -> None:
+    reason = Registry.discover().get(Stage.PREPROCESS, "cupy").availability()
+    assert reason
+    if importlib.util.find_spec("cupy") is None:
+        assert "needs CuPy" in reason and "moe-plugin-cupy-preprocess[cuda13]" in reason
+    else:
+        assert "GPU" in reason
+
+
+def test_availability_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "cupy" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plugin._availability.cache_clear()
+    try:
+        assert plugin.availability_reason() == "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    finally:
+        plugin._availability.cache_clear()
+
+
+def test_availability_without_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real_find_spec(name, *a))
+    plugin._availability.cache_clear()
+    try:
+        assert plugin.availability_reason() == (
+            "needs CuPy: pip install 'moe-plugin-cupy-preprocess[cuda13]' (CUDA 13) or '[cuda12]' (CUDA 12)")
+    finally:
+        plugin._availability.cache_clear()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine can run the backend")
+def test_selecting_it_here_raises_backend_unavailable() -> None:
+    placement, local, sentinel = make_local(16, 2, 0, "non_local")
+    ctx = context(placement, 0, local, "cpu", sentinel=sentinel)
+    registry = Registry.discover()
+    with pytest.raises(BackendUnavailableError, match=r"preprocess backend 'cupy' \(moe-plugin-cupy-preprocess\) "
+                                                      r"cannot run here: needs"):
+        registry.build(Stage.PREPROCESS, BackendChoice.of("cupy"), ctx)
+    from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+
+    with pytest.raises(BackendUnavailableError, match="cannot run here"):
+        CupyPreprocess(ctx)
+
+
+def test_bad_options_are_refused_by_the_registry() -> None:
+    backend = Registry.discover().get(Stage.PREPROCESS, "cupy")
+    assert coerce_options(backend, {}) == {"mode": "safe", "map_in": "auto", "path": "auto"}
+    with pytest.raises(ConfigError, match="must be one of safe, checked, faithful, got 'fast'"):
+        coerce_options(backend, {"mode": "fast"})
+    with pytest.raises(ConfigError, match="no option 'map'.*Did you mean 'map_in'"):
+        coerce_options(backend, {"map": "shared"})
+
+
+# --- sizing ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, top_k, num_local, block_m", [(1, 1, 1, 1), (7, 3, 5, 16), (64, 8, 32, 64),
+                                                              (4096, 8, 256, 16), (1, 8, 0, 8), (0, 8, 32, 16)])
+def test_capacity_is_the_contracts_static_bound(rows: int, top_k: int, num_local: int, block_m: int) -> None:
+    plan = plan_for(rows, top_k, torch.int32, block_m, num_local, MapChoice(MAP_NONE, 0))
+    assert plan.capacity == aligned_capacity(rows * top_k, num_local, block_m)
+    assert plan.num_blocks == plan.capacity // block_m and plan.capacity % block_m == 0
+    no_layout = plan_for(rows, top_k, torch.int32, None, num_local, MapChoice(MAP_NONE, 0))
+    assert no_layout.capacity == 0 and no_layout.num_blocks == 0 and no_layout.block_m == 0
+
+
+def test_path_choice_and_items_per_thread() -> None:
+    def plan(nk: int, path: str = "auto"):
+        return plan_for(nk, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 256), path)
+
+    assert [plan(n).ipt for n in (0, 1, 1024, 1025, 4096, 4097, BLOCK_MAX_SLOTS)] == [1, 1, 1, 4, 4, 16, 16]
+    assert plan(1000).active_warps == 32 and plan(5000).active_warps == 10
+    assert plan(BLOCK_MAX_SLOTS).path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
+    assert plan(BLOCK_MAX_SLOTS + 1).tiles == -(-(BLOCK_MAX_SLOTS + 1) // TILE)
+    assert plan(5, "grid").path == "grid" and plan(5, "grid").tiles == 1
+    assert plan(0, "grid").tiles == 1, "an empty batch still launches one tile (it writes the fills)"
+    with pytest.raises(ConfigError, match=r"path=block handles at most 16384 slots.*got 16385 x 1 = 16385"):
+        plan(BLOCK_MAX_SLOTS + 1, "block")
+    with pytest.raises(ConfigError, match="path must be one of auto, block, grid"):
+        plan(5, "warp")
+
+
+def test_expert_windows_and_shared_memory_fit() -> None:
+    for num_local in (0, 1, 31, 1024, 1025, 100_000):
+        for nk in (1, 5000, BLOCK_MAX_SLOTS, 1_000_000):
+            plan = plan_for(nk, 1, torch.int64, 8, num_local, choose_map(100_000, "auto"))
+            assert 1 <= plan.window <= MAX_WINDOW
+            assert plan.windows * plan.window >= num_local and (plan.windows - 1) * plan.window < max(num_local, 1)
+            bounds = plan.window_bounds()
+            assert len(bounds) == plan.windows and sum(wl for _, wl in bounds) == num_local
+            for nbytes in (plan.smem_block_bytes, plan.smem_count_bytes, plan.smem_place_bytes):
+                assert 0 <= nbytes <= DEFAULT_SMEM_OPTIN
+            ws = plan.workspace_ints()
+            if plan.path == "grid":
+                assert ws == {"tile_hist": plan.window * plan.tiles, "tile_invalid": plan.tiles,
+                              "group_start": num_local + 1, "done": 1,
+                              "keys8_bytes": nk if num_local <= KEYS8_MAX_LOCAL else 0}
+            else:
+                assert set(ws.values()) == {0}
+
+
+def test_where_the_map_lives() -> None:
+    assert choose_map(None, "auto") == MapChoice(MAP_NONE, 0)
+    assert choose_map(256, "auto") == MapChoice(MAP_SHARED, 256)
+    assert choose_map(SMEM_MAP_AUTO_MAX, "auto").mode == MAP_SHARED
+    assert choose_map(SMEM_MAP_AUTO_MAX + 1, "auto").mode == MAP_GLOBAL
+    assert choose_map(100_000, "auto") == MapChoice(MAP_GLOBAL, 100_000), "too large for shared memory: global"
+    assert choose_map(256, "global").mode == MAP_GLOBAL
+    assert choose_map(20_000, "shared").mode == MAP_SHARED, "fits next to a smaller counter window"
+    with pytest.raises(ConfigError, match=r"map_in=shared: the expert map has 100000 entries \(400000 bytes\).*"
+                                          "use map_in=auto or map_in=global"):
+        choose_map(100_000, "shared")
+    with pytest.raises(ConfigError, match="map_in must be one of auto, shared, global"):
+        choose_map(8, "texture")
+
+
+def test_forced_shared_map_shrinks_the_window_to_fit() -> None:
+    plan = plan_for(BLOCK_MAX_SLOTS, 1, torch.int32, 16, 4096, choose_map(40_000, "shared"))
+    assert plan.window < MAX_WINDOW and plan.smem_block_bytes <= DEFAULT_SMEM_OPTIN
+
+
+def test_block_m_and_size_errors_say_what_to_do() -> None:
+    assert check_block_m(None) == 0 and check_block_m(16) == 16
+    for bad in (0, -8, True, 16.0, "16"):
+        with pytest.raises(ContractError, match="block_m must be a positive int"):
+            check_block_m(bad)
+    with pytest.raises(ContractError, match=r"2147483648 slots is more than .* split the batch"):
+        plan_for(2**28, 8, torch.int32, None, 8, MapChoice(MAP_NONE, 0))
+    with pytest.raises(ContractError, match="past int32 indexing; use a smaller block_m"):
+        plan_for(2**27, 8, torch.int32, 512, 2**22, MapChoice(MAP_NONE, 0))
+    with pytest.raises(ContractError, match="int32 or int64, got torch.float32"):
+        plan_for(4, 2, torch.float32, None, 8, MapChoice(MAP_NONE, 0))
+
+
+def test_moved_bytes_counts_each_input_once_and_each_output_once() -> None:
+    plan = plan_for(1000, 8, torch.int64, 16, 32, MapChoice(MAP_SHARED, 256))
+    expected = 8000 * 8 + 8000 * 4 + 32 * 4 + 4 + (plan.capacity + plan.capacity // 16 + 1) * 4
+    assert moved_bytes(plan) == expected
+    plain = plan_for(1000, 8, torch.int32, None, 32, MapChoice(MAP_SHARED, 256))
+    assert moved_bytes(plain) == 8000 * 4 * 2 + 32 * 4 + 4
+
+
+# --- argument checks ---------------------------------------------------------------------------------
+
+def test_topk_ids_checks_name_the_problem() -> None:
+    ok = torch.zeros(4, 2, dtype=torch.int32)
+    check_topk_ids(ok, torch.device("cpu"))
+    with pytest.raises(ContractError, match=r"int32/int64 \[N, K\], got dtype torch.float32; cast with"):
+        check_topk_ids(ok.float(), torch.device("cpu"))
+    with pytest.raises(ContractError, match=r"got shape \(2, 4, 2\) \(for the received \[ep_size, R, K\] layout"):
+        check_topk_ids(torch.zeros(2, 4, 2, dtype=torch.int32), torch.device("cpu"))
+    with pytest.raises(ContractError, match=r"got shape \(8,\)$"):
+        check_topk_ids(torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
+    with pytest.raises(ContractError, match=r"built for cuda:0 but topk_ids is on cpu; move it with \.to\('cuda:0'\) "
+                                            "or select preprocess=torch"):
+        check_topk_ids(ok, CUDA0)
+
+
+def test_inputs_come_in_without_copies() -> None:
+    t = torch.arange(6, dtype=torch.int32).reshape(3, 2)
+    assert as_tensor(t) is t
+    array = np.arange(6, dtype=np.int32).reshape(3, 2)
+    shared = as_tensor(array)  # DLPack: the same memory
+    assert shared.data_ptr() == array.ctypes.data and shared.dtype == torch.int32
+    with pytest.raises(ContractError, match="must be a torch tensor .* got list"):
+        as_tensor([[1, 2]])
+
+
+def test_preallocated_path_refuses_to_copy() -> None:
+    check_contiguous_for_capture(torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(ContractError, match=r"needs a contiguous topk_ids \(got strides \(1, 4\).*call \.contiguous\(\)"):
+        check_contiguous_for_capture(torch.zeros(2, 4, dtype=torch.int32).t())
+
+
+def test_cpu_devices_are_refused_with_the_alternative() -> None:
+    with pytest.raises(ContractError, match="runs on CUDA devices, but the layer's device is cpu; select preprocess=torch"):
+        normalize_device("cpu")
+    assert normalize_device("cuda:1") == torch.device("cuda", 1)
+
+
+# --- the CUDA source ----------------------------------------------------------------------------------
+
+def test_every_kernel_the_launcher_uses_is_in_the_source() -> None:
+    source = jit.SOURCE_PATH.read_text()
+    assert jit.SOURCE_PATH.parent.name == "csrc" and jit.SOURCE_PATH.suffix == ".cu"
+    for name in jit.name_expressions():
+        base = name.split("<")[0]
+        assert re.search(rf"\b{base}\s*\(", source), f"{base} is not defined in {jit.SOURCE_PATH.name}"
+    assert "#include" not in source, "NVRTC compiles it without a CUDA include path"
+
+
+def test_source_is_packaged() -> None:
+    files = metadata.files("moe-plugin-cupy-preprocess") or []
+    editable = any(str(f).endswith((".pth", "direct_url.json")) for f in files)
+    assert editable or any(str(f).endswith("csrc/preprocess.cu") for f in files)
+    assert Path(plugin.__file__).with_name("csrc").joinpath("preprocess.cu").is_file()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_source_compiles_for_sm90_without_spills(tmp_path: Path) -> None:
+    cmd = ["nvcc", "-DHOSTCORE_NVCC_CHECK", "-arch=sm_90", "-Xptxas", "-v", "-c", "-x", "cu", str(jit.SOURCE_PATH),
+           "-o", str(tmp_path / "preprocess.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = result.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert len(entries) == len(jit.name_expressions()), entries
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(s == ("0", "0") for s in spills), report
+    assert all(int(r) <= 64 for r in re.findall(r"Used (\d+) registers", report)), "1024-thread blocks need <= 64"

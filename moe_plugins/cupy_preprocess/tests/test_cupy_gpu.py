@@ -1,0 +1,338 @@
+"""GPU suite of the cupy preprocess (``-m gpu``): equality with the host's torch reference on fresh random
+inputs, every sentinel, ep_size 1..64, E up to 100k (global-memory map), N*K from 1 to 8M, the faithful
+bug reproduction, CUDA graphs, streams, zero-copy, the disk cache, and the host's conformance kit.
+
+Skipped without a GPU and CuPy. ``HOSTCORE_CUPY_EMULATE=1`` runs the tests that do not need a real GPU
+on the CPU emulation of the kernels instead (small sizes only): a dry run of this file without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from preprocess_testlib import (SENTINELS, Case, assert_layout_valid, assert_matches, check_guards, context,
+                                guarded_buffers, make_case, make_ids, reference)
+
+import moe_plugin_cupy_preprocess as plugin
+from hostcore import BackendChoice, Registry, Stage
+from hostcore.backends.preprocess_torch import TorchPreprocess
+from hostcore.conformance import PreprocessContract
+from hostcore.errors import ContractError
+from moe_plugin_cupy_preprocess import jit
+from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS
+
+EMULATE = os.environ.get("HOSTCORE_CUPY_EMULATE") == "1"
+REASON = plugin.availability_reason()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(REASON is not None and not EMULATE, reason=f"cupy preprocess unavailable: {REASON}")]
+real_gpu_only = pytest.mark.skipif(EMULATE, reason="needs a real GPU (not the CPU emulation)")
+MAX_SLOTS = 20_000 if EMULATE else 1 << 24
+DEVICE = torch.device("cpu") if EMULATE else torch.device("cuda", 0)
+BASE_SEED = int(os.environ.get("HOSTCORE_SEED", str(time.time_ns() % 1_000_000)))
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not EMULATE:
+        return None
+    from emulation import FewScanThreads, build
+
+    lib = build(tmp_path_factory.mktemp("emulator"))
+    if lib is None:
+        pytest.skip("no C++ compiler for the emulation")
+    return FewScanThreads(lib)
+
+
+@pytest.fixture
+def stage(emulated_kernels: Any) -> Callable[..., CupyPreprocess]:
+    """``stage(case, **options)``: the backend for the case's rank, as the registry builds it (emulated on request)."""
+    def build(case: Case, **options: Any) -> CupyPreprocess:
+        local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.to(DEVICE))
+        ctx = context(case.placement, case.rank, local, DEVICE, top_k=case.ids.shape[1], sentinel=case.sentinel)
+        if emulated_kernels is not None:
+            return CupyPreprocess(ctx, kernels=emulated_kernels, **options)
+        return Registry.discover().build(Stage.PREPROCESS, BackendChoice.of("cupy", **options), ctx)
+    return build
+
+
+def seed(*tags: object) -> int:
+    """Fresh per run (BASE_SEED, printed on failure via the case text), reproducible with HOSTCORE_SEED."""
+    return hash((BASE_SEED, *tags)) % (2**31)
+
+
+def on_device(case: Case) -> Case:
+    return Case(case.placement, case.rank, case.local, case.sentinel, case.ids.to(DEVICE), case.real_rows)
+
+
+def torch_reference(case: Case, block_m: int | None, mode: str = "safe") -> Any:
+    """The host torch preprocess, on the GPU (large sizes) or the CPU (emulation)."""
+    local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.to(DEVICE))
+    ctx = context(case.placement, case.rank, local, DEVICE, top_k=case.ids.shape[1], sentinel=case.sentinel)
+    return TorchPreprocess(ctx, mode=mode).preprocess(case.ids.to(DEVICE), block_m)
+
+
+def run_guarded(backend: CupyPreprocess, ids: torch.Tensor, block_m: int | None) -> Any:
+    """preprocess_into poisoned, guarded buffers; checks nothing was written outside them."""
+    plan = backend.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
+    buffers, backing = guarded_buffers(plan, DEVICE)
+    routing = backend.preprocess_into(ids, buffers)
+    check_guards(backing)
+    if buffers.done.numel():
+        assert int(buffers.done.item()) == 0
+    return routing
+
+
+# --- registry -----------------------------------------------------------------------------------------
+
+@real_gpu_only
+def test_available_and_listed_as_runnable() -> None:
+    from hostcore.cli.plugins_cmd import render
+
+    assert REASON is None
+    line = next(ln for ln in render(Registry.discover()).splitlines() if ln.startswith("preprocess") and " cupy " in ln)
+    assert " yes " in line, line
+
+
+# --- equality with the reference ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("sentinel", SENTINELS)
+@pytest.mark.parametrize("ep_size", [1, 2, 3, 4, 8, 16, 32, 64])
+def test_every_sentinel_and_ep_size_matches_the_reference(stage: Callable[..., CupyPreprocess], sentinel: str,
+                                                          ep_size: int) -> None:
+    if sentinel == "non_local" and ep_size == 1:
+        pytest.skip("non_local needs a non-local expert")
+    e = 256
+    for rank in sorted({0, ep_size // 2, ep_size - 1}):
+        rows = 1 + seed(sentinel, ep_size, rank) % 40
+        case = on_device(make_case(e, ep_size, rank, sentinel, rows_per_rank=rows, top_k=8,
+                                   seed=seed(sentinel, ep_size, rank, "ids"),
+                                   round_robin=rank % 2 == 1 and sentinel != "out_of_range"))
+        paths = ["block", "grid"] if case.ids.numel() <= BLOCK_MAX_SLOTS else ["grid"]
+        for path in paths:
+            backend = stage(case, path=path)
+            for block_m in (None, 16, 64):
+                what = f"E={e} ep={ep_size} rank={rank} {sentinel} R={rows} {path} block_m={block_m} seed={BASE_SEED}"
+                got = run_guarded(backend, case.ids, block_m)
+                ref = torch_reference(case, block_m)
+                assert_matches(got, ref, block_m, what)
+                if block_m:
+                    assert_layout_valid(got, block_m)
+                if sentinel == "negative":
+                    pad = case.ids == -1
+                    assert int(got.invalid_count.item()) == int(pad.sum()), what
+
+
+SIZES = [1, 7, 8, 1000, 4096, 16384, 16385, 65539, 1 << 20, 1 << 23]
+
+
+@pytest.mark.parametrize("nk", [n for n in SIZES if n <= MAX_SLOTS])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_sizes_from_1_to_8m(stage: Callable[..., CupyPreprocess], nk: int, dtype: torch.dtype) -> None:
+    top_k = 1 if nk % 8 else 8
+    gen = torch.Generator().manual_seed(seed("sizes", nk))
+    from preprocess_testlib import make_local
+
+    placement, local, sentinel = make_local(256, 8, 3, "non_local")
+    ids, real = make_ids(256, 1, nk // top_k, top_k, sentinel, gen, dtype)
+    case = Case(placement, 3, local, sentinel, ids.to(DEVICE), real)
+    backend = stage(case)
+    for block_m in (16, None):
+        got = backend.preprocess(case.ids, block_m)
+        assert_matches(got, torch_reference(case, block_m), block_m, f"nk={nk} {dtype} block_m={block_m}")
+    assert_layout_valid(backend.preprocess(case.ids, 16), 16)
+
+
+@pytest.mark.parametrize("num_experts, ep_size, sentinel, map_in", [
+    (512, 1, "guard_slot", "auto"), (512, 8, "non_local", "global"), (512, 64, "negative", "auto"),
+    (8192, 4, "non_local", "shared"), (100_000, 1, "out_of_range", "auto"), (100_000, 1, "guard_slot", "auto"),
+    (100_000, 8, "non_local", "auto"), (100_000, 64, "guard_slot", "auto")])
+def test_many_experts_and_the_global_memory_map(stage: Callable[..., CupyPreprocess], num_experts: int, ep_size: int,
+                                                sentinel: str, map_in: str) -> None:
+    """E = 100k does not fit shared memory: the map is read from global memory (and, with 100k local
+    experts on one rank, the experts are processed in windows of 1024)."""
+    for rows, path in ((600, "block"), (2600 if EMULATE else 40_000, "grid")):
+        case = on_device(make_case(num_experts, ep_size, ep_size - 1, sentinel, rows_per_rank=rows // ep_size + 1,
+                                   top_k=6, seed=seed("many", num_experts, ep_size, rows)))
+        if EMULATE and case.local.count > 2048:
+            pytest.skip("too many windows for the emulator")
+        options = {"path": path} if sentinel == "out_of_range" else {"path": path, "map_in": map_in}
+        backend = stage(case, **options)
+        if num_experts == 100_000 and sentinel != "out_of_range":
+            assert backend.map_on_global
+        got = run_guarded(backend, case.ids, 16)
+        assert_matches(got, torch_reference(case, 16), 16, f"E={num_experts} ep={ep_size} {sentinel} {path}")
+
+
+# --- modes ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["block", "grid"])
+@pytest.mark.parametrize("map_in", ["shared", "global"])
+def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,
+                                                                 map_in: str, record_property: Any) -> None:
+    case = on_device(make_case(64, 4, 0, "negative", rows_per_rank=300, top_k=8, seed=seed("faithful", path, map_in)))
+    pad = case.ids == -1
+    assert bool(pad.any()) and bool((~pad).any())
+    safe = stage(case, path=path, map_in=map_in).preprocess(case.ids, 16)
+    assert int(safe.invalid_count.item()) == int(pad.sum()), "safe counts every -1"
+    assert bool((safe.local_ids[pad] == -1).all()), "safe skips every -1"
+    faithful = stage(case, path=path, map_in=map_in, mode="faithful").preprocess(case.ids, 16)
+    assert faithful.invalid_count is None
+    read = faithful.local_ids[pad]
+    value = int(read[0])
+    print(f"faithful read expert_map[-1] ({map_in} map, {path} path) = {value}")
+    record_property("faithful_map_minus_1", value)
+    assert bool((read == value).all()), "every -1 reads the same word"
+    assert value != -1, "an unchecked read of expert_map[-1] did not misroute: the bug did not reproduce"
+    if map_in == "global":
+        assert value == 0, "the global map sits behind 64 zero words"
+    assert torch.equal(faithful.local_ids[~pad], safe.local_ids[~pad]), "real rows are unaffected"
+    if 0 <= value < case.local.count:  # the misrouted padding is work for local expert `value`
+        extra = int(faithful.expert_counts[value]) - int(safe.expert_counts[value])
+        assert extra == int(pad.sum())
+        assert_layout_valid(faithful, 16)
+    # The torch reference in faithful mode wraps -1 to the last map entry instead: both misroute or skip,
+    # neither is the contract; on ids without negatives both equal safe mode.
+    clean = Case(case.placement, case.rank, case.local, case.sentinel, torch.where(pad, 5, case.ids), case.real_rows)
+    got = stage(clean, path=path, map_in=map_in, mode="faithful").preprocess(clean.ids, 16)
+    assert_matches(got, torch_reference(clean, 16, mode="faithful"), 16, "faithful without negative ids")
+
+
+def test_checked_raises_with_positions_and_passes_clean_input(stage: Callable[..., CupyPreprocess]) -> None:
+    case = on_device(make_case(32, 2, 1, "negative", rows_per_rank=20, top_k=4, seed=seed("checked")))
+    pad = case.ids == -1
+    assert bool(pad.any())
+    with pytest.raises(ContractError, match=rf"mode=checked\): {int(pad.sum())} ids outside the expert map int32\[32\].*"
+                                            r"at \[row, slot\]=id: \[\d+, 0\]=-1"):
+        stage(case, mode="checked").preprocess(case.ids, 16)
+    good = on_device(make_case(32, 2, 1, "non_local", rows_per_rank=20, top_k=4, seed=seed("checked", 2)))
+    assert_matches(stage(good, mode="checked").preprocess(good.ids, 16), torch_reference(good, 16), 16)
+    no_map = on_device(make_case(32, 2, 1, "out_of_range", rows_per_rank=20, top_k=4, seed=seed("checked", 3)))
+    ids = no_map.ids.clone()
+    ids[0, 1] = -5
+    with pytest.raises(ContractError, match=r"1 negative ids .* \[0, 1\]=-5"):
+        stage(no_map, mode="checked").preprocess(ids, None)
+
+
+def test_int64_ids_far_outside_the_map_are_skipped_and_counted(stage: Callable[..., CupyPreprocess]) -> None:
+    case = on_device(make_case(128, 4, 2, "guard_slot", rows_per_rank=50, top_k=8, seed=seed("int64"),
+                               dtype=torch.int64))
+    ids = case.ids.clone()
+    bad = torch.tensor([2**31 + 5, -(2**40), 129, 2**31 - 1, -(2**31), 2**32 + 3], dtype=torch.int64)
+    ids.view(-1)[: bad.numel()] = bad.to(DEVICE)  # 2**32 + 3 would alias id 3 if truncated to int32
+    probe = Case(case.placement, case.rank, case.local, case.sentinel, ids, case.real_rows)
+    for path in ("block", "grid"):
+        got = run_guarded(stage(probe, path=path), ids, 8)
+        assert_matches(got, torch_reference(probe, 8), 8, path)
+        assert bool((got.local_ids.view(-1)[: bad.numel()] == -1).all())
+
+
+# --- graphs, streams, zero-copy, cache ---------------------------------------------------------------
+
+@real_gpu_only
+@pytest.mark.parametrize("rows, num_experts, ep_size", [(300, 256, 8), (4000, 256, 8), (3000, 3000, 1)])
+def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyPreprocess], rows: int,
+                                                      num_experts: int, ep_size: int) -> None:
+    case = on_device(make_case(num_experts, ep_size, 0, "guard_slot", rows_per_rank=rows // ep_size, top_k=8,
+                               seed=seed("graph", rows)))
+    backend = stage(case)
+    static_ids = case.ids.clone()
+    buffers = backend.make_buffers(static_ids.shape[0], static_ids.shape[1], block_m=16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backend.preprocess_into(static_ids, buffers)  # warm-up: loads the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        routing = backend.preprocess_into(static_ids, buffers)
+    gen = torch.Generator().manual_seed(seed("graph-replay", rows))
+    for _ in range(3):
+        fresh, _ = make_ids(num_experts, ep_size, rows // ep_size, 8, case.sentinel, gen)
+        static_ids.copy_(fresh)
+        for t in (buffers.local_ids, buffers.sorted_slot_ids, buffers.block_expert_ids, buffers.expert_counts):
+            t.fill_(-777)
+        graph.replay()
+        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
+        assert_matches(routing, torch_reference(now, 16), 16, f"graph replay, rows={rows}")
+    if backend.plan(*static_ids.shape, torch.int32, 16).path == "grid":
+        assert int(buffers.done.item()) == 0
+
+
+@real_gpu_only
+def test_runs_on_torchs_current_stream(stage: Callable[..., CupyPreprocess]) -> None:
+    case = on_device(make_case(256, 8, 1, "non_local", rows_per_rank=2000, top_k=8, seed=seed("stream")))
+    backend = stage(case)
+    backend.preprocess(case.ids, 16)  # warm-up
+    gen = torch.Generator().manual_seed(seed("stream", 2))
+    fresh, _ = make_ids(256, 8, 2000, 8, case.sentinel, gen)
+    fresh = fresh.to(DEVICE)
+    ids = case.ids.clone()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~25 ms: any launch on another stream would read the old ids
+        ids.copy_(fresh)
+        got = backend.preprocess(ids, 16)
+    side.synchronize()
+    now = Case(case.placement, case.rank, case.local, case.sentinel, fresh, 0)
+    assert_matches(got, torch_reference(now, 16), 16, "launched after the copy on the same stream")
+
+
+@real_gpu_only
+def test_zero_copy_in_and_out(stage: Callable[..., CupyPreprocess]) -> None:
+    import cupy
+
+    case = on_device(make_case(256, 8, 2, "guard_slot", rows_per_rank=100, top_k=8, seed=seed("zero-copy")))
+    backend = stage(case)
+    buffers = backend.make_buffers(case.ids.shape[0], 8, block_m=16)
+    routing = backend.preprocess_into(case.ids, buffers)
+    assert routing.local_ids.data_ptr() == buffers.local_ids.data_ptr()
+    assert routing.aligned.sorted_slot_ids.data_ptr() == buffers.sorted_slot_ids.data_ptr()
+    array = cupy.asarray(case.ids)  # __cuda_array_interface__: the same memory
+    assert array.data.ptr == case.ids.data_ptr()
+    got = backend.preprocess(array, 16)  # DLPack into torch, no copy
+    assert_matches(got, torch_reference(case, 16), 16, "CuPy input")
+
+
+@real_gpu_only
+def test_compiled_once_per_process_and_cached_on_disk(tmp_path: Path) -> None:
+    assert jit.kernels(0) is jit.kernels(0)
+    cache = tmp_path / "cupy-cache"
+    probe = ("import time, torch; from moe_plugin_cupy_preprocess import jit; t = time.perf_counter(); "
+             "jit.kernels(0); print(time.perf_counter() - t)")
+    env = {**os.environ, "CUPY_CACHE_DIR": str(cache)}
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert files, "CuPy wrote nothing to its cache directory"
+    second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == files, "the second process compiled again"
+    print(f"kernel load: first process {float(first.stdout):.2f} s (compile), second {float(second.stdout):.2f} s")
+    assert float(second.stdout) < float(first.stdout)
+
+
+# --- the host's conformance kit -------------------------------------------------------------------------
+
+@real_gpu_only
+class TestCupyConformance(PreprocessContract):
+    backend = "cupy"
+    device = "cuda"
+    max_ep_size = 16
+
+
+@real_gpu_only
+class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
+    backend = "cupy"
+    device = "cuda"
+    options = {"path": "grid", "map_in": "global"}
+    cases = 8

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU run of the cupy preprocess plugin: install, GPU tests, benchmark, compute-sanitizer.
+# Usage (on the GPU host, repository root): scripts/gpu_preprocess.sh [all|tests|bench|sanitize]...
+# Logs and the benchmark JSON go to $OUT (default ./out); the last lines printed are a summary table.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$PWD/.cupy_cache}"  # compiled once here, reused by every step
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+STEPS="${*:-all}"
+want() { [[ " $STEPS " == *" all "* || " $STEPS " == *" $1 "* ]]; }
+declare -A STATUS
+
+# At most 8 files come back from $OUT: env.txt, pytest-gpu.log, bench.log, preprocess-h100.json, sanitizer-*.log.
+ENV="$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$ENV"
+python3 -m pip install -q --no-deps --no-build-isolation -e . -e moe_plugins/cupy_preprocess 2>&1 | grep -v WARNING
+python3 -c "from hostcore import get_registry, Stage; r = get_registry(); print('preprocess backends:', \
+r.names(Stage.PREPROCESS), 'failures:', r.failures); from moe_plugin_cupy_preprocess import availability_reason; \
+print('cupy available:', availability_reason() or 'yes')" 2>&1 | tee -a "$ENV"
+
+if want tests; then
+  timeout 200 python3 -m pytest moe_plugins/cupy_preprocess -m gpu -q -rs --durations=12 -p no:cacheprovider \
+    2>&1 | tee "$OUT/pytest-gpu.log"
+  STATUS[tests]=$(tail -1 "$OUT/pytest-gpu.log")
+fi
+
+if want bench; then
+  timeout 150 python3 bench/preprocess/bench_preprocess.py --out "$OUT/preprocess-h100.json" 2>&1 | tee "$OUT/bench.log"
+  STATUS[bench]="rc=$?"
+fi
+
+if want sanitize; then
+  # Kernels are in the disk cache by now; the three tools run side by side (they are CPU-bound).
+  SAN="moe_plugins/cupy_preprocess/tests/sanitize_run.py"
+  python3 "$SAN" 2>&1 | tee -a "$ENV"  # warms the kernel cache if the tests did not run
+  for tool in memcheck racecheck initcheck; do
+    extra=""
+    [[ $tool == memcheck ]] && extra="--leak-check no"
+    ( timeout 180 compute-sanitizer --tool $tool $extra --error-exitcode 9 python3 "$SAN" > "$OUT/sanitizer-$tool.log" 2>&1
+      echo "rc=$?" >> "$OUT/sanitizer-$tool.log" ) &
+  done
+  wait
+  for tool in memcheck racecheck initcheck; do
+    STATUS[$tool]="$(grep -h -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1) $(grep -h -E '^sanitize workload|MISMATCH' "$OUT/sanitizer-$tool.log" | tail -1 | cut -c1-40) $(tail -1 "$OUT/sanitizer-$tool.log")"
+  done
+fi
+
+echo
+echo "==================== summary ($(head -2 "$ENV" | tail -1)) ===================="
+for k in tests bench memcheck racecheck initcheck; do
+  [[ -n "${STATUS[$k]:-}" ]] && printf '%-10s %s\n' "$k" "${STATUS[$k]}"
+done
+if [[ -f "$OUT/preprocess-h100.json" ]]; then
+  python3 - "$OUT/preprocess-h100.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"copy {d['copy_gbps']:.0f} GB/s   empty launch {d['launch_us']:.2f} us (graph {d['launch_graph_us'] or 0:.2f})")
+print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'torch us':>10} {'x':>7} {'GB/s':>7} {'%copy':>6} {'graph us':>9}")
+for r in d["rows"]:
+    print(f"{r['num_slots']:>9} {r['path']:>5} {r['ours_us']:9.2f} {r['peer_us']:10.2f} {r['speedup']:7.1f} "
+          f"{r['gbps']:7.1f} {r['roofline_frac']:6.1%} {r['ours_graph_us'] or 0:9.2f}")
+for c in d["path_compare"]:
+    print(f"path compare N*K={c['num_slots']}: block {c['block_us']:.2f} us, grid {c['grid_us']:.2f} us")
+print("goals:", d["goals"])
+EOF
+fi

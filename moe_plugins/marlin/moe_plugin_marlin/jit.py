@@ -32,8 +32,9 @@ from hostcore.errors import BackendUnavailableError
 SOURCE_PATH = Path(__file__).with_name("csrc") / "marlin_moe.cu"
 THREADS = 256
 """Threads per GEMM CTA (8 warps); must match ``marlin::THREADS`` in the source."""
-SMEM_PER_CTA = 110 * 1024
-"""Shared-memory budget of one GEMM CTA: two CTAs share an SM (228 KiB on Hopper, 164 KiB on A100)."""
+SMEM_PER_CTA = {1: 72 * 1024, 2: 110 * 1024, 4: 110 * 1024}
+"""Shared-memory budget of one GEMM CTA by ``m_tiles``: the kernel's launch bounds give 3 CTAs per SM for
+16-row tiles (<= 80 registers) and 2 for 32 rows (228 KiB of shared memory per SM on Hopper)."""
 MAX_STAGES = 8
 ALIGN_THREADS = 1024
 MAX_LOCAL_EXPERTS = 4096
@@ -84,7 +85,7 @@ class TileConfig:
         if self.stages:
             return self
         forced = int(os.environ.get("MOE_MARLIN_STAGES", "0"))
-        n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA // self.stage_bytes()))
+        n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA[self.m_tiles] // self.stage_bytes()))
         return TileConfig(self.m_tiles, self.n_warps, self.kw, n)
 
     def smem_bytes(self, group_size: int | None) -> int:

@@ -137,6 +137,9 @@ class MarlinExperts:
             return self.out[:0] if out is None else out
         self.reserve(n, top_k)
         slots = n * top_k
+        if max(n * h, slots * i) >= 2**31:
+            raise ContractError(f"N={n} rows x top-k {top_k} is too large for one call (the kernels index "
+                                f"activations with 32-bit offsets: N*H and N*K*I must stay below 2^31); split the batch")
         bm = self.fixed_block_m or kernels.choose_block_m(slots, self.num_local)
         layout = routing.aligned
         if layout is not None and layout.block_m == bm:

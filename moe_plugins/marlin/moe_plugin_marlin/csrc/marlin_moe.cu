@@ -57,6 +57,13 @@ DEVI void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+DEVI void lds128(u32 (&r)[4], u32 addr) {
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 DEVI void ldmatrix_x4(u32 (&r)[4], u32 addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -148,7 +155,7 @@ DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 // read, never written.
 // ---------------------------------------------------------------------------------------------
 template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
-__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
+__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : 3))
     moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
                     int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
                     int K,                      // reduction size (H or I)
@@ -195,47 +202,65 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
   }
 
   extern __shared__ V4 smem[];
-  const int s_rows = GROUPED ? ((TK >> g_log2) > 0 ? (TK >> g_log2) : 1) : 0;  // scale rows per stage
-  const int S_STAGE = s_rows * (TN / 8);                                     // V4 per stage
-  V4* sB = smem;
-  V4* sA = sB + STAGES * B_STAGE;
-  V4* sS = sA + STAGES * A_STAGE;
 
   const int total_iters = K / TK;
   const int per_split = (total_iters + k_splits - 1) / k_splits;
   const int it0 = split * per_split;
   const int n_iters = min(total_iters, it0 + per_split) - it0;
 
-  const V4* Bt = B + (size_t)e * ((size_t)K * N / 32) + nt * (TN / 2);
-  const int b_row = N / 2;  // V4 per k16 row
+  const int b_row = N / 2;  // V4 per k16 row of the packed weights
+  const V4* Bt = B + (size_t)e * ((size_t)K * N / 32) + nt * (TN / 2) + (size_t)it0 * (TK / 16) * b_row;
   const int groups = GROUPED ? (K >> g_log2) : 1;
   const u16* Se = S + (size_t)e * groups * N;
   const u64 policy = evict_first_policy();
   __syncthreads();  // s_slot / s_arow visible
 
-  auto load_stage = [&](int stage, int it) {
-    const int kb = it * TK;
-    const u32 dB = smem_u32(sB + stage * B_STAGE);
+  // Per-thread copy descriptors, fixed for the whole K loop (only the K offset moves): keeps the
+  // steady-state loop free of index arithmetic, so instruction issue goes to the dequant.
+  constexpr int B_ITERS = B_STAGE / THREADS;
+  constexpr int A_ITERS = (A_STAGE + THREADS - 1) / THREADS;
+  int b_off[B_ITERS];
 #pragma unroll
-    for (int c = tid; c < B_STAGE; c += THREADS) {
-      const int r = c / (TN / 2), col = c % (TN / 2);
-      cp_async16_stream(dB + c * 16, Bt + (size_t)(kb / 16 + r) * b_row + col, policy);
-    }
-    const u32 dA = smem_u32(sA + stage * A_STAGE);
+  for (int i = 0; i < B_ITERS; ++i) {
+    const int c = tid + i * THREADS;
+    b_off[i] = (c / (TN / 2)) * b_row + c % (TN / 2);
+  }
+  int a_off[A_ITERS];  // element offset into A of this thread's 16-byte chunk, -1: zero-fill
+  u32 a_dst[A_ITERS];  // byte offset inside an A stage (swizzled)
 #pragma unroll
-    for (int c = tid; c < A_STAGE; c += THREADS) {
-      const int r = c / A_CHUNKS, ch = c % A_CHUNKS;
-      const int arow = s_arow[r];
-      const u16* src = arow >= 0 ? A + (size_t)arow * K + kb + ch * 8 : A;
-      cp_async16(dA + (r * A_CHUNKS + (ch ^ (r & 7))) * 16, src, arow >= 0 ? 16 : 0);
+  for (int i = 0; i < A_ITERS; ++i) {
+    const int c = tid + i * THREADS;
+    const int r = (c / A_CHUNKS) % BM, ch = c % A_CHUNKS;
+    const int arow = (A_STAGE % THREADS == 0 || c < A_STAGE) ? s_arow[r] : -1;
+    a_off[i] = arow >= 0 ? arow * K + it0 * TK + ch * 8 : -1;
+    a_dst[i] = (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u;
+  }
+  const bool a_active = A_STAGE % THREADS == 0 || tid < A_STAGE - (A_ITERS - 1) * THREADS;
+  const int s_rows = GROUPED ? ((TK >> g_log2) > 0 ? (TK >> g_log2) : 1) : 0;  // scale rows per stage
+  const int S_STAGE = s_rows * (TN / 8);                                     // V4 per stage (<= THREADS)
+  const int s_off = GROUPED ? (tid / (TN / 8)) * N + nt * TN + (tid % (TN / 8)) * 8 : 0;
+
+  constexpr u32 B_BYTES = B_STAGE * 16, A_BYTES = A_STAGE * 16;
+  const u32 S_BYTES = (u32)S_STAGE * 16u;
+  const u32 sB = smem_u32(smem);
+  const u32 sA = sB + STAGES * B_BYTES;
+  const u32 sS = sA + STAGES * A_BYTES;
+
+  auto load_stage = [&](int stage, int j) {  // j: K step relative to it0
+    const V4* bsrc = Bt + (size_t)j * (TK / 16) * b_row;
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i)
+      cp_async16_stream(sB + stage * B_BYTES + (tid + i * THREADS) * 16, bsrc + b_off[i], policy);
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      if (i < A_ITERS - 1 || a_active) {
+        const bool ok = a_off[i] >= 0;
+        cp_async16(sA + stage * A_BYTES + a_dst[i], ok ? A + a_off[i] + j * TK : A, ok ? 16 : 0);
+      }
     }
     if constexpr (GROUPED) {
-      const u32 dS = smem_u32(sS + stage * S_STAGE);
-      const int g0 = kb >> g_log2;
-      for (int c = tid; c < S_STAGE; c += THREADS) {
-        const int r = c / (TN / 8), col = c % (TN / 8);
-        cp_async16(dS + c * 16, Se + (size_t)(g0 + r) * N + nt * TN + col * 8, 16);
-      }
+      if (tid < S_STAGE)
+        cp_async16(sS + stage * S_BYTES + tid * 16, Se + (size_t)(((it0 + j) * TK) >> g_log2) * N + s_off, 16);
     }
   };
 
@@ -247,27 +272,34 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
 
+  // Per-lane fragment addresses inside a stage (compile-time structure, lane-dependent values).
+  u32 a_frag[KW][M_TILES];
+  u32 b_frag[KW];
+  u32 s_frag[KW];
+#pragma unroll
+  for (int i = 0; i < KW; ++i) {
+    const int kk = wk * KW + i;  // k16 sub-step within the stage
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      const int r = mt * 16 + (lane & 15);
+      const int ch = kk * 2 + (lane >> 4);
+      a_frag[i][mt] = (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u;
+    }
+    b_frag[i] = (u32)(kk * (TN / 2) + wn * 32 + lane) * 16u;
+    s_frag[i] = GROUPED ? (u32)(((kk * 16) >> g_log2) * (TN / 8) + wn * 8 + (lane >> 2)) * 16u : 0u;
+  }
+
   auto compute_stage = [&](int stage) {
-    const V4* cB = sB + stage * B_STAGE;
-    const u32 aBase = smem_u32(sA + stage * A_STAGE);
-    const V4* cS = sS + stage * S_STAGE;
+    const u32 aS = sA + stage * A_BYTES, bS = sB + stage * B_BYTES, sSt = sS + stage * S_BYTES;
 #pragma unroll
     for (int i = 0; i < KW; ++i) {
-      const int kk = wk * KW + i;  // k16 sub-step within the stage
       u32 a[M_TILES][4];
 #pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt) {
-        const int r = mt * 16 + (lane & 15);
-        const int ch = kk * 2 + (lane >> 4);
-        ldmatrix_x4(a[mt], aBase + (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u);
-      }
-      const V4 b = cB[kk * (TN / 2) + wn * 32 + lane];
-      const u32 q[4] = {b.x, b.y, b.z, b.w};
+      for (int mt = 0; mt < M_TILES; ++mt) ldmatrix_x4(a[mt], aS + a_frag[i][mt]);
+      u32 q[4];
+      lds128(q, bS + b_frag[i]);
       u32 sw[4] = {0u, 0u, 0u, 0u};
-      if constexpr (GROUPED) {
-        const V4 sc = cS[((kk * 16) >> g_log2) * (TN / 8) + wn * 8 + (lane >> 2)];
-        sw[0] = sc.x; sw[1] = sc.y; sw[2] = sc.z; sw[3] = sc.w;
-      }
+      if constexpr (GROUPED) lds128(sw, sSt + s_frag[i]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         u32 w[4];
@@ -291,16 +323,18 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : 2))
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_iters) load_stage(s, it0 + s);
+    if (s < n_iters) load_stage(s, s);
     cp_async_commit();
   }
+  int rd = 0, wr = STAGES - 1;  // stage computed / stage refilled (rotating, no modulo)
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage `it` landed for everyone; stage it-1 is free to refill
-    const int nx = it + STAGES - 1;
-    if (nx < n_iters) load_stage(nx % STAGES, it0 + nx);
+    __syncthreads();  // stage `rd` landed for everyone; stage `wr` (computed last iteration) is free
+    if (it + STAGES - 1 < n_iters) load_stage(wr, it + STAGES - 1);
     cp_async_commit();
-    compute_stage(it % STAGES);
+    compute_stage(rd);
+    rd = rd + 1 == STAGES ? 0 : rd + 1;
+    wr = wr + 1 == STAGES ? 0 : wr + 1;
   }
   cp_async_wait<0>();
   __syncthreads();  // pipeline buffers are reused for the reduction below

@@ -20,13 +20,13 @@ r.names(Stage.PREPROCESS), 'failures:', r.failures); from moe_plugin_cupy_prepro
 print('cupy available:', availability_reason() or 'yes')" 2>&1 | tee -a "$ENV"
 
 if want tests; then
-  timeout 200 python3 -m pytest moe_plugins/cupy_preprocess -m gpu -q -rs --durations=12 -p no:cacheprovider \
+  timeout 180 python3 -m pytest moe_plugins/cupy_preprocess -m gpu -q -rs --durations=12 -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest-gpu.log"
   STATUS[tests]=$(tail -1 "$OUT/pytest-gpu.log")
 fi
 
 if want bench; then
-  timeout 150 python3 bench/preprocess/bench_preprocess.py --out "$OUT/preprocess-h100.json" 2>&1 | tee "$OUT/bench.log"
+  timeout 130 python3 bench/preprocess/bench_preprocess.py --out "$OUT/preprocess-h100.json" 2>&1 | tee "$OUT/bench.log"
   STATUS[bench]="rc=$?"
 fi
 
@@ -37,7 +37,7 @@ if want sanitize; then
   for tool in memcheck racecheck initcheck; do
     extra=""
     [[ $tool == memcheck ]] && extra="--leak-check no"
-    ( timeout 180 compute-sanitizer --tool $tool $extra --error-exitcode 9 python3 "$SAN" > "$OUT/sanitizer-$tool.log" 2>&1
+    ( timeout 150 compute-sanitizer --tool $tool $extra --error-exitcode 9 python3 "$SAN" > "$OUT/sanitizer-$tool.log" 2>&1
       echo "rc=$?" >> "$OUT/sanitizer-$tool.log" ) &
   done
   wait

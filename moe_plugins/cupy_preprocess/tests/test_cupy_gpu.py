@@ -60,7 +60,8 @@ def stage(emulated_kernels: Any) -> Callable[..., CupyPreprocess]:
         ctx = context(case.placement, case.rank, local, DEVICE, top_k=case.ids.shape[1], sentinel=case.sentinel)
         if emulated_kernels is not None:
             return CupyPreprocess(ctx, kernels=emulated_kernels, **options)
-        return Registry.discover().build(Stage.PREPROCESS, BackendChoice.of("cupy", **options), ctx)
+        return registry.build(Stage.PREPROCESS, BackendChoice.of("cupy", **options), ctx)
+    registry = Registry.discover()
     return build
 
 

@@ -89,8 +89,11 @@ class Backend:
     ``factory(ctx: BuildContext, **options)`` returns the stage object (see the
     protocols below). ``availability()`` returns ``None`` when the backend can run
     on this machine, else the reason it cannot (e.g. "needs a CUDA GPU"); it is
-    cheap and must not raise. ``distribution`` and ``version`` are filled in by
-    the registry from the entry point's metadata.
+    cheap and must not raise. ``warm_up()``, when given, does the slow first-use
+    work ahead of time (a JIT build, a kernel compile), shows its progress on
+    stderr and returns a one-line summary; ``hostcore warmup`` calls it.
+    ``distribution`` and ``version`` are filled in by the registry from the entry
+    point's metadata.
     """
 
     stage: Stage
@@ -99,6 +102,7 @@ class Backend:
     summary: str
     options: Mapping[str, Option] = field(default_factory=dict)
     availability: Callable[[], str | None] = lambda: None
+    warm_up: Callable[[], str] | None = None
     distribution: str = ""
     version: str = ""
 

@@ -111,9 +111,9 @@ class EPMoELayer:
         with self._combine_on_failure(received):
             routing = self._timed(trace, "preprocess", lambda: self.preprocess.preprocess(ids, self.experts.block_m))
             out = self._timed(trace, "experts", lambda: self.experts.compute(x, weights, routing))
+            _describe_padding(trace, received, routing)  # before combine: received may be a workspace view
         result = self._timed(trace, "combine", lambda: self.dispatch.combine(
             out.view(received.ep_size, received.rows_per_rank, -1)))
-        _describe_padding(trace, received, routing)
         return result, trace
 
     @contextmanager

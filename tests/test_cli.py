@@ -52,3 +52,37 @@ def test_env_var_picks_backends() -> None:
     result = hostcore("run", "--ranks", "1", "--tokens", "3", env_extra={"HOSTCORE_BACKENDS": "dispatch=local"})
     assert result.returncode == 0, result.stderr
     assert "dispatch=local" in result.stdout
+
+
+def test_warmup_runs_each_backend_that_has_one(install_plugin, capsys) -> None:
+    from hostcore.cli.main import main
+
+    install_plugin("slow-moe", "slow_moe", """
+from hostcore import Backend, Stage, hookimpl
+hostcore_api_version = 1
+
+def build_kernels():
+    import sys
+    print("compiling 1/1", file=sys.stderr)
+    return "2 kernels compiled"
+
+def explode():
+    raise RuntimeError("nvcc not found")
+
+@hookimpl
+def hostcore_register_experts(register):
+    register(Backend(Stage.EXPERTS, "slow", object, "needs a build", warm_up=build_kernels))
+    register(Backend(Stage.EXPERTS, "broken", object, "build fails", warm_up=explode))
+    register(Backend(Stage.EXPERTS, "gpu_only", object, "no GPU here", warm_up=build_kernels,
+                     availability=lambda: "needs a CUDA GPU"))
+""")
+    assert main(["warmup", "--backends", "experts=slow"]) == 0
+    out = capsys.readouterr()
+    assert "done   experts=slow (slow-moe)" in out.out and "2 kernels compiled" in out.out
+    assert "compiling 1/1" in out.err
+    assert main(["warmup"]) == 1
+    out = capsys.readouterr()
+    assert "FAILED experts=broken" in out.err and "nvcc not found" in out.err
+    assert "skip   experts=gpu_only (slow-moe): cannot run here: needs a CUDA GPU" in out.out
+    assert main(["warmup", "--backends", "dispatch=torch_a2a"]) == 2
+    assert "has no warm-up step" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_allowlist_limits_autoload(install_plugin, monkeypatch: pytest.MonkeyPat
 
 
 def test_unknown_name_lists_installed_and_closest() -> None:
-    registry = Registry.discover()
+    registry = Registry.discover(allowlist=["hostcore"])
     with pytest.raises(ConfigError) as info:
         registry.get(Stage.DISPATCH, "torch_a2")
     message = str(info.value)

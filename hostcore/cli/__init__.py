@@ -1,1 +1,1 @@
-"""The ``hostcore`` command line: ``hostcore plugins`` and ``hostcore run``."""
+"""The ``hostcore`` command line: ``hostcore plugins``, ``hostcore run`` and ``hostcore warmup``."""

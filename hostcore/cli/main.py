@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import HostcoreError
-from . import plugins_cmd, run_cmd
+from . import plugins_cmd, run_cmd, warmup_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     plugins_cmd.add_parser(sub)
     run_cmd.add_parser(sub)
+    warmup_cmd.add_parser(sub)
     return parser
 
 

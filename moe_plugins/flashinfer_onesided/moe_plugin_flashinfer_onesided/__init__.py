@@ -34,12 +34,18 @@ OPTIONS = {
 }
 
 
+def _warm_up_summary() -> str:
+    report = warm_up()
+    state = "was already built" if report.was_built else "built now"
+    return f"FlashInfer {report.flashinfer_version} one-sided all-to-all module {state} ({report.seconds:.1f} s)"
+
+
 @hookimpl
 def hostcore_register_dispatch(register: Register) -> None:
     register(Backend(Stage.DISPATCH, "flashinfer_onesided", build,
                      "FlashInfer NVLink one-sided all-to-all (MoeAlltoAll): padded rank-major layout, "
                      "sentinel per receiving rank, CUDA-graph safe with fixed R",
-                     OPTIONS, availability=availability))
+                     OPTIONS, availability=availability, warm_up=_warm_up_summary))
 
 
 __all__ = [

@@ -36,7 +36,7 @@ def test_run_sentinels_all_shows_the_bug_and_the_fix(tmp_path: Path) -> None:
     assert rows["negative"]["misrouted_rows"] > 0 and not rows["negative"]["ok"]
     assert not rows["out_of_range"]["ok"] and "past the end" in rows["out_of_range"]["errors"][0]
     for name in ("non_local", "guard_slot", "auto"):
-        assert rows[name]["ok"] and rows[name]["misrouted_rows"] == 0 and rows[name]["max_rel_err"] < 1e-5
+        assert rows[name]["ok"] and rows[name]["misrouted_rows"] == 0 and rows[name]["rel_err"] < 1e-5
     assert "summary" in result.stdout and "local e1" in result.stdout
 
 

@@ -93,6 +93,20 @@ PY
       --ms ${CMP_MS:-1,16,64} --out "$OUT/stages${CMP_STAGES:-4}.json" | tail -8
     rc=$?; record stagecmp "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/stages${CMP_STAGES:-4}.json"
     ;;
+  diag)
+    phase diag
+    for minb in 3 2; do
+      for st in "" 6; do
+        echo "--- MARLIN_M1_MINB=$minb MOE_MARLIN_STAGES=${st:-auto}"
+        MOE_MARLIN_NVRTC_OPTIONS="-DMARLIN_M1_MINB=$minb" MOE_MARLIN_STAGES=$st timeout 240 \
+          python3 bench/marlin/diag_configs.py 2>&1 | tee -a "$OUT/diag.txt"
+      done
+    done
+    MOE_MARLIN_NVRTC_OPTIONS="-lineinfo" timeout 120 compute-sanitizer --tool memcheck --show-backtrace device \
+      python3 bench/marlin/diag_configs.py 16 gemm1 2 > "$OUT/diag_sanitizer.txt" 2>&1
+    grep -E "Illegal|Invalid|at .*marlin_moe.cu|ERROR SUMMARY|err" "$OUT/diag_sanitizer.txt" | head -20
+    record diag done "$OUT/diag.txt"
+    ;;
   *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp bench benchquick)"; exit 2;;
   esac
 done

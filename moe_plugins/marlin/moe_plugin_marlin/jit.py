@@ -84,7 +84,7 @@ class TileConfig:
         """This configuration with a concrete stage count (``MOE_MARLIN_STAGES`` overrides, for experiments)."""
         if self.stages:
             return self
-        forced = int(os.environ.get("MOE_MARLIN_STAGES", "0"))
+        forced = int(os.environ.get("MOE_MARLIN_STAGES") or 0)
         n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA[self.m_tiles] // self.stage_bytes()))
         return TileConfig(self.m_tiles, self.n_warps, self.kw, n)
 
@@ -193,7 +193,9 @@ class KernelSet:
 
 
 def _compile(cupy: Any, backend: str, names: list[str]) -> Any:
-    options = ("-std=c++17",) if backend == "nvrtc" else ("-std=c++17", "-O3")
+    options: tuple[str, ...] = ("-std=c++17",) if backend == "nvrtc" else ("-std=c++17", "-O3")
+    extra = os.environ.get("MOE_MARLIN_NVRTC_OPTIONS", "").split()  # diagnostics, e.g. -lineinfo
+    options += tuple(extra)
     return cupy.RawModule(code=SOURCE_PATH.read_text(), options=options, backend=backend, name_expressions=names)
 
 

@@ -27,6 +27,10 @@ struct __align__(8) U2 { u32 x, y; };
 
 #define DEVI __device__ __forceinline__
 
+#ifndef MARLIN_M1_MINB
+#define MARLIN_M1_MINB 3  // CTAs per SM the 16-row tiles are register-limited for (80 registers)
+#endif
+
 namespace marlin {
 
 constexpr int THREADS = 256;  // 8 warps per CTA, every GEMM configuration
@@ -155,7 +159,7 @@ DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 // read, never written.
 // ---------------------------------------------------------------------------------------------
 template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
-__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : 3))
+__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : MARLIN_M1_MINB))
     moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
                     int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
                     int K,                      // reduction size (H or I)

@@ -20,7 +20,7 @@ from hostcore.quant import synthetic_experts
 
 
 def case(h: int, i: int, e: int, top_k: int, ep: int, rows: list[int], r: int, block_m: int, use_layout: bool,
-         group: int | None, dtype: torch.dtype) -> float:
+         group: int | None, dtype: torch.dtype, tiles: dict | None = None) -> float:
     from moe_plugin_marlin.stage import MarlinExperts
 
     placement = ExpertPlacement.round_robin(e, ep)
@@ -30,6 +30,7 @@ def case(h: int, i: int, e: int, top_k: int, ep: int, rows: list[int], r: int, b
     ctx = BuildContext(rank=rank, ep_size=ep, device=torch.device("cuda"), placement=placement, local=local,
                        hidden_size=h, top_k=top_k, dtype=dtype, max_tokens_per_rank=r, weights=weights)
     stage = MarlinExperts(ctx, block_m=block_m)
+    stage.tile_override = tiles or {}
     gen = torch.Generator().manual_seed(1)
     pad = valid_sentinels(placement.local_experts(rank, use_map=ep > 1))[-1]
     ids = received_ids(gen, rows, r, top_k, e, pad.sentinel)
@@ -47,7 +48,7 @@ def case(h: int, i: int, e: int, top_k: int, ep: int, rows: list[int], r: int, b
     ref = moe_reference(hidden.float(), topw, local_ids, weights.to("cuda"), torch.float64).double()
     err = float((out.double() - ref).norm() / ref.norm())
     print(f"H={h} I={i} E={e} ep={ep} rows={rows} block_m={block_m} layout={use_layout} g={group} {dtype}: "
-          f"rel err {err:.2e}", flush=True)
+          f"tiles={tiles}: rel err {err:.2e}", flush=True)
     return err
 
 
@@ -57,6 +58,11 @@ def main() -> int:
         case(256, 256, 8, 2, 2, [16, 5], 16, 16, True, None, torch.float16),
         case(256, 128, 16, 4, 4, [40, 3, 0, 17], 40, 64, False, 64, torch.bfloat16),
         case(1024, 4096, 4, 2, 1, [3], 3, 0, False, 128, torch.bfloat16),  # GEMM2 split along K
+        # every tile width / block size explicitly (the heuristic may not pick them on these shapes)
+        case(512, 512, 4, 2, 1, [40], 40, 16, False, 128, torch.bfloat16, {"gemm1": (2, 1), "gemm2": (2, 2)}),
+        case(512, 512, 4, 2, 1, [40], 40, 32, True, 128, torch.bfloat16, {"gemm1": (2, 1), "gemm2": (4, 1)}),
+        case(512, 512, 4, 2, 1, [40], 40, 32, False, None, torch.float16, {"gemm1": (4, 1), "gemm2": (2, 1)}),
+        case(512, 512, 4, 2, 1, [40], 40, 16, False, None, torch.bfloat16, {"gemm1": (1, 1), "gemm2": (1, 2)}),
     ]
     bad = [e for e in errs if not e < 1e-2]
     print("sanitize cases:", "ok" if not bad else f"{len(bad)} wrong results")

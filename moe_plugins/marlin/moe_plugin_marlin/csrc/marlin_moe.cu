@@ -45,16 +45,10 @@ DEVI u32 smem_u32(const void* p) {
 DEVI void cp_async16(u32 dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
-// Weights are streamed once per call: hint L2 to evict them first so activations stay cached.
-DEVI void cp_async16_stream(u32 dst, const void* src, u64 policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(policy)
-               : "memory");
-}
-DEVI u64 evict_first_policy() {
-  u64 p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-  return p;
-}
+// Note: no L2 cache-policy hint on the weight copies. An evict_first policy operand
+// (createpolicy + cp.async ...L2::cache_hint) raised "illegal instruction" on an H100 in
+// some instantiations (tn128, 32-row tiles; compute-sanitizer pointed at the copy), and it
+// had not been shown to help: weights are plain cp.async.cg copies like everything else.
 DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 DEVI void cp_async_wait() {
@@ -216,7 +210,6 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
   const V4* Bt = B + (size_t)e * ((size_t)K * N / 32) + nt * (TN / 2) + (size_t)it0 * (TK / 16) * b_row;
   const int groups = GROUPED ? (K >> g_log2) : 1;
   const u16* Se = S + (size_t)e * groups * N;
-  const u64 policy = evict_first_policy();
   __syncthreads();  // s_slot / s_arow visible
 
   // Per-thread copy descriptors, fixed for the whole K loop (only the K offset moves): keeps the
@@ -254,7 +247,7 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
     const V4* bsrc = Bt + (size_t)j * (TK / 16) * b_row;
 #pragma unroll
     for (int i = 0; i < B_ITERS; ++i)
-      cp_async16_stream(sB + stage * B_BYTES + (tid + i * THREADS) * 16, bsrc + b_off[i], policy);
+      cp_async16(sB + stage * B_BYTES + (tid + i * THREADS) * 16, bsrc + b_off[i], 16);
 #pragma unroll
     for (int i = 0; i < A_ITERS; ++i) {
       if (i < A_ITERS - 1 || a_active) {

@@ -60,6 +60,8 @@ print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'torch us':>10} {'x':>7} {'GB/s':
 for r in d["rows"]:
     print(f"{r['num_slots']:>9} {r['path']:>5} {r['ours_us']:9.2f} {r['peer_us']:10.2f} {r['speedup']:7.1f} "
           f"{r['gbps']:7.1f} {r['roofline_frac']:6.1%} {r['ours_graph_us'] or 0:9.2f}")
+for n, k in d.get("kernel_breakdown_us", {}).items():
+    print(f"kernels N*K={n}: " + ", ".join(f"{a} {b:.2f} us" for a, b in k.items()))
 for c in d["path_compare"]:
     print(f"path compare N*K={c['num_slots']}: block {c['block_us']:.2f} us, grid {c['grid_us']:.2f} us")
 print("goals:", d["goals"])

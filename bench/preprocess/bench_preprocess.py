@@ -36,11 +36,13 @@ from hostcore.backends.preprocess_torch import TorchPreprocess
 from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+from moe_plugin_cupy_preprocess.launch import launch
 from moe_plugin_cupy_preprocess.plan import moved_bytes
 
 E, EP, RANK, TOP_K, BLOCK_M = 256, 8, 0, 8, 16
 SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
 PATH_COMPARE = [2048, 4096, 8192, 16384]
+BREAKDOWN = [16384, 65536, 1 << 20, 1 << 23]
 DECODE_MAX, BANDWIDTH_MIN = 16384, 1 << 20
 
 
@@ -113,6 +115,28 @@ def copy_gbps() -> float:
     return 2 * n * 4 / (us * 1e-6) / 1e9
 
 
+def kernel_breakdown(stage: CupyPreprocess, ids: torch.Tensor, buffers: Any, reps: int = 20) -> dict[str, float]:
+    """Median GPU time of each kernel of one preprocess (events between the launches, L2 flushed first)."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    per: dict[str, list[float]] = {}
+    for rep in range(reps + 3):
+        flush.zero_()
+        events: list[tuple[str, torch.cuda.Event]] = []
+
+        def mark(name: str) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            events.append((name, event))
+
+        launch(stage.kernels, buffers.plan, ids, stage.device_map, stage.map, stage.local.first, False, buffers,
+               marks=mark)
+        torch.cuda.synchronize()
+        if rep >= 3:
+            for (name, start), (_, end) in zip(events, events[1:]):
+                per.setdefault(name, []).append(start.elapsed_time(end) * 1e3)
+    return {name: statistics.median(times) for name, times in per.items()}
+
+
 def routed_ids(nk: int, sentinel: int, gen: torch.Generator) -> torch.Tensor:
     """Fresh random received ids [nk / K, K]: random global ids, the last quarter of each source slice padding."""
     rows = max(1, nk // TOP_K)
@@ -164,7 +188,7 @@ def main() -> int:
           f"wall {launch_wall:.2f} us)")
 
     gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
-    rows_out, compare = [], []
+    rows_out, compare, breakdown = [], [], {}
     for nk in args.sizes:
         ids = routed_ids(nk, sentinel, gen)
         stage = ours["auto"]
@@ -188,6 +212,9 @@ def main() -> int:
         print(f"N*K={nk:>8}  {row['path']:>5}  ours {ours_us:8.2f} us  torch {peer_us:9.2f} us  "
               f"x{row['speedup']:6.1f}  {gbps:7.1f} GB/s ({row['roofline_frac']:.0%} of copy)  "
               f"graph {row['ours_graph_us'] or float('nan'):.2f} us  wall {row['ours_wall_us']:.1f} us")
+        if nk in BREAKDOWN:
+            breakdown[str(nk)] = kernel_breakdown(stage, ids, buffers)
+            print("    kernels: " + ", ".join(f"{k} {v:.2f} us" for k, v in breakdown[str(nk)].items()))
         if nk in PATH_COMPARE:
             entry = {"num_slots": nk}
             for path in ("block", "grid"):
@@ -217,7 +244,7 @@ def main() -> int:
                          "timer": "triton.testing.do_bench median (CUDA events, L2 flushed)",
                          "torch": torch.__version__},
               "copy_gbps": copy, "launch_us": launch, "launch_graph_us": launch_graph, "launch_wall_us": launch_wall,
-              "rows": rows_out, "path_compare": compare, "goals": goals}
+              "rows": rows_out, "path_compare": compare, "kernel_breakdown_us": breakdown, "goals": goals}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("goals:", json.dumps(goals))

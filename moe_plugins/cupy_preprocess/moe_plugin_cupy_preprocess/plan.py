@@ -106,6 +106,7 @@ class Plan:
     windows: int  # passes over the experts (>= 1)
     ipt: int  # block path: slots per thread
     active_warps: int  # block path: warps that hold slots
+    block_threads: int  # block path: threads of the one block (>= 32 * active_warps and >= window)
     tiles: int  # grid path: tiles of TILE slots (>= 1)
     smem_block_bytes: int
     smem_count_bytes: int
@@ -192,9 +193,13 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                               "use map_in=global or path=grid")
     windows = max(1, -(-num_local // window))
     tiles = max(1, -(-nk // TILE))
+    # Only as many threads as hold slots or handle an expert of the window: tiny batches run on one warp.
+    block_threads = 0
+    if chosen == "block":
+        block_threads = min(BLOCK_THREADS, max(32 * active_warps, -(-window // 32) * 32, 32))
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
-                tiles=tiles,
+                block_threads=block_threads, tiles=tiles,
                 smem_block_bytes=_block_smem_ints(map_smem, window, active_warps) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" else 0,
                 smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm else 0)

@@ -127,20 +127,28 @@ def check_guards(backing: list[torch.Tensor]) -> None:
 
 
 def assert_matches(got: LocalRouting, ref: LocalRouting, block_m: int | None, what: str = "") -> None:
-    """Every output equal to the reference's (the layout entry for entry), nothing left unwritten."""
+    """Every output equal to the reference's (the layout entry for entry), nothing left unwritten.
+
+    Compares on the CPU, wherever either side was computed.
+    """
     where = f" ({what})" if what else ""
-    assert torch.equal(got.local_ids.cpu(), ref.local_ids), f"local_ids differ{where}"
-    assert torch.equal(got.expert_counts.cpu(), ref.expert_counts), f"expert_counts differ{where}"
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.cpu(), b.cpu())
+
+    assert same(got.local_ids, ref.local_ids), f"local_ids differ{where}"
+    assert same(got.expert_counts, ref.expert_counts), f"expert_counts differ{where}"
     if ref.invalid_count is not None:
         assert got.invalid_count is not None, f"invalid_count missing{where}"
-        assert int(got.invalid_count.cpu()) == int(ref.invalid_count), f"invalid_count differs{where}"
+        assert int(got.invalid_count.cpu()) == int(ref.invalid_count.cpu()), f"invalid_count differs{where}"
     if block_m is None:
         assert got.aligned is None
         return
     g, r = got.aligned, ref.aligned
-    assert int(g.num_slots_post_padded.cpu()) == int(r.num_slots_post_padded), f"num_slots_post_padded differs{where}"
-    assert torch.equal(g.sorted_slot_ids.cpu(), r.sorted_slot_ids), f"sorted_slot_ids differ{where}"
-    assert torch.equal(g.block_expert_ids.cpu(), r.block_expert_ids), f"block_expert_ids differ{where}"
+    assert int(g.num_slots_post_padded.cpu()) == int(r.num_slots_post_padded.cpu()), \
+        f"num_slots_post_padded differs{where}"
+    assert same(g.sorted_slot_ids, r.sorted_slot_ids), f"sorted_slot_ids differ{where}"
+    assert same(g.block_expert_ids, r.block_expert_ids), f"block_expert_ids differ{where}"
     assert g.block_m == block_m
 
 

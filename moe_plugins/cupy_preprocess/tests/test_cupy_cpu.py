@@ -132,6 +132,9 @@ def test_path_choice_and_items_per_thread() -> None:
 
     assert [plan(n).ipt for n in (0, 1, 1024, 1025, 4096, 4097, BLOCK_MAX_SLOTS)] == [1, 1, 1, 4, 4, 16, 16]
     assert plan(1000).active_warps == 32 and plan(5000).active_warps == 10
+    # Threads: enough for the slots and for one expert of the window each.
+    assert [plan(n).block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == [32, 32, 128, 1024, 320, 1024]
+    assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
     assert plan(BLOCK_MAX_SLOTS).path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS + 1).tiles == -(-(BLOCK_MAX_SLOTS + 1) // TILE)
     assert plan(5, "grid").path == "grid" and plan(5, "grid").tiles == 1

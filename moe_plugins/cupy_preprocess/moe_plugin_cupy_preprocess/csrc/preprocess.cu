@@ -23,7 +23,7 @@
 // Stable order: slots are processed in tiles of consecutive slot indices; inside a tile each warp owns a
 // contiguous segment and walks it 32 slots at a time. A slot's position in its expert group is
 //   (group start) + (its expert's slots in earlier tiles) + (in earlier warps of its tile)
-//   + (in earlier chunks of its warp) + (in lower lanes of its chunk, from __match_any_sync),
+//   + (in earlier chunks of its warp) + (in lower lanes of its chunk, from warp ballots),
 // so no atomics decide any position and the result is deterministic.
 //
 // Experts are handled in windows of at most `window` (<= 1024) local experts so that the per-warp
@@ -141,32 +141,53 @@ __device__ __forceinline__ int upper_bound(const int* a, int n, int x) {
     return lo;
 }
 
+// Bits needed for window keys 0..wl-1 (at least 1).
+__device__ __forceinline__ int key_bits(int wl) {
+    int bits = 1;
+    while ((1 << bits) < wl) ++bits;
+    return bits;
+}
+
+// The lanes of this warp whose window key equals this lane's (keys in [0, 2^bits), or -1), built from
+// bits + 1 ballots, a fixed cost whatever the keys are. (The first version used __match_any_sync; see
+// GPU_RESULTS.md for the timings of both on the H100.)
+__device__ __forceinline__ unsigned warp_peers(int k, int bits) {
+    const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+    unsigned peers = k >= 0 ? valid : ~valid;
+    for (int b = 0; b < bits; ++b) {
+        const bool set = (k >> b) & 1;
+        const unsigned mask = __ballot_sync(HC_FULL_MASK, set);
+        peers &= set ? mask : ~mask;
+    }
+    return peers;
+}
+
 // Per-warp counts of the window keys of this thread's IPT slots: row `row` of `cnt` (window ints) gets
-// +1 per slot. One leader per group of equal keys adds the group size, so no atomics; __syncwarp orders
-// one chunk's updates before the next chunk's reads (leaders can differ between chunks).
+// +1 per slot. Shared-memory atomics: order does not matter for counts.
 template <int IPT>
 __device__ __forceinline__ void warp_count(const int (&key)[IPT], int e0, int wl, int* row) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         const int k = window_key(key[c], e0, wl);
-        const unsigned peers = __match_any_sync(HC_FULL_MASK, k);
-        if (k >= 0 && lane == __ffs(peers) - 1) row[k] += __popc(peers);
-        __syncwarp();
+        if (k >= 0) atomicAdd(&row[k], 1);
     }
 }
 
 // Stable ranks: row[k] holds, per window key, the position of this warp's next slot of expert k; each
 // slot gets row[k] + (lower lanes of its chunk with the same key) and the row advances by the group size.
+// One leader per group of equal keys updates the row, so no atomics; __syncwarp orders one chunk's
+// update before the next chunk's read (leaders can differ between chunks).
 // emit(c, k, pos) is called for every slot in the window.
 template <int IPT, typename Emit>
 __device__ __forceinline__ void warp_rank(const int (&key)[IPT], int e0, int wl, int* row, Emit emit) {
     const int lane = threadIdx.x & 31;
     const unsigned lower = hc_lanemask_lt();
+    const int bits = key_bits(wl);
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         const int k = window_key(key[c], e0, wl);
-        const unsigned peers = __match_any_sync(HC_FULL_MASK, k);
+        if (__ballot_sync(HC_FULL_MASK, k >= 0) == 0) continue;  // no slot of this window in the chunk
+        const unsigned peers = warp_peers(k, bits);
         const int leader = __ffs(peers) - 1;
         int start = 0;
         if (k >= 0 && lane == leader) {
@@ -180,7 +201,8 @@ __device__ __forceinline__ void warp_rank(const int (&key)[IPT], int e0, int wl,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Single-block path: one block of HC_BLOCK_THREADS threads, IPT slots per thread (nk <= 1024 * IPT).
+// Single-block path: one block of up to HC_BLOCK_THREADS threads (at least 32 * active_warps and at least
+// `window`), IPT slots per thread (nk <= 1024 * IPT).
 // Dynamic shared memory: [map: map_size if shared][cnt: active_warps * window][gs: window + 1]
 // [scratch: HC_SCRATCH]. The map comes first and there is no static shared memory, so that a faithful
 // read at a negative index lands below the dynamic allocation, as in the upstream kernel.
@@ -236,7 +258,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         __syncthreads();
         if (warp < active_warps) warp_count<IPT>(key, e0, wl, cnt + warp * window);
         __syncthreads();
-        int total_k = 0;  // slots of expert e0 + tid (threads tid < wl; wl <= window <= blockDim)
+        int total_k = 0;  // slots of expert e0 + tid (threads tid < wl; wl <= window <= blockDim, see launch.py)
         if (tid < wl) {
             for (int w = 0; w < active_warps; ++w) total_k += cnt[w * window + tid];
             counts[e0 + tid] = total_k;
@@ -353,8 +375,7 @@ grid_count(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
 #pragma unroll
     for (int c = 0; c < HC_GRID_IPT; ++c) {
         const int k = window_key(key[c], e0, wl);
-        const unsigned peers = __match_any_sync(HC_FULL_MASK, k);
-        if (k >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[k], __popc(peers));
+        if (k >= 0) atomicAdd(&hist[k], 1);
     }
     __syncthreads();
     for (int k = tid; k < wl; k += blockDim.x) tile_hist[k * tiles + g] = hist[k];

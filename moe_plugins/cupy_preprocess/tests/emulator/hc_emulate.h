@@ -99,6 +99,15 @@ inline T __shfl_xor_sync(unsigned, T v, int d) {
     return hc_exchange(v, [d](const long long* s, int lane) { return hc_slot_value<T>(s, lane ^ d); });
 }
 
+inline unsigned __ballot_sync(unsigned, int predicate) {
+    return hc_exchange(predicate ? 1u : 0u, [](const long long* s, int) {
+        unsigned mask = 0;
+        for (int l = 0; l < 32; ++l)
+            if (hc_slot_value<unsigned>(s, l)) mask |= 1u << l;
+        return mask;
+    });
+}
+
 inline unsigned __match_any_sync(unsigned, int v) {
     return hc_exchange(0u + (unsigned)v, [v](const long long* s, int) {
         unsigned mask = 0;

@@ -27,6 +27,9 @@ def main(src: str, dst: str) -> int:
         left.loglog(*zip(*graph), "o--", alpha=0.6, label="cupy in a CUDA graph")
     left.axhline(data["launch_us"], color="gray", ls=":", label=f"empty kernel {data['launch_us']:.1f} us")
     left.axhline(1.2 * data["launch_us"], color="gray", ls="--", lw=0.8, label="1.2x empty kernel (decode goal)")
+    if data.get("launch_graph_us"):
+        left.axhline(data["launch_graph_us"], color="green", ls=":", alpha=0.6,
+                     label=f"empty kernel in a CUDA graph {data['launch_graph_us']:.2f} us")
     left.set_xlabel("N*K slots")
     left.set_ylabel("microseconds per call (median)")
     left.set_title(f"preprocess: lookup + counts + aligned layout\n{data['gpu']}")
@@ -41,9 +44,10 @@ def main(src: str, dst: str) -> int:
     right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
     cfg = data.get("config", {})
+    code = data.get("code_version", "").split(":")[0]
     fig.text(0.5, 0.005, f"E={cfg.get('global_experts')} EP={cfg.get('ep_size')} top-{cfg.get('top_k')} "
-                         f"block_m={cfg.get('block_m')} {cfg.get('id_dtype')} ids; {data['date'][:10]}",
-             ha="center", fontsize=8)
+                         f"block_m={cfg.get('block_m')} {cfg.get('id_dtype')} ids; {data['date'][:10]}"
+                         + (f"; {code}" if code else ""), ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(dst, dpi=120)
     return 0

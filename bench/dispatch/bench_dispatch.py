@@ -65,13 +65,13 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import torch
 import torch.distributed as dist
+from rows import MAIN, PEER, RAW, with_standard_rows  # this script's folder is on sys.path when it runs
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {  # name: (hidden, top_k, experts)
     "dsv3": (7168, 8, 256),
     "mixtral": (4096, 2, 8),
 }
-MAIN, RAW, PEER = "flashinfer_onesided", "moe_alltoall_raw", "torch_a2a"
 AGREE, MOE_EP = "flashinfer_onesided_agree_r", "flashinfer_onesided_moe_ep"
 
 
@@ -430,7 +430,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         slug = "cpu-dry-run" if args.dry_run else gpu_slug(gpu)
         path = out / f"dispatch-{slug}-ep{ep}.json"
-        path.write_text(json.dumps(report, indent=1))
+        path.write_text(json.dumps(with_standard_rows(report), indent=1))
         print(table(report), flush=True)
         print(f"[bench_dispatch] wrote {path}", flush=True)
     dist.barrier()

@@ -166,14 +166,14 @@ def _report(args: argparse.Namespace, world: int, rows: list[dict]) -> None:
           f"E={shape.num_experts}, top-{shape.top_k}), {world} ranks, tokens per rank {_token_counts(args, world)}")
     for row in rows:
         print(f"\n== sentinel={row['sentinel']}  config: {row['config']}")
-        header = ("rank", "tokens", "R", "padding", "rows/local expert", "misrouted", "invalid", "max err",
+        header = ("rank", "tokens", "R", "padding", "slots per local expert", "misrouted", "invalid", "max err",
                   *[f"{s} ms" for s in STAGES])
         table = [header]
         for r in row["ranks"]:
             t = r.get("trace", {})
             to = ", ".join(f"local e{e} ({n} slots)" for e, n in t.get("misrouted_to", {}).items())
             table.append((str(r["rank"]), str(t.get("tokens", "")), str(t.get("rows_per_rank", "")),
-                          str(t.get("padding_rows", "")), str(t.get("rows_per_local_expert", "")),
+                          str(t.get("padding_rows", "")), _per_expert(t.get("rows_per_local_expert", [])),
                           f"{t.get('misrouted_rows', '')}" + (f" -> {to}" if to else ""),
                           str(t.get("invalid_ids", "")), f"{r['max_abs_err']:.2e}" if "max_abs_err" in r else "-",
                           *[f"{t.get('stage_ms', {}).get(s, float('nan')):.2f}" for s in STAGES]))
@@ -191,11 +191,27 @@ def _report(args: argparse.Namespace, world: int, rows: list[dict]) -> None:
     if args.json_path:
         summary = {"config": {"shape": shape.name, "ranks": world, "tokens_per_rank": _token_counts(args, world),
                               "seed": args.seed, "backends": args.backends, "placement": args.placement},
-                   "rows": [{k: r[k] for k in ("sentinel", "max_abs_err", "misrouted_rows", "ok", "values",
-                                               "rel_err", "errors", "config")} for r in rows]}
+                   "rows": [{**{k: r[k] for k in ("sentinel", "max_abs_err", "misrouted_rows", "ok", "values",
+                                                  "rel_err", "errors", "config")},
+                             "ranks": [_rank_summary(rank) for rank in r["ranks"]]} for r in rows]}
         with open(args.json_path, "w") as f:
             json.dump(summary, f, indent=2)
         print(f"wrote {args.json_path}")
+
+
+def _per_expert(counts: list[int]) -> str:
+    """The slot count of every local expert, or a digest when there are too many to read in a table."""
+    if len(counts) <= 12:
+        return str(counts)
+    top = max(range(len(counts)), key=counts.__getitem__)
+    return (f"{len(counts)} experts: {sum(counts)} slots, max {counts[top]} (e{top}), "
+            f"{counts.count(0)} empty")
+
+
+def _rank_summary(rank: dict) -> dict:
+    trace = rank.get("trace", {})
+    keys = ("tokens", "rows_per_rank", "padding_rows", "misrouted_rows", "misrouted_to", "invalid_ids", "stage_ms")
+    return {"rank": rank["rank"], **{k: trace.get(k) for k in keys}, "max_abs_err": rank.get("max_abs_err")}
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:

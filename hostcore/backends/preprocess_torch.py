@@ -3,9 +3,11 @@
 Modes (option ``mode``):
 
 ``safe`` (default)
-    Ids outside the map (``< 0`` or ``>= len(expert_map)``; without a map, outside
-    the local range) become -1 and are counted in ``LocalRouting.invalid_count``
-    (an ``int32[1]`` device tensor, read only when the caller asks). No host sync.
+    Ids outside the map (``< 0`` or ``>= len(expert_map)``) become -1 and are
+    counted in ``LocalRouting.invalid_count``. Without a map, ids outside the
+    local range become -1 and only negative ids are counted (``>= E`` is the
+    valid map-less sentinel, other ranks' ids are simply not local); the count is
+    an ``int32[1]`` device tensor, read only when the caller asks. No host sync.
 ``checked``
     Raises `ContractError` naming the offending ids and their ``[row, slot]``
     positions. Syncs with the host: a debugging mode.

@@ -9,20 +9,16 @@ one configuration of each tile family; ``MARLIN_EMULATE_ALL=1`` sweeps all.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from hostcore.backends.experts_torch import moe_reference
-from hostcore.quant import synthetic_experts
+from marlin_kernel_emulator import emulate_align, emulate_gemm, emulate_topk_sum
 from moe_plugin_marlin.jit import TILE_CONFIGS, TileConfig
 from moe_plugin_marlin.layout import prepare_experts
 
-sys.path.insert(0, str(Path(__file__).parent))  # the emulator helper sits beside this file
-from marlin_kernel_emulator import emulate_align, emulate_gemm, emulate_topk_sum  # noqa: E402
+from hostcore.backends.experts_torch import moe_reference
+from hostcore.quant import synthetic_experts
 
 H, I, E, TOPK = 256, 256, 4, 2
 

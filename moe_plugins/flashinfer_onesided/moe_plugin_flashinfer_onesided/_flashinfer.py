@@ -61,7 +61,6 @@ from .layout import PayloadBytes, payload_order
 DISTRIBUTION = "flashinfer-python"
 MIN_VERSION = (0, 6, 16)
 TESTED_VERSION = "0.7.2.post1"
-PLUGIN_DISTRIBUTION = "moe-plugin-flashinfer-onesided"
 APIS = ("auto", "moe_ep", "moe_alltoall")
 
 
@@ -85,7 +84,9 @@ def version_problem(version: str | None) -> str | None:
     """``None`` when ``version`` is usable, else what is wrong and what to install."""
     need = ".".join(map(str, MIN_VERSION))
     if version is None:
-        return f"needs {DISTRIBUTION}>={need}: pip install {PLUGIN_DISTRIBUTION}"
+        # This code runs, so the plugin is installed; only its FlashInfer dependency is missing
+        # (e.g. installed with --no-deps on a machine without a GPU).
+        return f"needs {DISTRIBUTION}>={need}: pip install '{DISTRIBUTION}>={need}'"
     if release_tuple(version) < MIN_VERSION:
         return (f"needs {DISTRIBUTION}>={need} (single-host POSIX-fd memory handles), found {version}: "
                 f"pip install -U '{DISTRIBUTION}>={need}'")

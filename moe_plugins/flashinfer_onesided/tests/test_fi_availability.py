@@ -24,7 +24,7 @@ def test_runs_on_a_nvlinked_multi_gpu_host() -> None:
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    ({"version": None}, "needs flashinfer-python>=0.6.16: pip install moe-plugin-flashinfer-onesided"),
+    ({"version": None}, "needs flashinfer-python>=0.6.16: pip install 'flashinfer-python>=0.6.16'"),
     ({"version": "0.6.3"}, "needs flashinfer-python>=0.6.16 (single-host POSIX-fd memory handles), found 0.6.3: "
                            "pip install -U 'flashinfer-python>=0.6.16'"),
     ({"cuda": False}, "needs >= 2 CUDA GPUs; torch sees no CUDA device (torch.cuda.is_available() is False)"),

@@ -90,7 +90,7 @@ def test_without_flashinfer_the_factory_says_what_to_install(monkeypatch: pytest
     monkeypatch.setattr(_flashinfer, "installed_version", lambda: None)
     monkeypatch.setattr(_flashinfer.importlib, "import_module", lambda name: pytest.fail("must not import"))
     with pytest.raises(BackendUnavailableError, match="needs flashinfer-python>=0.6.16: pip install "
-                                                      "moe-plugin-flashinfer-onesided"):
+                                                      "'flashinfer-python>=0.6.16'"):
         _flashinfer.import_flashinfer()
 
 

@@ -149,7 +149,7 @@ def test_version_requirement(version: str | None, ok: bool) -> None:
     problem = version_problem(version)
     assert (problem is None) == ok
     if version is None:
-        assert problem == "needs flashinfer-python>=0.6.16: pip install moe-plugin-flashinfer-onesided"
+        assert problem == "needs flashinfer-python>=0.6.16: pip install 'flashinfer-python>=0.6.16'"
     elif not ok:
         assert f"found {version}" in problem and "pip install -U" in problem
 

@@ -55,5 +55,5 @@ def test_without_flashinfer_it_says_what_to_install(monkeypatch: pytest.MonkeyPa
     from moe_plugin_flashinfer_onesided import _flashinfer, warm_up
 
     monkeypatch.setattr(_flashinfer, "installed_version", lambda: None)
-    with pytest.raises(BackendUnavailableError, match="pip install moe-plugin-flashinfer-onesided"):
+    with pytest.raises(BackendUnavailableError, match="pip install 'flashinfer-python>=0.6.16'"):
         warm_up(log=lambda line: None)

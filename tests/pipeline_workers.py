@@ -57,3 +57,19 @@ def received_rows(rank: int, world: int) -> dict:
     real = received.rows_per_source.tolist()
     layer.dispatch.combine(received.hidden.new_zeros(received.hidden.shape))
     return {"real_rows_from": real, "padding": int(padding_mask(received).sum())}
+
+
+def remapped_forward(rank: int, world: int) -> dict:
+    """Build on a contiguous placement, remap to round-robin (as EPLB would), then run a forward."""
+    before = ExpertPlacement.contiguous(SHAPE.num_experts, world)
+    after = ExpertPlacement.round_robin(SHAPE.num_experts, world)
+    tokens = [4, 3, 0, 5][:world]
+    layer = build_layer(rank, world, "sentinel=non_local", True, before, tokens)
+    chosen_before = layer.sentinel
+    layer.remap(after, experts_weights(SHAPE, after.local_experts(rank, True).global_ids(), seed=1))
+    router = synthetic_router_output(SHAPE, tokens[rank], seed=2, rank=rank, dtype=torch.float32)
+    out = layer.forward(router.hidden, router.topk_ids, router.topk_weights, max(tokens) + 1)
+    ref = dense_reference(router, SHAPE, seed=1, compute_dtype=torch.float64)
+    rel = float((out.double() - ref).norm() / ref.norm()) if ref.numel() else 0.0
+    return {"before": chosen_before, "after": layer.sentinel, "map_after": layer.local.expert_map.tolist(),
+            "rel_err": rel}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from distributed import run_ranks
 
-from pipeline_workers import all_cases, received_rows
+from pipeline_workers import all_cases, received_rows, remapped_forward
 
 SAFE_CASES = [("sentinel=non_local", True, "contiguous"), ("sentinel=guard_slot", True, "contiguous"),
               ("sentinel=auto", True, "round_robin"), ("sentinel=guard_slot", True, "round_robin"),
@@ -64,3 +64,16 @@ def test_router_skipped_slots_never_reach_another_rank(tmp_path: Path) -> None:
         for src, n in enumerate(r["real_rows_from"]):
             expected = int(dest in (0, 3) and tokens[src] > 0) + (max(tokens[src] - 1, 0) if src == dest else 0)
             assert n == expected, (src, dest, n, expected)
+
+
+def test_remap_rechooses_the_sentinel_and_keeps_results_right(tmp_path: Path) -> None:
+    """EPLB-style remap: the sentinel is re-chosen for the new map (build time), and the forward stays exact."""
+    per_rank = run_ranks(4, remapped_forward, tmp=tmp_path)
+    # Contiguous 10 experts on 4 ranks: rank 0 owns 0-2, so its first non-local id is 3; the others' is 0.
+    assert [r["before"] for r in per_rank] == [3, 0, 0, 0]
+    # Round-robin: rank r owns r, r+4, r+8; the first non-local id is 1 on rank 0 and 0 elsewhere.
+    assert [r["after"] for r in per_rank] == [1, 0, 0, 0]
+    for rank, r in enumerate(per_rank):
+        assert r["map_after"][r["after"]] == -1
+        assert [e for e, v in enumerate(r["map_after"]) if v >= 0] == list(range(rank, 10, 4))
+        assert r["rel_err"] < 1e-6

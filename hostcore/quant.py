@@ -118,12 +118,13 @@ class QuantizedExperts:
 
 def _random_matrix(gen: torch.Generator, k: int, n: int, group_size: int | None,
                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int64)
+    # A uniformly random 32-bit word is 8 independent uniform nibbles: draw the packed words directly.
+    qweight = torch.randint(-(2**31), 2**31, (k // PACK, n), generator=gen, dtype=torch.int32)
     g = k if group_size is None else group_size
     # |q - 8| has RMS ~4.6; this keeps w ~ 1/sqrt(K) so activations neither vanish nor blow up.
     base = 1.0 / (4.6 * k**0.5)
     scales = base * (0.5 + torch.rand((k // g, n), generator=gen))
-    return pack_int4(q), scales.to(scale_dtype)
+    return qweight, scales.to(scale_dtype)
 
 
 def synthetic_experts(experts: Sequence[int], hidden_size: int, intermediate_size: int, group_size: int | None,

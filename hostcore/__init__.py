@@ -12,6 +12,7 @@ from .contract import (AlignedLayout, LocalRouting, PreparedTokens, ReceivedToke
 from .errors import (BackendUnavailableError, ConfigError, ContractError, HostcoreError, PluginError,
                      UnsafeSentinelError)
 from .hookspecs import HOST_API_VERSION, Backend, BuildContext, Option, hookimpl
+from .layer import EPMoELayer
 from .placement import ExpertPlacement, LocalExperts
 from .quant import QuantizedExperts
 from .registry import Registry, get_registry, reset_registry
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HOST_API_VERSION", "AlignedLayout", "Backend", "BackendChoice", "BackendConfig", "BackendUnavailableError",
-    "BuildContext", "ConfigError", "ContractError", "ExpertPlacement", "HostcoreError", "LocalExperts",
+    "BuildContext", "ConfigError", "ContractError", "EPMoELayer", "ExpertPlacement", "HostcoreError", "LocalExperts",
     "LocalRouting", "Option", "PluginError", "PreparedTokens", "QuantizedExperts", "ReceivedTokens", "Registry",
     "Stage", "UnsafeSentinelError", "Verdict", "get_registry", "hookimpl", "reset_registry", "resolve_config",
     "sentinel_verdict",

@@ -122,7 +122,7 @@ class EPMoELayer:
         (with a zero output) before re-raising, so the other ranks are not left waiting forever."""
         try:
             yield
-        except BaseException:
+        except Exception:
             self.dispatch.combine(received.hidden.new_zeros(received.hidden.shape))
             raise
 

@@ -74,8 +74,19 @@ def build(ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str
     return CupyPreprocess(ctx, mode=mode, map_in=map_in, path=path)
 
 
+def warm_up() -> str:
+    """Compile (or load from CuPy's disk cache) every preprocess kernel for the current GPU."""
+    import torch
+
+    from .jit import cache_dir, kernels, name_expressions
+
+    device = torch.cuda.current_device()
+    kernels(device)
+    return f"{len(name_expressions())} kernels ready on GPU {device} (CuPy cache {cache_dir()})"
+
+
 @hookimpl
 def hostcore_register_preprocess(register: Register) -> None:
     register(Backend(Stage.PREPROCESS, "cupy", build,
                      "fused CuPy kernel: bounds-safe map lookup, counts and aligned block layout, no host sync",
-                     OPTIONS, availability=availability_reason))
+                     OPTIONS, availability=availability_reason, warm_up=warm_up))

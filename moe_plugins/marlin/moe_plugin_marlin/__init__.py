@@ -38,8 +38,22 @@ def build_marlin(ctx: BuildContext, block_m: int = 0):  # -> MarlinExperts (impo
     return MarlinExperts(ctx, block_m=block_m)
 
 
+def warm_up() -> str:
+    """Compile (or load from CuPy's disk cache) every kernel set a stage may use on the current GPU:
+    bf16 and fp16 activations, grouped (g=128) and per-channel scales."""
+    import torch
+
+    from .jit import kernel_set
+
+    device = torch.cuda.current_device()
+    for bf16 in (True, False):
+        for group_size in (128, None):
+            kernel_set(device, bf16, group_size)
+    return f"4 kernel sets (bf16/fp16 x grouped/per-channel) ready on GPU {device}"
+
+
 @hookimpl
 def hostcore_register_experts(register: Register) -> None:
     register(Backend(Stage.EXPERTS, "marlin", build_marlin,
                      "W4A16 GPTQ int4 Marlin-style CUDA kernels (CuPy JIT): one launch per GEMM over all local experts",
-                     OPTIONS, availability=availability))
+                     OPTIONS, availability=availability, warm_up=warm_up))

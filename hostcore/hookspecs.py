@@ -160,6 +160,9 @@ class DispatchStage(Protocol):
         """
         ...
 
+    # Optional: ``combine_input_buffer() -> [ep_size, R, H]``, valid between a dispatch and its combine; expert
+    # output written there is combined without a copy (one-sided dispatches own such a workspace).
+
     def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
         """``[ep_size, R, H]`` expert output on this rank -> ``[T, H]`` for this rank's tokens.
 
@@ -188,12 +191,18 @@ class ExpertsStage(Protocol):
     block_m: int | None
     """The aligned-layout block size this backend wants from preprocess, or ``None``."""
 
-    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
+    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden [N, H]``, ``topk_weights [N, K]`` fp32, routing -> ``[N, H]`` in hidden's dtype.
 
         Row ``n`` = ``sum_k topk_weights[n, k] * w2_e(silu(gate_e x) * up_e x)`` over
         the slots whose local id ``e >= 0``; rows with no such slot are 0. Must not
         read weights of, or spend work on, slots with local id -1.
+
+        ``out`` is optional for a backend to accept: a contiguous ``[N, H]`` tensor
+        in hidden's dtype to write the result into (and return). The layer passes
+        the dispatch's combine buffer there when the dispatch has one, so combine
+        needs no copy.
         """
         ...
 

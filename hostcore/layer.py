@@ -12,6 +12,7 @@ dispatch agreeing on ``R`` or ``preprocess=torch(mode=checked)``).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ class EPMoELayer:
         self.dispatch = self._build(Stage.DISPATCH, ctx)
         self.preprocess = self._build(Stage.PREPROCESS, ctx)
         self.experts = self._build(Stage.EXPERTS, ctx)
+        # Zero-copy combine when both sides support it: experts write into the dispatch's own workspace.
+        self._write_into_combine_buffer = (hasattr(self.dispatch, "combine_input_buffer")
+                                           and "out" in inspect.signature(self.experts.compute).parameters)
 
     def remap(self, placement: ExpertPlacement, weights: QuantizedExperts) -> None:
         """Adopt a new placement (e.g. after EPLB): the sentinel is re-chosen for the new map and stages rebuilt."""
@@ -98,7 +102,7 @@ class EPMoELayer:
         x, ids, weights = received.flat()
         with self._combine_on_failure(received):
             routing = self.preprocess.preprocess(ids, self.experts.block_m)
-            out = self.experts.compute(x, weights, routing)
+            out = self._compute(x, weights, routing)
         return self.dispatch.combine(out.view(received.ep_size, received.rows_per_rank, -1))
 
     def forward_traced(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -110,11 +114,17 @@ class EPMoELayer:
         x, ids, weights = received.flat()
         with self._combine_on_failure(received):
             routing = self._timed(trace, "preprocess", lambda: self.preprocess.preprocess(ids, self.experts.block_m))
-            out = self._timed(trace, "experts", lambda: self.experts.compute(x, weights, routing))
+            out = self._timed(trace, "experts", lambda: self._compute(x, weights, routing))
             _describe_padding(trace, received, routing)  # before combine: received may be a workspace view
         result = self._timed(trace, "combine", lambda: self.dispatch.combine(
             out.view(received.ep_size, received.rows_per_rank, -1)))
         return result, trace
+
+    def _compute(self, hidden: torch.Tensor, weights: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
+        if self._write_into_combine_buffer:
+            buffer = self.dispatch.combine_input_buffer()
+            return self.experts.compute(hidden, weights, routing, out=buffer.view(hidden.shape))
+        return self.experts.compute(hidden, weights, routing)
 
     @contextmanager
     def _combine_on_failure(self, received: ReceivedTokens) -> Iterator[None]:

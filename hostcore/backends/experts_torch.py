@@ -33,8 +33,14 @@ class TorchExperts:
         self.weights: QuantizedExperts = ctx.weights.to(ctx.device)
         self.compute_dtype = COMPUTE_DTYPES[compute_dtype]
 
-    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
-        return moe_reference(hidden, topk_weights, routing.local_ids, self.weights, self.compute_dtype)
+    def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        result = moe_reference(hidden, topk_weights, routing.local_ids, self.weights, self.compute_dtype)
+        if out is None:
+            return result
+        if out.shape != result.shape or out.dtype != result.dtype:
+            raise ContractError(f"out must be {result.dtype} {tuple(result.shape)}, got {out.dtype} {tuple(out.shape)}")
+        return out.copy_(result)
 
 
 def moe_reference(hidden: torch.Tensor, topk_weights: torch.Tensor, local_ids: torch.Tensor,

@@ -400,3 +400,49 @@ def scenario_nvlink_refused(rank: int, world: int) -> dict[str, str]:
 def run_suite(rank: int, world: int, jobs: list[tuple[str, tuple]]) -> dict[str, Any]:
     """Run several scenarios in one set of rank processes (starting processes dominates the test time)."""
     return {f"{name}{args}": globals()[name](rank, world, *args) for name, args in jobs}
+
+
+def scenario_layer(rank: int, world: int) -> dict[str, Any]:
+    """A whole `EPMoELayer` forward with ``dispatch=flashinfer_onesided`` (the fake) and the torch experts.
+
+    Checks the output against the dense reference, and that the experts wrote straight into FlashInfer's combine
+    workspace (the layer's zero-copy path: combine was told the payload is in the workspace).
+    """
+    from dataclasses import replace
+
+    from moe_plugin_flashinfer_onesided import dispatch
+
+    from hostcore.contract import Stage
+    from hostcore.layer import EPMoELayer
+    from hostcore.placement import ExpertPlacement
+    from hostcore.registry import Registry
+    from hostcore.workload import MoEShape, dense_reference, experts_weights, synthetic_router_output
+
+    shape = MoEShape("fi-layer", 256, 128, 8, 2)
+    placement = ExpertPlacement.contiguous(shape.num_experts, world)
+    tokens = [6, 0, 3, 5][:world]
+    weights = experts_weights(shape, placement.local_experts(rank, True).global_ids(), seed=4)
+    registry = Registry.discover()
+    fi = registry.backends[Stage.DISPATCH]["flashinfer_onesided"]
+    registry.backends[Stage.DISPATCH]["flashinfer_onesided"] = replace(fi, availability=lambda: None)  # CPU fake
+    real = dispatch._require_cuda
+    dispatch._require_cuda = lambda device: torch.device(device)
+    try:
+        layer = EPMoELayer(placement, weights, hidden_size=shape.hidden_size, top_k=shape.top_k,
+                           max_tokens_per_rank=max(tokens), dtype=torch.float32, rank=rank, registry=registry,
+                           backends="dispatch=flashinfer_onesided(api=moe_alltoall),sentinel=auto")
+    finally:
+        dispatch._require_cuda = real
+    in_workspace: list[bool] = []
+    a2a_combine = layer.dispatch._a2a.combine
+
+    def recording(payload: torch.Tensor, rows: int, payload_in_workspace: bool, output: torch.Tensor) -> torch.Tensor:
+        in_workspace.append(payload_in_workspace)
+        return a2a_combine(payload, rows, payload_in_workspace, output)
+
+    layer.dispatch._a2a.combine = recording
+    router = synthetic_router_output(shape, tokens[rank], seed=4, rank=rank, dtype=torch.float32)
+    out = layer.forward(router.hidden, router.topk_ids, router.topk_weights, rows_per_rank=max(tokens))
+    ref = dense_reference(router, shape, seed=4, compute_dtype=torch.float64)
+    rel = float((out.double() - ref).norm() / ref.norm()) if ref.numel() else 0.0
+    return {"rel_err": rel, "in_workspace": in_workspace, "tokens": tokens[rank]}

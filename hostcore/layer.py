@@ -123,7 +123,8 @@ class EPMoELayer:
     def _compute(self, hidden: torch.Tensor, weights: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
         if self._write_into_combine_buffer:
             buffer = self.dispatch.combine_input_buffer()
-            return self.experts.compute(hidden, weights, routing, out=buffer.view(hidden.shape))
+            if buffer.is_contiguous() and buffer.dtype == hidden.dtype and buffer.numel() == hidden.numel():
+                return self.experts.compute(hidden, weights, routing, out=buffer.view(hidden.shape))
         return self.experts.compute(hidden, weights, routing)
 
     @contextmanager

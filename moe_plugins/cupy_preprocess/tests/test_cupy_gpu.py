@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from preprocess_testlib import (SENTINELS, Case, assert_layout_valid, assert_matches, check_guards, context,
-                                guarded_buffers, make_case, make_ids, reference)
+                                guarded_buffers, make_case, make_ids)
 
 import moe_plugin_cupy_preprocess as plugin
 from hostcore import BackendChoice, Registry, Stage

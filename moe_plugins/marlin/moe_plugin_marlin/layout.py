@@ -268,7 +268,7 @@ def prepare_experts(weights: QuantizedExperts, scale_dtype: torch.dtype,
 
 def unprepare_experts(mw: MarlinWeights) -> QuantizedExperts:
     """Exact inverse of `prepare_experts` (scales come back in ``mw.scale_dtype``)."""
-    h, i, g = mw.hidden_size, mw.intermediate_size, mw.group_size
+    i, g = mw.intermediate_size, mw.group_size
     inv = torch.argsort(gate_up_permutation(i, mw.device))
     w13q, w13s, w2q, w2s = [], [], [], []
     for x in range(mw.num_experts):

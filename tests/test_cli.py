@@ -86,3 +86,9 @@ def hostcore_register_experts(register):
     assert "skip   experts=gpu_only (slow-moe): cannot run here: needs a CUDA GPU" in out.out
     assert main(["warmup", "--backends", "dispatch=torch_a2a"]) == 2
     assert "has no warm-up step" in capsys.readouterr().err
+
+
+def test_run_refuses_a_layout_it_cannot_build_before_spawning() -> None:
+    result = hostcore("run", "--ranks", "3", "--placement", "round_robin", "--no-expert-map")
+    assert result.returncode == 2
+    assert "needs a contiguous placement" in result.stderr and "Traceback" not in result.stderr

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     _check_counts(args, args.ranks)
+    _placement(args, args.ranks).local_experts(0, _uses_map(args, args.ranks))  # a bad layout fails here
     for stage, choice in resolve_config(args.backends).choices.items():
         get_registry().get(stage, choice.name)  # fail fast on an unknown backend before spawning anything
     if args.ranks == 1:
@@ -103,11 +104,10 @@ def _one_config(rank: int, world: int, args: argparse.Namespace, device: torch.d
     shape = get_shape(args.shape)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = _config_for(args.backends, sentinel)
-    placement = (ExpertPlacement.contiguous if args.placement == "contiguous" else ExpertPlacement.round_robin)(
-        shape.num_experts, world)
+    placement = _placement(args, world)
     counts = _token_counts(args, world)
-    use_map = False if args.no_expert_map else None
-    local_ids = placement.local_experts(rank, use_map if use_map is not None else world > 1).global_ids()
+    use_map = _uses_map(args, world)
+    local_ids = placement.local_experts(rank, use_map).global_ids()
     weights = experts_weights(shape, local_ids, args.seed)
     router = synthetic_router_output(shape, counts[rank], args.seed, rank, dtype)
     result: dict[str, Any] = {"rank": rank, "config": str(config), "dtype": str(dtype)}
@@ -238,6 +238,16 @@ def _sentinel_list(text: str | None) -> list[str] | None:
     for name in names:
         get_registry().get(Stage.SENTINEL, name)  # raises, listing the installed strategies, for an unknown name
     return names
+
+
+def _placement(args: argparse.Namespace, world: int) -> ExpertPlacement:
+    build = ExpertPlacement.contiguous if args.placement == "contiguous" else ExpertPlacement.round_robin
+    return build(get_shape(args.shape).num_experts, world)
+
+
+def _uses_map(args: argparse.Namespace, world: int) -> bool:
+    """An expert map unless ``--no-expert-map``, or a single rank (global ids are local ids there)."""
+    return not args.no_expert_map and world > 1
 
 
 def _token_counts(args: argparse.Namespace, world: int) -> list[int]:

@@ -139,7 +139,10 @@ def synthetic_experts(experts: Sequence[int], hidden_size: int, intermediate_siz
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(e))
         a, b = _random_matrix(gen, hidden_size, 2 * intermediate_size, group_size, scale_dtype)
         c, d = _random_matrix(gen, intermediate_size, hidden_size, group_size, scale_dtype)
-        w13q.append(a), w13s.append(b), w2q.append(c), w2s.append(d)
+        w13q.append(a)
+        w13s.append(b)
+        w2q.append(c)
+        w2s.append(d)
     if not w13q:
         h8, i8 = hidden_size // PACK, intermediate_size // PACK
         g13 = 1 if group_size is None else hidden_size // group_size

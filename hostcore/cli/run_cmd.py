@@ -88,10 +88,14 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, sentinels: list[
     device = _device(args, rank)
     if world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        init = {} if port is None else {"init_method": f"tcp://127.0.0.1:{port}", "rank": rank, "world_size": world}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **init)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if port is None:  # under torchrun: the launcher's environment says where to rendezvous
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        rows = [_one_config(rank, world, args, device, s) for s in (sentinels or [None])]
+        choices: list[str | None] = list(sentinels) if sentinels else [None]  # None: the configured sentinel
+        rows = [_one_config(rank, world, args, device, s) for s in choices]
         if rank == 0:
             _report(args, world, rows)
         return 0 if all(r["ok"] for r in rows) or sentinels else 1
@@ -120,7 +124,7 @@ def _one_config(rank: int, world: int, args: argparse.Namespace, device: torch.d
         result["contract_ok"] = bool(sentinel_verdict(layer.sentinel, shape.num_experts, layer.local.expert_map))
     except HostcoreError as exc:
         layer, result["error"] = None, f"refused at build: {exc}"
-    if not _everyone(layer is not None, world):
+    if not _everyone(layer is not None, world) or layer is None:
         result.setdefault("error", "refused at build on another rank")
         return _gather(result, world, sentinel, config)
     try:
@@ -139,7 +143,7 @@ def _one_config(rank: int, world: int, args: argparse.Namespace, device: torch.d
 
 
 def _gather(result: dict, world: int, sentinel: str | None, config: BackendConfig) -> dict:
-    per_rank = [None] * world
+    per_rank: list[Any] = [None] * world
     if world > 1:
         dist.all_gather_object(per_rank, result)
     else:
@@ -279,7 +283,7 @@ def _device(args: argparse.Namespace, rank: int) -> torch.device:
 def _everyone(flag: bool, world: int) -> bool:
     if world == 1:
         return flag
-    flags = [None] * world
+    flags: list[Any] = [None] * world
     dist.all_gather_object(flags, flag)
     return all(flags)
 

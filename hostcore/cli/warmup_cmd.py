@@ -44,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             print(f"skip   {label}: cannot run here: {reason}")
             continue
+        warm_up = backend.warm_up
+        assert warm_up is not None  # `selected` keeps only backends that have one
         print(f"warmup {label} ...", flush=True)
         start = time.perf_counter()
         try:
-            summary = backend.warm_up()
+            summary = warm_up()
         except Exception as exc:  # report every backend, not just the first that fails
             failed += 1
             print(f"FAILED {label} after {time.perf_counter() - start:.1f} s: {type(exc).__name__}: {exc}",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
-import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -73,15 +73,17 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks == 1:
         return _rank_main(0, 1, args, sentinels, None)
     port = _free_port()
-    torch.multiprocessing.start_processes(_spawned, args=(args.ranks, args, sentinels, port), nprocs=args.ranks,
-                                          start_method="spawn")
-    return 0
+    status = multiprocessing.get_context("spawn").Value("i", 0)  # rank 0's verdict on the whole run
+    torch.multiprocessing.start_processes(_spawned, args=(args.ranks, args, sentinels, port, status),
+                                          nprocs=args.ranks, start_method="spawn")
+    return int(status.value)
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace, sentinels: list[str] | None, port: int) -> None:
+def _spawned(rank: int, world: int, args: argparse.Namespace, sentinels: list[str] | None, port: int,
+             status: Any) -> None:
     code = _rank_main(rank, world, args, sentinels, port)
-    if code:
-        sys.exit(code)
+    if rank == 0:
+        status.value = code
 
 
 def _rank_main(rank: int, world: int, args: argparse.Namespace, sentinels: list[str] | None, port: int | None) -> int:

@@ -4,7 +4,8 @@
 dispatches (`hostcore.contract`): every rank sends ``R`` rows to every rank,
 the tokens bound there first and padding after, in one ``all_to_all_single``
 of packed bytes (hidden, ids, weights per row, so any backend, gloo included,
-moves bf16), plus one of the per-destination counts. The receiver writes the
+moves bf16; each destination's slice ends with a header row that carries its
+row count). The receiver writes the
 sentinel into every top-k slot of the padding rows; their hidden and weights
 stay stale, as on real one-sided dispatches. Combine sends the ``[ep, R, H]``
 expert output back the same way and sums, per token, the rows of the ranks it
@@ -97,33 +98,39 @@ class TorchAllToAllDispatch:
         goes_to = torch.zeros((t, ep), dtype=torch.bool, device=device)
         goes_to.scatter_(1, self.owner[ids.long()].long(), True)
         position = torch.cumsum(goes_to.to(torch.int32), dim=0) - 1
-        dummy = ep * r
-        send_row = torch.where(goes_to, torch.arange(ep, device=device) * r + position, dummy)
+        # Each destination's slice is R rows plus one header row carrying the row count, so one collective
+        # moves both; row ``ep * (R + 1)`` is a dump for the (token, rank) pairs that send nothing.
+        slice_rows = r + 1
+        dummy = ep * slice_rows
+        send_row = torch.where(goes_to, torch.arange(ep, device=device) * slice_rows + position, dummy)
         row = torch.cat([_bytes(hidden), _bytes(ids), _bytes(weights)], dim=1)
-        send = row.new_empty((ep * r + 1, row.shape[1]))
+        width = row.shape[1]
+        send = row.new_empty((dummy + 1, width))
         send.index_copy_(0, send_row.reshape(-1), row.repeat_interleave(ep, dim=0))
-        recv = torch.empty_like(send[:dummy])
         send_counts = goes_to.sum(dim=0, dtype=torch.int32)
-        recv_counts = torch.empty_like(send_counts)
+        send[:dummy].view(ep, slice_rows, width)[:, r, :4] = send_counts.view(ep, 1).view(torch.uint8)
+        recv = torch.empty_like(send[:dummy])
         if ep == 1:
             recv.copy_(send[:dummy])
-            recv_counts.copy_(send_counts)
         else:
-            dist.all_to_all_single(recv, send[:dummy].contiguous(), group=self.group)
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            dist.all_to_all_single(recv, send[:dummy], group=self.group)
+        recv = recv.view(ep, slice_rows, width)
+        recv_counts = recv[:, r, :4].contiguous().view(torch.int32).view(ep)
         hb = h * hidden.element_size()
-        recv_hidden = recv[:, :hb].contiguous().view(hidden.dtype).view(ep, r, h)
-        recv_ids = recv[:, hb: hb + 4 * k].contiguous().view(torch.int32).view(ep, r, k)
-        recv_weights = recv[:, hb + 4 * k:].contiguous().view(torch.float32).view(ep, r, k)
+        recv_hidden = recv[:, :r, :hb].contiguous().view(hidden.dtype)
+        recv_ids = recv[:, :r, hb: hb + 4 * k].contiguous().view(torch.int32)
+        recv_weights = recv[:, :r, hb + 4 * k:].contiguous().view(torch.float32)
         is_padding = torch.arange(r, device=device).view(1, r, 1) >= recv_counts.view(ep, 1, 1)
         recv_ids = torch.where(is_padding, self.sentinel, recv_ids)
-        self._state = (send_row, t, r, hidden.dtype)
+        # Where combine finds each (token, rank) row in the returned [ep * R (+1 zero row), H] output.
+        back_row = torch.where(goes_to, torch.arange(ep, device=device) * r + position, ep * r)
+        self._state = (back_row, t, r, hidden.dtype)
         return ReceivedTokens(recv_hidden, recv_ids, recv_weights, self.sentinel, recv_counts)
 
     def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
         if self._state is None:
             raise ContractError("combine called without a preceding dispatch")
-        send_row, t, r, dtype = self._state
+        back_row, t, r, dtype = self._state
         self._state = None
         ep = self.ep_size
         if expert_out.shape[:2] != (ep, r):
@@ -136,7 +143,7 @@ class TorchAllToAllDispatch:
         else:
             dist.all_to_all_single(_bytes(back), _bytes(flat), group=self.group)
         padded = torch.cat([back.to(torch.float32), back.new_zeros((1, h), dtype=torch.float32)])
-        return padded[send_row.reshape(-1)].view(t, ep, h).sum(dim=1).to(dtype)
+        return padded[back_row.reshape(-1)].view(t, ep, h).sum(dim=1).to(dtype)
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:

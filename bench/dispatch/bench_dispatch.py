@@ -25,11 +25,13 @@ plugin with ``rows_per_rank=None``: one all-reduce and a host sync more) and
 ``flashinfer_onesided_moe_ep`` (sentinel ``guard_slot``, which runs through
 ``flashinfer.moe_ep.NVLinkOneSidedAlltoAll``).
 
-Timing: eager mode, CUDA events around dispatch and around combine of every
-iteration; before each iteration a 1-element NCCL all-reduce lines the ranks
-up. Median over ``--iters`` after ``--warmup``, then the max over ranks. Graph
-mode: one captured dispatch+combine step of the plugin and of raw MoeAlltoAll,
-each replay timed the same way (total only); ``torch_a2a`` is captured only
+Timing: eager mode, CUDA events around dispatch and around combine; before each
+timed step a 1-element NCCL all-reduce lines the ranks up. The contenders are
+interleaved: every iteration runs each of them once, in an order rotated per
+iteration, so host jitter hits all alike (eager steps on these sizes are bound
+by host launch time). Median over ``--iters`` after ``--warmup``, then the max
+over ranks. Graph mode: one captured dispatch+combine step of the plugin and
+of raw MoeAlltoAll, replays interleaved and timed the same way (total only); ``torch_a2a`` is captured only
 with ``--graph-peer`` (its dispatch was not written for capture: a failed
 capture of NCCL work could disturb the rest of the run). Effective bandwidth: payload bytes a rank sends
 (a token counted once per destination rank, itself included; dispatch: hidden +
@@ -230,26 +232,47 @@ class Contenders:
         return steps, tok
 
 
-def time_eager(step: Step, clock: Clock, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    marks = []
+def time_eager(steps: dict[str, Step], clock: Clock, device: torch.device, warmup: int,
+               iters: int) -> dict[str, dict[str, Any]]:
+    """Eager timing of every contender, interleaved: each iteration runs each contender once, in an order
+    rotated by one per iteration, so host jitter and clock drift hit all contenders alike.
+
+    Returns per contender ``{dispatch_us, combine_us, total_us}`` (medians) or ``{"error": ...}``; a contender
+    that raises is dropped from the remaining iterations (every rank makes the same calls, so all drop it).
+    """
+    names = list(steps)
+    marks: dict[str, list[tuple[Any, Any, Any]]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
     for i in range(warmup + iters):
-        line_up(device)
-        a = clock.stamp()
-        step.dispatch()
-        b = clock.stamp()
-        step.combine()
-        c = clock.stamp()
-        if i >= warmup:
-            marks.append((a, b, c))
+        live = [n for n in names if n not in errors]
+        shift = i % len(live) if live else 0
+        for name in live[shift:] + live[:shift]:
+            try:
+                line_up(device)
+                a = clock.stamp()
+                steps[name].dispatch()
+                b = clock.stamp()
+                steps[name].combine()
+                c = clock.stamp()
+            except Exception as exc:  # noqa: BLE001 - recorded in the report, the other contenders go on
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            if i >= warmup:
+                marks[name].append((a, b, c))
     clock.sync()
-    d = [clock.us(a, b) for a, b, _ in marks]
-    c = [clock.us(b, c) for _, b, c in marks]
-    t = [clock.us(a, c) for a, _, c in marks]
-    return {"dispatch_us": statistics.median(d), "combine_us": statistics.median(c), "total_us": statistics.median(t)}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name in errors:
+            out[name] = {"error": errors[name]}
+            continue
+        out[name] = {"dispatch_us": statistics.median(clock.us(a, b) for a, b, _ in marks[name]),
+                     "combine_us": statistics.median(clock.us(b, c) for _, b, c in marks[name]),
+                     "total_us": statistics.median(clock.us(a, c) for a, _, c in marks[name])}
+    return out
 
 
-def time_graph(step: Step, device: torch.device, iters: int) -> dict[str, float]:
-    """Capture one dispatch+combine and time its replays (CUDA only)."""
+def capture(step: Step) -> torch.cuda.CUDAGraph:
+    """One dispatch+combine captured after an eager run on a side stream (as torch's graph docs require)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -261,16 +284,33 @@ def time_graph(step: Step, device: torch.device, iters: int) -> dict[str, float]
     with torch.cuda.graph(graph):
         step.dispatch()
         step.combine()
-    clock, marks = Clock(device), []
+    return graph
+
+
+def time_graph(steps: dict[str, Step], device: torch.device, iters: int) -> dict[str, dict[str, Any]]:
+    """Capture each contender once, then time the replays interleaved as in `time_eager` (total only)."""
+    graphs: dict[str, torch.cuda.CUDAGraph] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, step in steps.items():
+        try:
+            graphs[name] = capture(step)
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    clock, names = Clock(device), list(graphs)
+    marks: dict[str, list[tuple[Any, Any]]] = {n: [] for n in names}
     for i in range(10 + iters):
-        line_up(device)
-        a = clock.stamp()
-        graph.replay()
-        b = clock.stamp()
-        if i >= 10:
-            marks.append((a, b))
+        shift = i % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            line_up(device)
+            a = clock.stamp()
+            graphs[name].replay()
+            b = clock.stamp()
+            if i >= 10:
+                marks[name].append((a, b))
     clock.sync()
-    return {"total_us": statistics.median(clock.us(a, b) for a, b in marks)}
+    for name in names:
+        out[name] = {"total_us": statistics.median(clock.us(a, b) for a, b in marks[name])}
+    return out
 
 
 def allreduce_busbw(device: torch.device, gib: float, dry_run: bool) -> dict[str, float]:
@@ -390,32 +430,25 @@ def main() -> int:
                                    "bytes_per_rank": {"dispatch": statistics.mean(gather(d_bytes)),
                                                       "combine": statistics.mean(gather(c_bytes))},
                                    "eager": {}, "graph": {}}
-            for name, step in steps.items():
-                try:
-                    mine = time_eager(step, clock, device, args.warmup, args.iters)
-                    err = None
-                except Exception as exc:  # the same failure hits every rank (same calls): record and go on
-                    mine, err = None, f"{type(exc).__name__}: {exc}"
-                every = gather((mine, err))
-                errs = [e for _, e in every if e]
+            mine = time_eager(steps, clock, device, args.warmup, args.iters)
+            every = gather(mine)
+            for name in steps:
+                errs = [m[name]["error"] for m in every if "error" in m[name]]
                 if errs:
                     row["eager"][name] = {"error": errs[0]}
                     continue
-                res = {k: max(m[k] for m, _ in every) for k in mine}
-                res["total_us_per_rank"] = [m["total_us"] for m, _ in every]
+                res = {k: max(m[name][k] for m in every) for k in ("dispatch_us", "combine_us", "total_us")}
+                res["total_us_per_rank"] = [m[name]["total_us"] for m in every]
                 res["gbps"] = {"dispatch": row["bytes_per_rank"]["dispatch"] / res["dispatch_us"] / 1e3,
                                "combine": row["bytes_per_rank"]["combine"] / res["combine_us"] / 1e3}
                 row["eager"][name] = res
             if device.type == "cuda" and not args.no_graphs:
-                for name in (MAIN, RAW, PEER) if args.graph_peer else (MAIN, RAW):
-                    try:
-                        mine, err = time_graph(steps[name], device, args.graph_iters), None
-                    except Exception as exc:
-                        mine, err = None, f"{type(exc).__name__}: {str(exc)[:300]}"
-                    every = gather((mine, err))
-                    errs = [e for _, e in every if e]
+                graphed = {n: steps[n] for n in ((MAIN, RAW, PEER) if args.graph_peer else (MAIN, RAW))}
+                every = gather(time_graph(graphed, device, args.graph_iters))
+                for name in graphed:
+                    errs = [m[name]["error"] for m in every if "error" in m[name]]
                     row["graph"][name] = {"error": errs[0]} if errs else \
-                        {"total_us": max(m["total_us"] for m, _ in every)}
+                        {"total_us": max(m[name]["total_us"] for m in every)}
             ratio(row, "eager")
             ratio(row, "graph")
             report["results"].append(row)

@@ -3,8 +3,9 @@
 #
 #   bash scripts/gpu_check.sh single        one GPU  (kind nvidia-h100-x1, carry [".peer"] for the Marlin peer)
 #       the CuPy preprocess suite + sanitizers + benchmark, then the Marlin suite + sanitizer + benchmark
-#   bash scripts/gpu_check.sh multi N       N GPUs   (kind nvidia-h100-x2 / -x4, carry [".whl"])
-#       the FlashInfer dispatch suite + benchmark at EP N, then the full pipeline under torchrun
+#   bash scripts/gpu_check.sh multi N...    N GPUs   (kind nvidia-h100-x2 / -x4, carry [".whl"])
+#       for each N (e.g. `multi 4 2`): the FlashInfer dispatch suite + benchmark at EP N, then the full
+#       pipeline under torchrun
 #
 # Each part runs its own script (scripts/gpu_preprocess.sh, gpu_marlin.sh, gpu_dispatch.sh, gpu_pipeline.sh)
 # with its own output folder; everything is packed into $OUT/gpu-check-<part>.tgz (the device tool returns at
@@ -32,9 +33,15 @@ single)
     part preprocess bash scripts/gpu_preprocess.sh all
     part marlin bash scripts/gpu_marlin.sh setup test sanitize bench ;;
 multi)
-    N="${2:?usage: bash scripts/gpu_check.sh multi N}"
-    part dispatch bash scripts/gpu_dispatch.sh "$N"
-    part pipeline bash scripts/gpu_pipeline.sh "$N" ;;
+    # Several EP sizes on one host in one call, largest first (N=2 on a 4-GPU host takes GPUs 0 and 1).
+    # Each part gets the time left before DEADLINE_S (default 570 s after the start), so the call ends
+    # inside the device tool's 10-minute limit with whatever finished.
+    shift
+    (( $# > 0 )) || { echo "usage: bash scripts/gpu_check.sh multi N [N...]" >&2; exit 2; }
+    END=$(( $(date +%s) + ${DEADLINE_S:-570} ))
+    left() { echo $(( END - $(date +%s) )); }
+    for N in "$@"; do part "dispatch-ep$N" env BUDGET_S="$(( $(left) * 2 / 3 ))" bash scripts/gpu_dispatch.sh "$N"
+        part "pipeline-ep$N" env PIPELINE_DEADLINE="$(( END - 15 ))" bash scripts/gpu_pipeline.sh "$N"; done ;;
 *)
     echo "unknown part '$PART': expected single or multi N" >&2; exit 2 ;;
 esac

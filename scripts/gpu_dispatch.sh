@@ -44,7 +44,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # /tmp/site first (the prebuilt JIT module expects FlashInfer there); the repo paths make hostcore and the
 # plugins importable even if the editable install fails (their entry points then come from the fallback).
-export PYTHONPATH="/tmp/site:$PWD:$PWD/moe_plugins/sentinel:$PWD/moe_plugins/flashinfer_onesided${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="/tmp/site:$PWD:$PWD/moe_plugins/sentinel:$PWD/moe_plugins/flashinfer_onesided:$PWD/moe_plugins/cupy_preprocess:$PWD/moe_plugins/marlin${PYTHONPATH:+:$PYTHONPATH}"
 BENCH_ARGS=()
 if [[ "$DRY" == 1 ]]; then
     export PYTHONPATH="$PWD/moe_plugins/flashinfer_onesided/tests/fake_site:$PYTHONPATH" FI_GPU_DRY_RUN=1
@@ -88,13 +88,21 @@ SETUP_LOG="$OUT/setup-ep$N.log"
 install() {
     set -e
     ls -la .whl/
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    mkdir -p ~/.cache && tar xzf .whl/flashinfer-jit-cache-*.tgz -C ~/.cache
+    if [[ -d /tmp/site/flashinfer ]]; then
+        echo "flashinfer already in /tmp/site (an earlier step on this machine): not reinstalled"
+    else
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        # pip stamps the files it writes with the install time, which makes them newer than the prebuilt
+        # JIT module, and ninja would then rebuild it (2-3 minutes): date them back before the module.
+        find /tmp/site -exec touch -h -d '2020-01-01 00:00:00' {} +
+        mkdir -p ~/.cache && tar xzf .whl/flashinfer-jit-cache-*.tgz -C ~/.cache
+    fi
     local pkgs=(-e .) p
-    for p in moe_plugins/sentinel moe_plugins/flashinfer_onesided; do if [[ -d $p ]]; then pkgs+=(-e "$p"); fi; done
+    for p in moe_plugins/sentinel moe_plugins/flashinfer_onesided moe_plugins/cupy_preprocess moe_plugins/marlin; do if [[ -d $p ]]; then pkgs+=(-e "$p"); fi; done
     if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation "${pkgs[@]}"; then
         echo "pip editable install failed: writing entry-point metadata into /tmp/site instead (code from PYTHONPATH)"
-        python3 bench/dispatch/entry_point_fallback.py /tmp/site . moe_plugins/sentinel moe_plugins/flashinfer_onesided
+        python3 bench/dispatch/entry_point_fallback.py /tmp/site . moe_plugins/sentinel moe_plugins/flashinfer_onesided \
+            moe_plugins/cupy_preprocess moe_plugins/marlin
     fi
 }
 host_facts() {
@@ -137,8 +145,15 @@ BENCH_LOG="$OUT/bench-ep$N.log"
 : >"$BENCH_LOG"
 step bench 300 "$BENCH_LOG" python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
     bench/dispatch/bench_dispatch.py --out "$WORK/bench" "${BENCH_ARGS[@]}"
+# torch_a2a captured in CUDA graphs too, on fewer sizes (a separate run: a failed capture of NCCL work must
+# not cost the main table).
+step bench-graph-peer 150 "$BENCH_LOG" python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
+    bench/dispatch/bench_dispatch.py --out "$WORK/bench-graph-peer" --graph-peer --no-extras \
+    --tokens 1,64,1024 "${BENCH_ARGS[@]}"
 step plot 60 "$BENCH_LOG" bash -c "python3 bench/dispatch/plot_dispatch.py $WORK/bench/*.json"
-cp "$WORK"/bench/*.json "$WORK"/bench/*.png "$OUT"/ 2>/dev/null || true
+for f in "$WORK"/bench-graph-peer/*.json; do [[ -f $f ]] && cp "$f" "${f%.json}-graph-peer.json"; done
+mkdir -p "$WORK/bench-extra" && mv "$WORK"/bench-graph-peer/*-graph-peer.json "$WORK/bench-extra/" 2>/dev/null
+cp "$WORK"/bench/*.json "$WORK"/bench/*.png "$WORK"/bench-extra/*.json "$OUT"/ 2>/dev/null || true
 
 # -- summary (printed last) --------------------------------------------------------------------------------
 SUMMARY="$OUT/summary-ep$N.txt"

@@ -9,6 +9,7 @@
 #   seed bug   sentinel=negative with preprocess=cupy(mode=faithful): padding misrouted as in vLLM #42034
 #   counted    sentinel=negative with preprocess=cupy(mode=safe): the bad ids are skipped and counted
 #   reference  the same shapes through torch_a2a over NCCL (the host reference dispatch)
+# PIPELINE_DEADLINE (epoch seconds) skips the cases that would start too late (counted as failed).
 # Logs and JSON go to $OUT/pipeline-epN.tgz (one file: the device tool returns at most 8); a table is printed.
 set -u -o pipefail
 N="${1:?usage: bash scripts/gpu_pipeline.sh N}"
@@ -25,8 +26,13 @@ python3 -m hostcore.cli.main plugins | tee "$WORK/plugins.txt"
 FAILED=0
 run_case() {  # NAME SHAPE TOKENS BACKENDS SENTINELS
     local name=$1 shape=$2 tokens=$3 backends=$4 sentinels=$5
+    local limit=$(( ${PIPELINE_DEADLINE:-$(( $(date +%s) + 240 ))} - $(date +%s) ))
+    (( limit > 240 )) && limit=240
+    if (( limit < 30 )); then
+        echo "=== $name: SKIPPED (out of time: PIPELINE_DEADLINE)"; FAILED=$((FAILED + 1)); return
+    fi
     echo "=== $name: shape=$shape tokens=$tokens backends=$backends sentinels=$sentinels"
-    timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$N" -m hostcore.cli.main run \
+    timeout "$limit" python3 -m torch.distributed.run --standalone --nproc-per-node "$N" -m hostcore.cli.main run \
         --shape "$shape" --tokens "$tokens" --backends "$backends" --sentinels "$sentinels" \
         --json "$WORK/$name.json" >"$WORK/$name.log" 2>&1
     local rc=$?

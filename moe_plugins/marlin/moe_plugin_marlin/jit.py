@@ -88,11 +88,33 @@ class TileConfig:
         n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA[self.m_tiles] // self.stage_bytes()))
         return TileConfig(self.m_tiles, self.n_warps, self.kw, n)
 
+    @property
+    def red_bytes(self) -> int:
+        """Shared memory of the cross-warp (K_WARPS) reduction of one tile's fp32 sums."""
+        return (self.k_warps - 1) * self.n_warps * self.m_tiles * 32 * 32 * 4
+
     def smem_bytes(self, group_size: int | None) -> int:
-        """Dynamic shared memory: the pipeline, or the cross-warp reduction if larger."""
+        """Dynamic shared memory of `moe_marlin_gemm`: the pipeline, or the cross-warp reduction if larger."""
         stages = self.stages or self.resolved().stages
-        red = (self.k_warps - 1) * self.n_warps * self.m_tiles * 32 * 32 * 4
-        return max(stages * self.stage_bytes(group_size), red)
+        return max(stages * self.stage_bytes(group_size), self.red_bytes)
+
+    def sk_resolved(self) -> TileConfig:
+        """This configuration for the stream-K kernel: the reduction area is separate from the pipeline
+        (which keeps loading the next tile while a tile is reduced), so fewer stages fit the budget."""
+        if self.stages:
+            return self
+        forced = int(os.environ.get("MOE_MARLIN_STAGES") or 0)
+        fit = (SMEM_PER_CTA[self.m_tiles] - self.red_bytes) // self.stage_bytes()
+        return TileConfig(self.m_tiles, self.n_warps, self.kw, forced or max(2, min(MAX_STAGES, fit)))
+
+    def sk_smem_bytes(self, group_size: int | None) -> int:
+        """Dynamic shared memory of `moe_marlin_gemm_sk`: pipeline stages + the reduction area."""
+        return self.stages * self.stage_bytes(group_size) + self.red_bytes
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """Resident CTAs per SM the kernels' launch bounds and `SMEM_PER_CTA` are sized for (Hopper)."""
+        return {1: 3, 2: 2, 4: 1}[self.m_tiles]
 
 
 TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
@@ -101,6 +123,12 @@ TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
     TileConfig(4, 4),
 ))
 """Every configuration compiled for a stage (12 GEMM kernels with both GEMMs)."""
+
+SK_TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.sk_resolved() for c in (
+    TileConfig(1, 4), TileConfig(1, 2), TileConfig(2, 4), TileConfig(2, 2),
+))
+"""Configurations of the stream-K kernel (`kernel_set(..., streamk=True)`; 8 more GEMM kernels). Only 16- and
+32-row blocks: a 64-row tile's separate reduction area (64 KiB) would leave 2 pipeline stages."""
 
 
 def availability() -> str | None:
@@ -133,6 +161,10 @@ def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
             f"{b(gemm2)}>")
 
 
+def sk_gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
+    return gemm_name(bf16, cfg, grouped, gemm2).replace("moe_marlin_gemm<", "moe_marlin_gemm_sk<")
+
+
 def sum_name(bf16: bool) -> str:
     return f"marlin::moe_marlin_topk_sum<{'true' if bf16 else 'false'}>"
 
@@ -145,16 +177,21 @@ class KernelSet:
 
     ``gemm[(cfg, gemm2)]`` are CuPy ``RawKernel`` objects with their dynamic
     shared-memory limit raised for ``group_size``; ``align`` and ``topk_sum``
-    likewise. Built once per process and cached (`kernel_set`).
+    likewise. ``gemm_sk[(cfg, gemm2)]``: the stream-K kernels, present only when
+    built with ``streamk=True`` (an experimental variant, see `kernels.VARIANTS`).
+    Built once per process and cached (`kernel_set`).
     """
 
-    def __init__(self, device_index: int, bf16: bool, group_size: int | None) -> None:
+    def __init__(self, device_index: int, bf16: bool, group_size: int | None, streamk: bool = False) -> None:
         cupy = import_cupy()
         self.device_index = device_index
         self.bf16 = bf16
         self.group_size = group_size
+        self.streamk = streamk
         grouped = group_size is not None
         names = [gemm_name(bf16, c, grouped, g2) for c in TILE_CONFIGS for g2 in (False, True)]
+        if streamk:
+            names += [sk_gemm_name(bf16, c, grouped, g2) for c in SK_TILE_CONFIGS for g2 in (False, True)]
         names += [sum_name(bf16)]
         backend = os.environ.get("MOE_MARLIN_JIT_BACKEND", "nvrtc")
         with cupy.cuda.Device(device_index):
@@ -174,6 +211,12 @@ class KernelSet:
                     fn = self.module.get_function(gemm_name(bf16, cfg, grouped, g2))
                     fn.max_dynamic_shared_size_bytes = cfg.smem_bytes(group_size)
                     self.gemm[(cfg, g2)] = fn
+            self.gemm_sk: dict[tuple[TileConfig, bool], Any] = {}
+            for cfg in SK_TILE_CONFIGS if streamk else ():
+                for g2 in (False, True):
+                    fn = self.module.get_function(sk_gemm_name(bf16, cfg, grouped, g2))
+                    fn.max_dynamic_shared_size_bytes = cfg.sk_smem_bytes(group_size)
+                    self.gemm_sk[(cfg, g2)] = fn
             self.topk_sum = self.module.get_function(sum_name(bf16))
             self.align = self.module.get_function(ALIGN_NAME)
             self.align.max_dynamic_shared_size_bytes = 3 * 4 * MAX_LOCAL_EXPERTS
@@ -200,6 +243,8 @@ def _compile(cupy: Any, backend: str, names: list[str]) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_set(device_index: int, bf16: bool, group_size: int | None) -> KernelSet:
-    """The compiled `KernelSet` for this device, dtype and scale layout (compiles on first use)."""
-    return KernelSet(device_index, bf16, group_size)
+def kernel_set(device_index: int, bf16: bool, group_size: int | None, streamk: bool = False) -> KernelSet:
+    """The compiled `KernelSet` for this device, dtype and scale layout (compiles on first use).
+
+    ``streamk=True`` adds the stream-K kernels (a superset of the default set, compiled as its own module)."""
+    return KernelSet(device_index, bf16, group_size, streamk)

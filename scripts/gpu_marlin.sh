@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark of the marlin experts backend, in one script for one lent-GPU call.
 #
-#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [bench] [benchquick]
+#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [bench] [benchquick] [variants]
+#
+# variants: the GPU tests of the non-default kernel/plan variants (MOE_MARLIN_VARIANT; stream-K, waves), then
+# bench/marlin/bench_variants.py (every variant vs the peer, correctness-checked first) -> $OUT/marlin-variants.json.
+# Any phase can run a variant: e.g. MOE_MARLIN_VARIANT=sk scripts/gpu_marlin.sh quicktest.
 #
 # Writes logs under $OUT (default ./out): log.txt (everything), pytest.log, sweep.jsonl, GPU_RESULTS.md,
 # sanitizer.log, marlin-h100.json, marlin-h100.png. Prints a short summary table last.
@@ -46,6 +50,10 @@ ks = jit.kernel_set(0, True, 128)
 for (cfg, g2), fn in ks.gemm.items():
     a = fn.attributes
     print(f"  {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={cfg.smem_bytes(128)}")
+t = time.perf_counter(); ks = jit.kernel_set(0, True, 128, True); print(f"compile bf16/g128 + stream-K: {time.perf_counter()-t:.1f} s")
+for (cfg, g2), fn in ks.gemm_sk.items():
+    a = fn.attributes
+    print(f"  stream-K {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={cfg.sk_smem_bytes(128)}")
 PY
     rc=$?; record setup "$([ $rc = 0 ] && echo ok || echo FAIL)" "install, registry, compile"
     ;;
@@ -107,7 +115,18 @@ PY
     grep -E "Illegal|Invalid|at .*marlin_moe.cu|ERROR SUMMARY|err" "$OUT/diag_sanitizer.txt" | head -20
     record diag done "$OUT/diag.txt"
     ;;
-  *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp bench benchquick)"; exit 2;;
+  variants)
+    phase variants
+    timeout 170 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or streamk" \
+      --durations=5 2>&1 | tee "$OUT/pytest-variants.log" | tail -15
+    rc=${PIPESTATUS[0]}
+    record vtests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUT/pytest-variants.log")"
+    timeout 230 python3 bench/marlin/bench_variants.py --out "$OUT/marlin-variants.json" ${VARIANT_ARGS:-} 2>&1 \
+      | tee "$OUT/variants.log" | grep -v '^{'
+    rc=${PIPESTATUS[0]}
+    record vbench "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/marlin-variants.json"
+    ;;
+  *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp bench benchquick variants)"; exit 2;;
   esac
 done
 

@@ -17,7 +17,14 @@ import torch
 
 from hostcore.contract import aligned_capacity
 
-from .jit import ALIGN_THREADS, SK_TILE_CONFIGS, THREADS, TILE_CONFIGS, KernelSet, TileConfig
+from .jit import (
+    ALIGN_THREADS,
+    SK_TILE_CONFIGS,
+    THREADS,
+    TILE_CONFIGS,
+    KernelSet,
+    TileConfig,
+)
 
 VARIANTS: dict[str, tuple[str, str]] = {
     "base": ("base", "base"),

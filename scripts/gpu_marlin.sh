@@ -117,11 +117,11 @@ PY
     ;;
   variants)
     phase variants
-    timeout 170 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or streamk" \
+    timeout 140 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or streamk" \
       --durations=5 2>&1 | tee "$OUT/pytest-variants.log" | tail -15
     rc=${PIPESTATUS[0]}
     record vtests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUT/pytest-variants.log")"
-    timeout 230 python3 bench/marlin/bench_variants.py --out "$OUT/marlin-variants.json" ${VARIANT_ARGS:-} 2>&1 \
+    timeout 200 python3 bench/marlin/bench_variants.py --out "$OUT/marlin-variants.json" ${VARIANT_ARGS:-} 2>&1 \
       | tee "$OUT/variants.log" | grep -v '^{'
     rc=${PIPESTATUS[0]}
     record vbench "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/marlin-variants.json"

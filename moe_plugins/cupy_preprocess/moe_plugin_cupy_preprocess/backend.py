@@ -41,7 +41,7 @@ from hostcore.hookspecs import BuildContext
 
 from . import jit
 from .buffers import PreprocessBuffers, map_with_head
-from .launch import KernelSet, launch
+from .launch import ID_TYPES, KernelSet, Sequence, sequence_for, sequence_key
 from .plan import MAP_GLOBAL, PATHS, MapChoice, Plan, check_block_m, choose_map, plan_for
 from .validate import as_tensor, check_contiguous_for_capture, check_topk_ids, normalize_device
 
@@ -79,6 +79,8 @@ class CupyPreprocess:
         if table is not None:
             self._map_storage, self.device_map = map_with_head(table, self.device)
         self._plans: dict[tuple[int, int, torch.dtype, int], Plan] = {}
+        # This stage's entry in a buffers' launch cache (one buffers object may serve several stages).
+        self._key = sequence_key(self.kernels, self.device_map, self.map, self.local.first, mode == "faithful")
 
     @property
     def map_on_global(self) -> bool:
@@ -89,8 +91,9 @@ class CupyPreprocess:
         key = (rows, top_k, id_dtype, check_block_m(block_m))
         found = self._plans.get(key)
         if found is None:
+            occupancy = self.kernels.fused_occupancy(ID_TYPES[id_dtype]) if id_dtype in ID_TYPES else None
             found = self._plans[key] = plan_for(rows, top_k, id_dtype, block_m, self.local.count, self.map, self.path,
-                                                self.kernels.smem_optin)
+                                                self.kernels.smem_optin, self.kernels.num_sms, occupancy)
         return found
 
     def make_buffers(self, rows: int, top_k: int, block_m: int | None = None,
@@ -110,9 +113,20 @@ class CupyPreprocess:
     def preprocess_into(self, topk_ids: Any, buffers: PreprocessBuffers) -> LocalRouting:
         """Like `preprocess`, into preallocated ``buffers``: no allocation, no sync (except ``checked``).
 
-        ``topk_ids`` must be contiguous and have the shape and dtype the buffers were made for.
+        ``topk_ids`` must be contiguous and have the shape and dtype the buffers were made for. The full
+        argument checks run once per buffers (and whenever the ids' shape, dtype, device or contiguity
+        differ from what they last accepted); later calls with the same signature only compare it.
         """
-        ids = as_tensor(topk_ids)
+        ids = topk_ids if type(topk_ids) is torch.Tensor else as_tensor(topk_ids)
+        seq = buffers.launch_cache.get(self._key)
+        if seq is None or not (ids.shape == seq.shape and ids.dtype is seq.dtype and ids.get_device() == seq.device_index
+                               and ids.is_contiguous()):
+            seq = self._validated_sequence(ids, buffers)
+        return self._launch(seq, ids, buffers)
+
+    def _validated_sequence(self, ids: torch.Tensor, buffers: PreprocessBuffers) -> Sequence:
+        """Check ``ids`` against the stage and ``buffers`` (the slow path of `preprocess_into`), then
+        return the buffers' launch sequence for this stage, cached under ``self._key``."""
         check_topk_ids(ids, self.device)
         check_contiguous_for_capture(ids)
         plan = buffers.plan
@@ -121,13 +135,23 @@ class CupyPreprocess:
                                 f"{ids.dtype} {list(ids.shape)}; make buffers for this shape with make_buffers()")
         if buffers.local_ids.device != self.device:
             raise ContractError(f"the buffers are on {buffers.local_ids.device}, this stage runs on {self.device}")
-        return self._run(ids, buffers)
+        return self._sequence(ids, buffers)
+
+    def _sequence(self, ids: torch.Tensor, out: PreprocessBuffers) -> Sequence:
+        return sequence_for(self.kernels, out.plan, self.device_map, self.map, self.local.first,
+                            self.mode == "faithful", out, ids.get_device())
 
     def _run(self, ids: torch.Tensor, out: PreprocessBuffers) -> LocalRouting:
-        launch(self.kernels, out.plan, ids, self.device_map, self.map, self.local.first, self.mode == "faithful", out)
+        return self._launch(self._sequence(ids, out), ids, out)
+
+    def _launch(self, seq: Sequence, ids: torch.Tensor, out: PreprocessBuffers) -> LocalRouting:
+        seq.set_ids(ids.data_ptr())
+        self.kernels.run(seq.steps)
         if self.mode == "checked":
             self._raise_on_invalid(ids, out.invalid_count)
-        return out.routing(count_invalid=self.mode != "faithful")
+        if seq.routing is None:  # views of the buffers: the same object serves every call
+            seq.routing = out.routing(count_invalid=self.mode != "faithful")
+        return seq.routing
 
     def _raise_on_invalid(self, ids: torch.Tensor, invalid: torch.Tensor) -> None:
         count = int(invalid.item())  # the documented sync of checked mode

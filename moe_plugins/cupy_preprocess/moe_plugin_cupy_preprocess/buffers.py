@@ -8,7 +8,8 @@ between concurrent launches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,7 +38,12 @@ class PreprocessBuffers:
     ``num_slots_post_padded int32[1]``. Workspace (grid path only; empty on the block path):
     ``tile_hist int32[window * tiles]``, ``tile_invalid int32[tiles]``, ``group_start int32[num_local + 1]``,
     ``done int32[1]``, which starts at 0 and is left at 0 by every launch sequence, and ``keys8
-    uint8[num_slots]`` (with at most 254 local experts and a layout to build; else empty).
+    uint8[num_slots]`` (with at most 254 local experts and a layout to build; else empty). With the fused
+    grid kernel (``plan.fused``): ``tile_hist int32[num_local * grid_blocks]`` (per-block counts),
+    ``tile_invalid int32[grid_blocks]`` and ``done int32[2]``, the grid barrier's arrival counter (starts
+    at 0, left at 0) and generation (any value).
+
+    ``launch_cache`` holds the packed launch arguments built for these buffers (see `launch.Sequence`).
     """
 
     plan: Plan
@@ -52,6 +58,7 @@ class PreprocessBuffers:
     group_start: torch.Tensor
     done: torch.Tensor
     keys8: torch.Tensor
+    launch_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def allocate(cls, plan: Plan, device: torch.device) -> PreprocessBuffers:

@@ -5,42 +5,52 @@ compiled on first use for the current GPU's architecture. CuPy keeps the binary 
 directory (``$CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``), keyed by source and options, so later
 processes load it without compiling; within a process the module and its kernels are cached here.
 
-Streams: every launch goes to ``torch.cuda.current_stream(device)``, wrapped (not copied) as a
-`cupy.cuda.ExternalStream`, so the kernels order with the surrounding torch work and are captured by
-``torch.cuda.graph``. Warm up (`kernels` + the first call) before capturing: loading a module is not a
-stream operation and is not allowed while a capture is under way.
+Launches go straight to the driver (``cuLaunchKernel``, and ``cuLaunchCooperativeKernel`` for
+grid_fused, whose grid-wide barriers need every block co-resident: the driver refuses a grid that cannot
+be, instead of letting it hang) with the argument blocks `launch.Step` packed once, on
+``torch.cuda.current_stream(device)``'s raw handle, so the kernels order with the surrounding torch work
+and are captured by ``torch.cuda.graph``. The module is compiled normally: grid_fused builds its barrier
+from atomics and needs neither cooperative-groups headers nor relocatable device code. Warm up (`kernels`
++ the first call) before capturing: loading a module is not a stream operation and is not allowed while
+a capture is under way.
 
 Imports CuPy lazily: importing this module needs no GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
-import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .plan import GRID_THREADS
 
 SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
 
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
+FUSED_KERNEL = "grid_fused<{id_type}>"
 SCAN_KERNEL = "grid_scan"
 PLACE_KERNEL = "grid_place"
 EMPTY_KERNEL = "empty_kernel"
 ID_TYPES = {"int32": "int", "int64": "long long"}
 BLOCK_IPTS = (1, 4, 16)
-DYNAMIC_SMEM_KERNELS = ("block", "count", "place")
+DYNAMIC_SMEM_PREFIXES = ("block_preprocess", "grid_count", "grid_place", "grid_fused")
+COOPERATIVE_LAUNCH_ATTR = 95  # cudaDevAttrCooperativeLaunch
 
 
 def name_expressions() -> tuple[str, ...]:
     """Every kernel the module exports, as NVRTC name expressions (template instantiations)."""
     names = [BLOCK_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in BLOCK_IPTS]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
+    names += [FUSED_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
     return tuple(names) + (SCAN_KERNEL, PLACE_KERNEL, EMPTY_KERNEL)
 
 
@@ -58,38 +68,46 @@ def _module() -> Any:
 
 @dataclass
 class Kernels:
-    """The compiled kernels on one device, with their dynamic shared-memory limit raised to the opt-in maximum."""
+    """The compiled kernels on one device (`launch.KernelSet`), dynamic shared memory raised to the opt-in maximum.
+
+    ``functions`` maps name expressions to the RawKernels, ``pointers`` to their ``CUfunction`` handles.
+    """
 
     device_index: int
     smem_optin: int
+    num_sms: int
+    cooperative: bool
     functions: dict[str, Any]
+    pointers: dict[str, int]
 
-    def block(self, id_type: str, ipt: int) -> Any:
-        return self.functions[BLOCK_KERNEL.format(id_type=ID_TYPES[id_type], ipt=ipt)]
+    def handle(self, name: str) -> int:
+        return self.pointers[name]
 
-    def count(self, id_type: str) -> Any:
-        return self.functions[COUNT_KERNEL.format(id_type=ID_TYPES[id_type])]
+    def fused_occupancy(self, id_type: str) -> Callable[[int], int] | None:
+        if not self.cooperative:
+            return None
+        from cupy.cuda import driver
 
-    @property
-    def scan(self) -> Any:
-        return self.functions[SCAN_KERNEL]
+        fn = self.pointers[FUSED_KERNEL.format(id_type=ID_TYPES[id_type])]
+        return lambda smem: int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn, GRID_THREADS, smem))
 
-    @property
-    def place(self) -> Any:
-        return self.functions[PLACE_KERNEL]
+    def run(self, steps: Sequence[Any]) -> None:
+        """Launch ``steps`` (`launch.Step`) on torch's current stream of this device."""
+        if torch.cuda.current_device() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                self._run(steps)
+        else:
+            self._run(steps)
 
-    @property
-    def empty(self) -> Any:
-        return self.functions[EMPTY_KERNEL]
+    def _run(self, steps: Sequence[Any]) -> None:
+        from cupy.cuda import driver
 
-    def context(self) -> contextlib.ExitStack:
-        """Make this device and torch's current stream on it CuPy's current ones for the launches inside."""
-        import cupy
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(cupy.cuda.Device(self.device_index))
-        stack.enter_context(current_stream(self.device_index))
-        return stack
+        stream = raw_stream(self.device_index)
+        for s in steps:
+            if s.cooperative:
+                driver.launchCooperativeKernel(s.handle, s.grid, 1, 1, s.block, 1, 1, s.smem, stream, s.argv_ptr)
+            else:
+                driver.launchKernel(s.handle, s.grid, 1, 1, s.block, 1, 1, s.smem, stream, s.argv_ptr, 0)
 
 
 _lock = threading.Lock()
@@ -111,17 +129,19 @@ def kernels(device_index: int) -> Kernels:
         functions = {name: module.get_function(name) for name in name_expressions()}
         optin = smem_optin(device_index)
         for name, fn in functions.items():
-            if name.startswith(("block_preprocess", "grid_count", "grid_place")):
+            if name.startswith(DYNAMIC_SMEM_PREFIXES):
                 # Loads the binary for this device and lets launches ask for up to `optin` bytes.
                 fn.max_dynamic_shared_size_bytes = optin - int(fn.shared_size_bytes)
-        _kernels[device_index] = Kernels(device_index, optin, functions)
+        pointers = {name: int(fn.kernel.ptr) for name, fn in functions.items()}
+        runtime = cupy.cuda.runtime
+        cooperative = bool(runtime.deviceGetAttribute(COOPERATIVE_LAUNCH_ATTR, device_index))
+        num_sms = int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+        _kernels[device_index] = Kernels(device_index, optin, num_sms, cooperative, functions, pointers)
         return _kernels[device_index]
 
 
 def smem_optin(device_index: int) -> int:
     """The most shared memory one block may opt in to on this device, in bytes."""
-    import torch
-
     value = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0)
     if value:
         return int(value)
@@ -130,22 +150,11 @@ def smem_optin(device_index: int) -> int:
     return int(cupy.cuda.runtime.deviceGetAttribute(97, device_index))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
-_streams: dict[tuple[int, int], Any] = {}
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def current_stream(device_index: int) -> Any:
-    """torch's current stream on ``device_index`` as a `cupy.cuda.ExternalStream` (cached per stream handle)."""
-    import cupy
-    import torch
-
-    handle = int(torch.cuda.current_stream(device_index).cuda_stream)
-    key = (device_index, handle)
-    stream = _streams.get(key)
-    if stream is None:
-        # ExternalStream wraps the handle without owning it (it never destroys torch's stream); CuPy 14
-        # deprecates it in favour of Stream.from_external, whose objects are Streams that destroy their
-        # handle when collected. The wrapper is made once per stream and kept for the process.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = _streams[key] = cupy.cuda.ExternalStream(handle, device_index)
-    return stream
+def raw_stream(device_index: int) -> int:
+    """The ``cudaStream_t`` of torch's current stream on ``device_index`` (no Python stream object made)."""
+    if _raw_stream is not None:
+        return int(_raw_stream(device_index))
+    return int(torch.cuda.current_stream(device_index).cuda_stream)

@@ -6,9 +6,15 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
 ``block`` path
     one launch of ``block_preprocess``: one block of 1024 threads, ``ipt`` slots per thread
     (``num_slots <= 1024 * 16``). Decode sizes.
-``grid`` path
-    per expert window: ``grid_count`` (tiles of 4096 slots) -> ``grid_scan`` -> ``grid_place``;
-    three launches when ``num_local <= 1024`` (one window), ``grid_place`` skipped without ``block_m``.
+``grid`` path, ``fused``
+    one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
+    ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
+    Used whenever ``num_local <= 1024`` (one expert window), the device supports cooperative launches
+    and the kernel's shared memory fits.
+``grid`` path, split (``fused`` False)
+    per expert window: ``grid_count`` (tiles of 4096 slots) -> ``grid_scan`` -> ``grid_place``
+    (``grid_place`` skipped without ``block_m``). For more local experts than one window (or a device
+    without cooperative launches).
 
 Experts are processed in windows of at most ``window`` local experts (shared memory holds per-warp
 counters for one window); more local experts than that repeat the passes per window.
@@ -16,6 +22,7 @@ counters for one window); more local experts than that repeat the passes per win
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +58,18 @@ of ids costs more traffic than it saves."""
 
 DEFAULT_SMEM_OPTIN = 227 * 1024
 """Hopper's opt-in shared memory per block; the real value is read from the device."""
+
+DEFAULT_NUM_SMS = 132
+"""H100 SXM; the real value is read from the device."""
+SMEM_PER_SM = 228 * 1024
+"""Shared memory per SM on Hopper (the occupancy model of `default_fused_occupancy`)."""
+FUSED_MAX_BLOCKS_PER_SM = 2
+"""``grid_fused`` is compiled with ``__launch_bounds__(512, 2)``: at most 2 blocks of 512 threads per SM."""
+TWO_PHASE_LIMIT = 8192
+"""Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
+the counts distributed over the blocks (two grid barriers) instead of every block reading all of them."""
+KEY_BYTES = 2
+"""grid_fused keeps a uint16 layout key per slot of its chunk in shared memory when it fits."""
 
 PATHS = ("auto", "block", "grid")
 MAP_PLACES = ("auto", "shared", "global")
@@ -111,6 +130,22 @@ class Plan:
     smem_block_bytes: int
     smem_count_bytes: int
     smem_place_bytes: int
+    fused: bool = False  # grid path: one cooperative grid_fused launch instead of count/scan/place
+    grid_blocks: int = 0  # fused: blocks of the cooperative grid (all co-resident)
+    chunk: int = 0  # fused: consecutive slots per block (a multiple of TILE)
+    keys_in_smem: bool = False  # fused: the chunk's layout keys stay in shared memory between phases
+    smem_fused_bytes: int = 0
+    two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
+
+    @property
+    def kernel_names(self) -> tuple[str, ...]:
+        """The kernels one preprocess launches, in order (for breakdowns and docs)."""
+        if self.path == "block":
+            return ("block_preprocess",)
+        if self.fused:
+            return ("grid_fused",)
+        per_window = ("grid_count", "grid_scan") + (("grid_place",) if self.block_m else ())
+        return per_window * self.windows
 
     @property
     def num_slots(self) -> int:
@@ -128,16 +163,23 @@ class Plan:
         return [(e0, min(self.window, self.num_local - e0)) for e0 in range(0, self.num_local, self.window)]
 
     def workspace_ints(self) -> dict[str, int]:
-        """Sizes of the grid path's workspace buffers (all zero on the block path)."""
+        """Sizes of the grid path's workspace buffers (all zero on the block path).
+
+        Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
+        per-block invalid counts, ``done`` the two words of the grid barrier (arrivals, generation).
+        """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
+        if self.fused:
+            return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": self.grid_blocks,
+                    "group_start": 0, "done": 2, "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
                 "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}
 
     @property
     def keys8_bytes(self) -> int:
         """Size of the grid path's byte-per-slot key buffer (0 when it is not used)."""
-        use = self.path == "grid" and self.block_m > 0 and self.num_local <= KEYS8_MAX_LOCAL
+        use = self.path == "grid" and not self.fused and self.block_m > 0 and self.num_local <= KEYS8_MAX_LOCAL
         return self.num_slots if use else 0
 
 
@@ -147,6 +189,43 @@ def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:
 
 def _place_smem_ints(window: int) -> int:
     return GRID_WARPS * window + window + 2 * TILE + SCRATCH_INTS
+
+
+def _fused_smem_ints(map_entries: int, num_local: int) -> int:
+    """grid_fused's dynamic shared memory without the key buffer (see the .cu for the layout)."""
+    return map_entries + GRID_WARPS * num_local + 4 * num_local + 1 + 2 * TILE + SCRATCH_INTS
+
+
+def default_fused_occupancy(smem_bytes: int) -> int:
+    """Blocks of grid_fused per SM for ``smem_bytes`` of dynamic shared memory, modelled for Hopper (the
+    GPU path asks the driver instead): the launch bound, and shared memory with 1 KiB reserved per block."""
+    return min(FUSED_MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem_bytes + 1024))
+
+
+def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: int, num_sms: int,
+                  occupancy: Callable[[int], int]) -> tuple[int, int, bool, int] | None:
+    """``(grid_blocks, chunk, keys_in_smem, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
+
+    The grid is as many blocks as can be co-resident (capped by the number of tiles); chunks are whole
+    tiles, balanced to within one tile. The keys stay in shared memory only if that keeps the grid
+    co-resident.
+    """
+    if num_local > MAX_WINDOW:
+        return None
+    base = _fused_smem_ints(map_smem, num_local) * 4
+    if base > smem_optin:
+        return None
+    per_sm = occupancy(base)
+    if per_sm < 1:
+        return None
+    tiles = max(1, -(-nk // TILE))
+    per_block = -(-tiles // (per_sm * num_sms))
+    blocks = -(-tiles // per_block)
+    chunk = per_block * TILE
+    with_keys = base + -(-chunk * KEY_BYTES // 16) * 16
+    if bm and with_keys <= smem_optin and occupancy(with_keys) * num_sms >= blocks:
+        return blocks, chunk, True, with_keys
+    return blocks, chunk, False, base
 
 
 def check_block_m(block_m: object) -> int:
@@ -160,8 +239,15 @@ def check_block_m(block_m: object) -> int:
 
 
 def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, num_local: int, map_choice: MapChoice,
-             path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN) -> Plan:
-    """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`."""
+             path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
+             fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
+             two_phase_limit: int = TWO_PHASE_LIMIT) -> Plan:
+    """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
+
+    ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
+    GPU); ``None`` means no cooperative launch on this device: the grid path takes the three launches.
+    ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`).
+    """
     bm = check_block_m(block_m)
     if path not in PATHS:
         raise ConfigError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
@@ -197,12 +283,18 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     block_threads = 0
     if chosen == "block":
         block_threads = min(BLOCK_THREADS, max(32 * active_warps, -(-window // 32) * 32, 32))
+    fused = None
+    if chosen == "grid" and fused_occupancy is not None:
+        fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy)
+    grid_blocks, chunk, keys_in_smem, smem_fused = fused or (0, 0, False, 0)
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
-                block_threads=block_threads, tiles=tiles,
+                block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
+                chunk=chunk, keys_in_smem=keys_in_smem, smem_fused_bytes=smem_fused,
+                two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
                 smem_block_bytes=_block_smem_ints(map_smem, window, active_warps) * 4 if chosen == "block" else 0,
-                smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" else 0,
-                smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm else 0)
+                smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
+                smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0)
 
 
 def moved_bytes(plan: Plan) -> int:

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -17,10 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from moe_plugin_cupy_preprocess.jit import SOURCE_PATH
-from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN
+from moe_plugin_cupy_preprocess.jit import SOURCE_PATH, name_expressions
+from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN, default_fused_occupancy
 
 HERE = Path(__file__).parent / "emulator"
 
@@ -51,64 +49,69 @@ def build(workdir: Path) -> ctypes.CDLL | None:
         if result.returncode != 0:
             raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{result.stderr}")
     lib = ctypes.CDLL(str(out))
-    for name in ("emu_block", "emu_count", "emu_scan", "emu_place"):
+    for name in ("emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
-def _words(args: Sequence[Any]) -> np.ndarray:
-    return np.array([int(a) for a in args], dtype=np.int64)
-
-
 class EmulatedKernels:
-    """The kernels of ``preprocess.cu`` run by the emulator; the `launch.KernelSet` interface."""
+    """The kernels of ``preprocess.cu`` run by the emulator; the `launch.KernelSet` interface.
+
+    Handles are the kernels' name expressions (as `jit.name_expressions` lists them). ``num_sms`` is
+    small so that the fused grid has a few blocks of several tiles each, like a GPU at larger sizes.
+    """
 
     smem_optin = DEFAULT_SMEM_OPTIN
+    num_sms = 2
+    scan_threads: int | None = None  # grid_scan's block size (None: as launched)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         self.launches: list[tuple[str, int, int, int]] = []  # (kernel, grid, block, smem) in launch order
+        self._entry: dict[str, Callable[[int, int, int, Any], int]] = {}
+        for name in name_expressions():
+            base, _, targs = name.partition("<")
+            params = [t.strip() for t in targs.rstrip(">").split(",")] if targs else []
+            id64 = int(bool(params) and params[0] == "long long")
+            if base == "block_preprocess":
+                ipt = int(params[1])
+                self._entry[name] = functools.partial(self._call, lib.emu_block, id64, ipt)
+            elif base == "grid_count":
+                self._entry[name] = functools.partial(self._call, lib.emu_count, id64)
+            elif base == "grid_fused":
+                self._entry[name] = functools.partial(self._call, lib.emu_fused, id64)
+            elif base == "grid_scan":
+                self._entry[name] = functools.partial(self._call, lib.emu_scan)
+            elif base == "grid_place":
+                self._entry[name] = functools.partial(self._call, lib.emu_place)
 
-    def _kernel(self, name: str, call: Callable[[int, int, int, Any], int]) -> Callable[..., None]:
-        def run(grid: tuple[int, ...], block: tuple[int, ...], args: Sequence[Any], shared_mem: int = 0) -> None:
-            words = _words(args)
-            self.launches.append((name, grid[0], block[0], shared_mem))
-            rc = call(grid[0], block[0], shared_mem, words.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+    @staticmethod
+    def _call(fn: Any, *lead_and_launch: Any) -> int:
+        *lead, grid, block, smem, words = lead_and_launch
+        return fn(*lead, ctypes.c_uint(grid), ctypes.c_uint(block), ctypes.c_size_t(smem),
+                  words.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+
+    def handle(self, name: str) -> str:
+        if name not in self._entry:
+            raise KeyError(f"the emulator has no kernel {name!r}")
+        return name
+
+    def fused_occupancy(self, id_type: str) -> Callable[[int], int] | None:
+        return default_fused_occupancy
+
+    def run(self, steps: Sequence[Any]) -> None:
+        for step in steps:
+            block = step.block
+            if step.name == "grid_scan" and self.scan_threads:
+                block = self.scan_threads
+            self.launches.append((step.handle, step.grid, block, step.smem))
+            rc = self._entry[step.handle](step.grid, block, step.smem, step.words)
             if rc != 0:
-                raise RuntimeError(f"emulated {name} refused its launch (rc={rc})")
-        return run
-
-    def block(self, id_type: str, ipt: int) -> Callable[..., None]:
-        id64 = int(id_type == "int64")
-        return self._kernel(f"block_preprocess<{id_type},{ipt}>",
-                            lambda g, b, s, a: self.lib.emu_block(id64, ipt, ctypes.c_uint(g), ctypes.c_uint(b),
-                                                                  ctypes.c_size_t(s), a))
-
-    def count(self, id_type: str) -> Callable[..., None]:
-        id64 = int(id_type == "int64")
-        return self._kernel(f"grid_count<{id_type}>",
-                            lambda g, b, s, a: self.lib.emu_count(id64, ctypes.c_uint(g), ctypes.c_uint(b),
-                                                                  ctypes.c_size_t(s), a))
-
-    @property
-    def scan(self) -> Callable[..., None]:
-        return self._kernel("grid_scan", lambda g, b, s, a: self.lib.emu_scan(ctypes.c_uint(g), ctypes.c_uint(b),
-                                                                              ctypes.c_size_t(s), a))
-
-    @property
-    def place(self) -> Callable[..., None]:
-        return self._kernel("grid_place", lambda g, b, s, a: self.lib.emu_place(ctypes.c_uint(g), ctypes.c_uint(b),
-                                                                                ctypes.c_size_t(s), a))
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext()
+                raise RuntimeError(f"emulated {step.handle} refused its launch (rc={rc})")
 
 
 class FewScanThreads(EmulatedKernels):
     """grid_scan with 32 threads per block: its code is block-size generic, and the emulator spawns an OS
     thread per CUDA thread, so many-expert cases stay fast."""
 
-    @property
-    def scan(self) -> Callable[..., None]:
-        run = super().scan
-        return lambda grid, block, args, shared_mem=0: run(grid, (32,), args, shared_mem)
+    scan_threads = 32

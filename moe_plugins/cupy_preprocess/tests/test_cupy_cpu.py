@@ -153,10 +153,15 @@ def test_expert_windows_and_shared_memory_fit() -> None:
             assert plan.windows * plan.window >= num_local and (plan.windows - 1) * plan.window < max(num_local, 1)
             bounds = plan.window_bounds()
             assert len(bounds) == plan.windows and sum(wl for _, wl in bounds) == num_local
-            for nbytes in (plan.smem_block_bytes, plan.smem_count_bytes, plan.smem_place_bytes):
+            for nbytes in (plan.smem_block_bytes, plan.smem_count_bytes, plan.smem_place_bytes, plan.smem_fused_bytes):
                 assert 0 <= nbytes <= DEFAULT_SMEM_OPTIN
             ws = plan.workspace_ints()
-            if plan.path == "grid":
+            assert plan.fused == (plan.path == "grid" and num_local <= MAX_WINDOW)
+            if plan.fused:
+                assert ws == {"tile_hist": num_local * plan.grid_blocks, "tile_invalid": plan.grid_blocks,
+                              "group_start": 0, "done": 2, "keys8_bytes": 0}
+                assert plan.kernel_names == ("grid_fused",)
+            elif plan.path == "grid":
                 assert ws == {"tile_hist": plan.window * plan.tiles, "tile_invalid": plan.tiles,
                               "group_start": num_local + 1, "done": 1,
                               "keys8_bytes": nk if num_local <= KEYS8_MAX_LOCAL else 0}
@@ -177,6 +182,26 @@ def test_where_the_map_lives() -> None:
         choose_map(100_000, "shared")
     with pytest.raises(ConfigError, match="map_in must be one of auto, shared, global"):
         choose_map(8, "texture")
+
+
+def test_fused_grid_sizing() -> None:
+    """grid_fused: as many blocks as can be co-resident (132 SMs x 2 modelled), whole-tile chunks balanced
+    to within a tile, keys in shared memory when they keep the grid co-resident, else not."""
+    def plan(nk: int, num_local: int = 32, **kw: object):
+        return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 256), "grid", **kw)
+
+    for nk, blocks, chunk in ((1, 1, TILE), (65_536, 16, TILE), (1 << 20, 256, TILE), (1 << 23, 256, 8 * TILE),
+                              (3_000_000, 245, 3 * TILE)):
+        p = plan(nk)
+        assert (p.fused, p.grid_blocks, p.chunk, p.keys_in_smem) == (True, blocks, chunk, True), (nk, p)
+        assert (p.grid_blocks - 1) * p.chunk < nk <= p.grid_blocks * p.chunk or nk < TILE
+        assert p.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2, "two blocks per SM"
+    big = plan(1 << 24)  # 4096 tiles: 16 per block; 128 KiB of keys would halve the co-resident blocks
+    assert big.fused and big.grid_blocks == 256 and not big.keys_in_smem
+    assert not plan(1 << 20, fused_occupancy=None).fused, "no cooperative launch: three launches"
+    assert not plan(1 << 20, num_local=1025).fused, "more than one expert window: three launches"
+    assert not plan(1 << 20).two_phase and plan(1 << 20, num_local=256).two_phase
+    assert plan_for(1 << 20, 1, torch.int32, None, 32, MapChoice(MAP_NONE, 0), "grid").keys_in_smem is False
 
 
 def test_forced_shared_map_shrinks_the_window_to_fit() -> None:

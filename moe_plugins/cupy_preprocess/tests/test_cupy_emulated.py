@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from emulation import EmulatedKernels, FewScanThreads, build
-from preprocess_testlib import (Case, assert_layout_valid, assert_matches, check_guards, guarded_buffers, make_case,
-                                reference)
+from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matches, check_guards, guarded_buffers,
+                                make_case, make_ids, make_local, reference)
 
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import Plan, choose_map, plan_for
+from moe_plugin_cupy_preprocess.plan import TILE, TWO_PHASE_LIMIT, Plan, choose_map, plan_for
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +28,26 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 
 
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
-        path: str = "auto") -> tuple[LocalRouting, Plan]:
+        path: str = "auto", fused: bool = True, launches: int = 1,
+        two_phase_limit: int = TWO_PHASE_LIMIT) -> tuple[LocalRouting, Plan]:
+    """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
+    each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
+    launches (the three-launch grid path)."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
-    plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path)
+    plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
+                    fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit)
     buffers, backing = guarded_buffers(plan, "cpu")
     device_map = None if table is None else map_with_head(table, "cpu")[1]
-    launch(kernels, plan, case.ids.contiguous(), device_map, choice, case.local.first, mode == "faithful", buffers)
-    check_guards(backing)
-    assert int(buffers.done.sum()) == 0, "grid_scan must leave its done counter at 0"
+    for _ in range(launches):
+        for t in (buffers.local_ids, buffers.expert_counts, buffers.invalid_count, buffers.sorted_slot_ids,
+                  buffers.block_expert_ids, buffers.num_slots_post_padded):
+            t.fill_(POISON)
+        launch(kernels, plan, case.ids.contiguous(), device_map, choice, case.local.first, mode == "faithful", buffers)
+        check_guards(backing)
+        if buffers.done.numel():
+            assert int(buffers.done[0]) == 0, "the done counter / grid barrier's arrival count must be left at 0"
     return buffers.routing(count_invalid=mode != "faithful"), plan
 
 
@@ -69,12 +79,104 @@ def test_single_block_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
 
 
-def test_grid_path_several_tiles_and_int64(kernels: EmulatedKernels) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_grid_path_several_tiles_and_int64(kernels: EmulatedKernels, fused: bool) -> None:
     case = make_case(96, 3, 2, "guard_slot", rows_per_rank=1300, top_k=4, seed=3, dtype=torch.int64)  # 15600: 4 tiles
-    got, plan = run(kernels, case, 8, path="grid")
-    assert plan.tiles == 4
+    got, plan = run(kernels, case, 8, path="grid", fused=fused)
+    assert plan.tiles == 4 and plan.fused == fused
+    assert [name for name, *_ in kernels.launches[-len(plan.kernel_names):]] == \
+        [n if n != "grid_fused" else "grid_fused<long long>" for n in plan.kernel_names] or not fused
     assert_matches(got, reference(case, 8), 8)
     assert_layout_valid(got, 8)
+
+
+# --- the fused single-launch grid kernel ------------------------------------------------------------------
+
+# N*K around the fused kernel's boundaries: one tile, a tile +- 1, several tiles per block (2 emulated SMs x 2
+# blocks: at most 4 blocks), a chunk boundary +- 1, and a size that is not a multiple of the 16-byte vector.
+FUSED_SIZES = [1, 5, TILE - 1, TILE, TILE + 1, 4 * TILE + 3, 5 * TILE - 1, 5 * TILE, 5 * TILE + 1, 9 * TILE + 7]
+
+
+@pytest.mark.parametrize("nk", FUSED_SIZES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_fused_grid_kernel_sizes_against_the_reference(kernels: EmulatedKernels, nk: int, dtype: torch.dtype) -> None:
+    placement, local, sentinel = make_local(64, 4, 1, "non_local")
+    gen = torch.Generator().manual_seed(nk * 7 + (dtype == torch.int64))
+    ids, real = make_ids(64, 1, nk, 1, sentinel, gen, dtype)
+    ids = ids.reshape(-1, 1)
+    case = Case(placement, 1, local, sentinel, ids, real)
+    for block_m in (None, 16) if dtype == torch.int32 else (1,):
+        got, plan = run(kernels, case, block_m, path="grid")
+        assert plan.fused and plan.chunk % TILE == 0 and (plan.grid_blocks - 1) * plan.chunk < max(nk, 1)
+        assert plan.keys_in_smem == bool(block_m)
+        assert_matches(got, reference(case, block_m), block_m, f"nk={nk} {dtype} block_m={block_m}")
+        if block_m:
+            assert_layout_valid(got, block_m)
+
+
+@pytest.mark.parametrize("sentinel", ["non_local", "guard_slot", "out_of_range", "negative"])
+@pytest.mark.parametrize("map_in", ["shared", "global"])
+def test_fused_every_sentinel_map_place_and_block_m(kernels: EmulatedKernels, sentinel: str, map_in: str) -> None:
+    if sentinel == "out_of_range" and map_in == "global":
+        pytest.skip("no map to place")
+    case = make_case(256, 8, 3, sentinel, rows_per_rank=300, top_k=8, seed=hash((sentinel, map_in, "fused")) % 1000,
+                     round_robin=sentinel != "out_of_range")  # 19200 slots: 5 tiles, 3 blocks of 2 tiles
+    for block_m in (1, 48) if map_in == "shared" else (8, 64):
+        got, plan = run(kernels, case, block_m, map_in=map_in, path="grid")
+        assert plan.fused and plan.grid_blocks == 3 and plan.map.mode == (0 if sentinel == "out_of_range" else
+                                                                         (1 if map_in == "shared" else 2))
+        assert_matches(got, reference(case, block_m), block_m, f"{sentinel} {map_in} block_m={block_m}")
+        assert_layout_valid(got, block_m)
+
+
+def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> None:
+    # 300 local experts x 3 blocks, over a lowered limit: the distributed column scan (two barriers).
+    case = make_case(300, 1, 0, "out_of_range", rows_per_rank=1100, top_k=8, seed=21, dtype=torch.int64)
+    got, plan = run(kernels, case, 16, path="grid", launches=2, two_phase_limit=300)
+    assert plan.fused and plan.two_phase and plan.grid_blocks == 3
+    assert_matches(got, reference(case, 16), 16, "two-phase, 2 launches into the same buffers")
+    # 300 local experts, one barrier, the map in global memory; two runs: the barrier words are reused without
+    # a reset.
+    case = make_case(600, 2, 1, "guard_slot", rows_per_rank=600, top_k=8, seed=22)
+    got, plan = run(kernels, case, 4, path="grid", map_in="global", launches=2)
+    assert plan.fused and not plan.two_phase
+    assert_matches(got, reference(case, 4), 4, "one barrier, 2 launches")
+    # A map forced into shared memory that leaves no room for grid_fused: the three-launch path (planning only).
+    big = plan_for(16_000, 8, torch.int32, 16, 250, choose_map(50_000, "shared"), "grid", num_sms=kernels.num_sms,
+                   fused_occupancy=kernels.fused_occupancy("int32"))
+    assert not big.fused and big.kernel_names == ("grid_count", "grid_scan", "grid_place")
+
+
+def test_fused_keys_reread_from_local_ids(kernels: EmulatedKernels) -> None:
+    """The phase-3 path without shared-memory keys, forced by a shared-memory limit that holds the base
+    layout but not the keys."""
+    case = make_case(64, 4, 0, "negative", rows_per_rank=2000, top_k=4, seed=24)
+    table = case.local.expert_map
+    choice = choose_map(int(table.numel()), "shared")
+    base_plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid",
+                         num_sms=kernels.num_sms, fused_occupancy=kernels.fused_occupancy("int32"))
+    plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid",
+                    smem_optin=base_plan.smem_fused_bytes - 16, num_sms=kernels.num_sms,
+                    fused_occupancy=kernels.fused_occupancy("int32"))
+    assert base_plan.keys_in_smem and plan.fused and not plan.keys_in_smem
+    buffers, backing = guarded_buffers(plan, "cpu")
+    launch(kernels, plan, case.ids, map_with_head(table, "cpu")[1], choice, 0, False, buffers)
+    check_guards(backing)
+    got = buffers.routing(count_invalid=True)
+    assert_matches(got, reference(case, 16), 16)
+    assert int(got.invalid_count) == int((case.ids == -1).sum())
+
+
+def test_fused_misaligned_ids_take_the_scalar_loads(kernels: EmulatedKernels) -> None:
+    case = make_case(32, 2, 1, "non_local", rows_per_rank=3000, top_k=4, seed=25)
+    storage = torch.zeros(case.ids.numel() + 1, dtype=torch.int32)
+    storage[1:] = case.ids.reshape(-1)
+    shifted = storage[1:].view(case.ids.shape)  # 4 bytes past a 16-byte boundary
+    assert shifted.data_ptr() % 16 != 0
+    odd = Case(case.placement, case.rank, case.local, case.sentinel, shifted, case.real_rows)
+    got, plan = run(kernels, odd, 16, path="grid")
+    assert plan.fused
+    assert_matches(got, reference(case, 16), 16)
 
 
 @pytest.mark.parametrize("path", ["block", "grid"])

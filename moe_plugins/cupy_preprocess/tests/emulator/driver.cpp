@@ -26,6 +26,15 @@ void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
                         I(a, 14), I(a, 15), I(a, 16));
     });
 }
+
+template <typename IdT>
+void run_fused(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch_cooperative(grid, block, smem, [a] {
+        grid_fused<IdT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
+                        P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12), P<int>(a, 13),
+                        I(a, 14), I(a, 15), P<int>(a, 16), P<int>(a, 17), P<unsigned>(a, 18), I(a, 19), I(a, 20), I(a, 21));
+    });
+}
 }  // namespace
 
 extern "C" int emu_block(int id64, int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
@@ -63,5 +72,11 @@ extern "C" int emu_place(unsigned grid, unsigned block, size_t smem, const int64
                    P<const int>(a, 6), P<const int>(a, 7), I(a, 8), I(a, 9), I(a, 10), P<int>(a, 11), P<int>(a, 12),
                    I(a, 13), I(a, 14), I(a, 15));
     });
+    return 0;
+}
+
+extern "C" int emu_fused(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (id64) run_fused<long long>(grid, block, smem, a);
+    else run_fused<int>(grid, block, smem, a);
     return 0;
 }

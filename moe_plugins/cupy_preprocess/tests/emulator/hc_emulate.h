@@ -1,6 +1,7 @@
 // A CPU emulation of the small part of CUDA that csrc/preprocess.cu uses, for tests without a GPU.
 //
-// Every CUDA thread of a block is an OS thread; blocks run one after another. __syncthreads is a
+// Every CUDA thread of a block is an OS thread; blocks run one after another (hc_launch), or all at once
+// for a cooperative launch (hc_launch_cooperative: grid-wide barriers need every block running). __syncthreads is a
 // barrier of the block's threads, __syncwarp and the warp intrinsics (shfl, match_any) are barriers of
 // the warp's 32 threads around an exchange buffer. This checks the kernels' logic (indexing, scans,
 // stable ranks, window and tile bookkeeping, what the launch sequence hands from kernel to kernel) on
@@ -42,11 +43,12 @@ struct hc_block_state {
     std::vector<long long> exchange;  // 32 slots per warp
 };
 
-inline hc_block_state* hc_state = nullptr;
-inline std::vector<int> hc_smem_storage;
-inline int* hc_dynamic_smem = nullptr;
+// Per thread: the state and dynamic shared memory of the block the thread belongs to.
+inline thread_local hc_block_state* hc_state = nullptr;
+inline thread_local int* hc_dynamic_smem = nullptr;
 constexpr int HC_SMEM_HEAD = 64;
 
+using std::max;
 using std::min;
 
 inline void __syncthreads() { hc_state->block_barrier->arrive_and_wait(); }
@@ -58,6 +60,17 @@ inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+template <typename T>
+inline T __ldcs(const T* p) { return *p; }
+
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) longlong2 { long long x, y; };
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
 
@@ -117,28 +130,55 @@ inline unsigned __match_any_sync(unsigned, int v) {
     });
 }
 
+// One block's barriers, exchange slots and dynamic shared memory (garbage-filled; 64 zero words below it).
+struct hc_block {
+    hc_block_state state;
+    std::vector<int> smem;
+
+    hc_block(unsigned block, size_t smem_bytes, unsigned b) {
+        state.block_barrier = std::make_unique<std::barrier<>>(block);
+        for (unsigned w = 0; w < block / 32; ++w) state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+        state.exchange.assign(block, 0);
+        smem.assign(HC_SMEM_HEAD + smem_bytes / 4 + 1, 0);
+        for (size_t i = HC_SMEM_HEAD; i < smem.size(); ++i) smem[i] = (int)(0x5bd1e995u * (i + b));
+    }
+};
+
+// Start block b's threads (they run kernel() with their block's state) and append them to `threads`.
+inline void hc_start_block(hc_block& blk, unsigned b, unsigned block, const std::function<void()>& kernel,
+                           std::vector<std::thread>& threads) {
+    for (unsigned t = 0; t < block; ++t)
+        threads.emplace_back([t, b, &blk, &kernel] {
+            threadIdx = {t, 1, 1};
+            blockIdx = {b, 1, 1};
+            hc_state = &blk.state;
+            hc_dynamic_smem = blk.smem.data() + HC_SMEM_HEAD;
+            kernel();
+        });
+}
+
 // Run kernel() on grid x block threads, blocks in order, with `smem_bytes` of dynamic shared memory.
 inline void hc_launch(unsigned grid, unsigned block, size_t smem_bytes, const std::function<void()>& kernel) {
     gridDim = {grid, 1, 1};
     blockDim = {block, 1, 1};
     for (unsigned b = 0; b < grid; ++b) {
-        hc_block_state state;
-        state.block_barrier = std::make_unique<std::barrier<>>(block);
-        for (unsigned w = 0; w < block / 32; ++w) state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-        state.exchange.assign(block, 0);
-        hc_state = &state;
-        hc_smem_storage.assign(HC_SMEM_HEAD + smem_bytes / 4 + 1, 0);
-        for (size_t i = HC_SMEM_HEAD; i < hc_smem_storage.size(); ++i) hc_smem_storage[i] = (int)(0x5bd1e995u * (i + b));
-        hc_dynamic_smem = hc_smem_storage.data() + HC_SMEM_HEAD;
+        hc_block blk(block, smem_bytes, b);
         std::vector<std::thread> threads;
         threads.reserve(block);
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([t, b, &kernel] {
-                threadIdx = {t, 1, 1};
-                blockIdx = {b, 1, 1};
-                kernel();
-            });
+        hc_start_block(blk, b, block, kernel, threads);
         for (auto& th : threads) th.join();
-        hc_state = nullptr;
     }
+}
+
+// A cooperative launch: every block's threads run at the same time (grid * block OS threads), so a
+// grid-wide barrier built from global atomics works as on a co-resident GPU grid.
+inline void hc_launch_cooperative(unsigned grid, unsigned block, size_t smem_bytes, const std::function<void()>& kernel) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    std::vector<std::unique_ptr<hc_block>> blocks;
+    for (unsigned b = 0; b < grid; ++b) blocks.push_back(std::make_unique<hc_block>(block, smem_bytes, b));
+    std::vector<std::thread> threads;
+    threads.reserve((size_t)grid * block);
+    for (unsigned b = 0; b < grid; ++b) hc_start_block(*blocks[b], b, block, kernel, threads);
+    for (auto& th : threads) th.join();
 }

@@ -1,6 +1,6 @@
 """moe-plugin-cupy-preprocess: preprocess backend ``cupy`` for hostcore (entry point ``cupy_preprocess``).
 
-One fused, bounds-safe CuPy RawKernel pass from global top-k ids to local ids, per-expert counts and
+One fused, bounds-safe kernel launch from global top-k ids to local ids, per-expert counts and
 the aligned block layout. Layout of the package (one job per module):
 
 ``backend``   the stage object `CupyPreprocess` (Python API, modes, ownership)
@@ -29,7 +29,7 @@ from hostcore.hookspecs import BuildContext, Register
 hostcore_api_version = 1
 
 INSTALL_HINT = "pip install 'moe-plugin-cupy-preprocess[cuda13]' (CUDA 13) or '[cuda12]' (CUDA 12)"
-MIN_CAPABILITY = (7, 0)  # __match_any_sync
+MIN_CAPABILITY = (7, 0)  # __nanosleep (grid barrier), independent thread scheduling
 
 OPTIONS = {
     "mode": Option(str, "safe", "safe: skip and count ids outside the map (no sync); checked: raise on them (syncs); "
@@ -37,8 +37,8 @@ OPTIONS = {
                    ("safe", "checked", "faithful")),
     "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
                                   "shared, global", ("auto", "shared", "global")),
-    "path": Option(str, "auto", "auto: one single-block launch up to 16384 slots, else the multi-block path; "
-                                "block or grid force one", ("auto", "block", "grid")),
+    "path": Option(str, "auto", "auto: one single-block launch up to 16384 slots, else the multi-block path "
+                                "(one cooperative grid_fused launch); block or grid force one", ("auto", "block", "grid")),
 }
 
 

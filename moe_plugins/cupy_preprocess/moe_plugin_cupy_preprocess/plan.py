@@ -308,3 +308,22 @@ def moved_bytes(plan: Plan) -> int:
     id_bytes = 4 if plan.id_dtype == torch.int32 else 8
     aligned = (plan.capacity + plan.num_blocks + 1) * 4 if plan.block_m else 0
     return nk * id_bytes + nk * 4 + plan.num_local * 4 + 4 + aligned
+
+
+def design_bytes(plan: Plan) -> int:
+    """The device-memory traffic this plan's kernels actually cause, by design (a model, not a measurement).
+
+    `moved_bytes` plus what the design adds: grid_fused re-reads local_ids when its keys do not stay in
+    shared memory and exchanges per-block counts (written once, read by every block or scanned in place);
+    the split grid path writes and re-reads a byte key per slot (or re-reads local_ids), and per-tile counts.
+    Every block's copy of a shared-memory map is read from L2 and not counted.
+    """
+    nk = plan.num_slots
+    extra = 0
+    if plan.path == "grid" and plan.fused:
+        hist = plan.num_local * plan.grid_blocks * 4
+        extra = hist * (3 if plan.two_phase else 2) + (0 if plan.keys_in_smem or not plan.block_m else nk * 4)
+    elif plan.path == "grid":
+        keys = 2 * plan.keys8_bytes if plan.keys8_bytes else (nk * 4 if plan.block_m else 0)
+        extra = plan.windows * (2 * plan.window * plan.tiles * 4) + keys
+    return moved_bytes(plan) + extra

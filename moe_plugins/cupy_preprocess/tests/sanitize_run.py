@@ -1,8 +1,8 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-Runs every kernel of the cupy preprocess (single-block path, the three grid kernels, several expert
-windows, map in shared memory, in global memory and absent, int32 and int64 ids, a rank without local
-experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
+Runs every kernel of the cupy preprocess (single-block path, the single-launch grid_fused with one and
+with two grid barriers, the three split grid kernels for many local experts, map in shared memory, in
+global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
 (so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's
 own exit code (``--error-exitcode``) reports what it found.
 
@@ -28,17 +28,21 @@ CASES = [
     (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block path, map in shared memory
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block path, invalid ids counted
     (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block path, no map
-    (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # three grid kernels
-    (20_000, 8, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # map in global memory
-    (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # two expert windows
+    (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # grid_fused, shared map, keys in smem
+    (256, 8, 5, "negative", 8000, 8, torch.int32, {}),  # grid_fused at 512K slots (128 blocks), invalid ids
+    (20_000, 64, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # grid_fused, global map, 312 experts
+    # x 88 blocks > 8192: two grid barriers
+    (20_000, 8, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # 2500 experts: split kernels, global map
+    (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # split kernels, two expert windows
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, one block
-    (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # no local expert
+    (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
 ]
 
 
 def main() -> int:
     start = time.perf_counter()
     seed = time.time_ns() % 1_000_000
+    kernels_run: set[str] = set()
     for i, (e, ep, rank, sentinel, rows, k, dtype, options) in enumerate(CASES):
         case = make_case(e, ep, rank, sentinel, rows, k, seed=seed + i, dtype=dtype)
         local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.cuda())
@@ -46,6 +50,10 @@ def main() -> int:
         stage = CupyPreprocess(ctx, mode="safe", **options)
         ids = case.ids.cuda()
         for block_m in (None, 16):
+            plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
+            kernels_run.update(plan.kernel_names)
+            if plan.fused and plan.two_phase:
+                kernels_run.add("grid_fused two-phase")
             got = stage.preprocess(ids, block_m)
             torch.cuda.synchronize()
             try:
@@ -53,7 +61,13 @@ def main() -> int:
             except AssertionError as exc:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
-    print(f"sanitize workload OK: {len(CASES)} cases x 2, seed {seed}, {time.perf_counter() - start:.1f} s")
+    missing = {"block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
+               "grid_place"} - kernels_run
+    if missing:
+        print(f"MISMATCH: the workload did not run {sorted(missing)}")
+        return 1
+    print(f"sanitize workload OK: {len(CASES)} cases x 2, seed {seed}, kernels {sorted(kernels_run)}, "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 

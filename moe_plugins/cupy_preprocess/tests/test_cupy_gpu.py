@@ -237,6 +237,43 @@ def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyP
 
 
 @real_gpu_only
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_fused_grid_kernel_guarded_reused_and_replayed(stage: Callable[..., CupyPreprocess], dtype: torch.dtype) -> None:
+    """The single-launch cooperative kernel at 2M slots (several tiles per block): poisoned, guarded buffers
+    reused by three calls on fresh ids, then a CUDA graph of it replayed on fresh ids."""
+    rows = (1 << 21) // 8
+    case = on_device(make_case(256, 8, 2, "non_local", rows_per_rank=rows // 8, top_k=8, seed=seed("fused", dtype),
+                               dtype=dtype))
+    backend = stage(case)
+    plan = backend.plan(rows, 8, dtype, 16)
+    assert plan.path == "grid" and plan.fused and plan.chunk > 4096, plan
+    buffers, backing = guarded_buffers(plan, DEVICE)
+    gen = torch.Generator().manual_seed(seed("fused-ids", dtype))
+    static_ids = case.ids.clone()
+    for _ in range(3):
+        fresh, _ = make_ids(256, 8, rows // 8, 8, case.sentinel, gen, dtype)
+        static_ids.copy_(fresh)
+        routing = backend.preprocess_into(static_ids, buffers)
+        check_guards(backing)
+        assert int(buffers.done[0].item()) == 0
+        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
+        assert_matches(routing, torch_reference(now, 16), 16, f"fused {dtype}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        routing = backend.preprocess_into(static_ids, buffers)
+    for _ in range(2):
+        fresh, _ = make_ids(256, 8, rows // 8, 8, case.sentinel, gen, dtype)
+        static_ids.copy_(fresh)
+        for t in (buffers.local_ids, buffers.sorted_slot_ids, buffers.block_expert_ids, buffers.expert_counts):
+            t.fill_(-777)
+        graph.replay()
+        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
+        assert_matches(routing, torch_reference(now, 16), 16, f"fused graph replay {dtype}")
+        check_guards(backing)
+    assert int(buffers.done[0].item()) == 0
+
+
+@real_gpu_only
 def test_runs_on_torchs_current_stream(stage: Callable[..., CupyPreprocess]) -> None:
     case = on_device(make_case(256, 8, 1, "non_local", rows_per_rank=2000, top_k=8, seed=seed("stream")))
     backend = stage(case)

@@ -1,6 +1,8 @@
 // Fused expert-map preprocess for hostcore: global top-k ids -> local ids, per-expert counts and the
-// aligned block layout (hostcore.contract.AlignedLayout), in one launch for small inputs and three
-// launches for large ones.
+// aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: block_preprocess
+// (one block) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
+// grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
+// more than 1024 local experts and for devices without cooperative launches.
 //
 // Compiled at run time by CuPy (NVRTC, no includes) with the template instantiations named in
 // moe_plugin_cupy_preprocess/jit.py; `nvcc -DHOSTCORE_NVCC_CHECK -arch=sm_90 -Xptxas -v -c` compiles the

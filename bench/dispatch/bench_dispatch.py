@@ -237,11 +237,13 @@ def time_eager(steps: dict[str, Step], clock: Clock, device: torch.device, warmu
     """Eager timing of every contender, interleaved: each iteration runs each contender once, in an order
     rotated by one per iteration, so host jitter and clock drift hit all contenders alike.
 
-    Returns per contender ``{dispatch_us, combine_us, total_us}`` (medians) or ``{"error": ...}``; a contender
+    Returns per contender ``{dispatch_us, combine_us, total_us, host_us}`` (medians; ``host_us``: host time
+    of the dispatch and combine calls; close to ``total_us`` means the eager step waits on the host) or ``{"error": ...}``; a contender
     that raises is dropped from the remaining iterations (every rank makes the same calls, so all drop it).
     """
     names = list(steps)
     marks: dict[str, list[tuple[Any, Any, Any]]] = {n: [] for n in names}
+    host: dict[str, list[float]] = {n: [] for n in names}
     errors: dict[str, str] = {}
     for i in range(warmup + iters):
         live = [n for n in names if n not in errors]
@@ -250,15 +252,18 @@ def time_eager(steps: dict[str, Step], clock: Clock, device: torch.device, warmu
             try:
                 line_up(device)
                 a = clock.stamp()
+                t0 = time.perf_counter()
                 steps[name].dispatch()
                 b = clock.stamp()
                 steps[name].combine()
+                t1 = time.perf_counter()
                 c = clock.stamp()
             except Exception as exc:  # noqa: BLE001 - recorded in the report, the other contenders go on
                 errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 continue
             if i >= warmup:
                 marks[name].append((a, b, c))
+                host[name].append((t1 - t0) * 1e6)
     clock.sync()
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -267,7 +272,8 @@ def time_eager(steps: dict[str, Step], clock: Clock, device: torch.device, warmu
             continue
         out[name] = {"dispatch_us": statistics.median(clock.us(a, b) for a, b, _ in marks[name]),
                      "combine_us": statistics.median(clock.us(b, c) for _, b, c in marks[name]),
-                     "total_us": statistics.median(clock.us(a, c) for a, _, c in marks[name])}
+                     "total_us": statistics.median(clock.us(a, c) for a, _, c in marks[name]),
+                     "host_us": statistics.median(host[name])}
     return out
 
 
@@ -437,7 +443,7 @@ def main() -> int:
                 if errs:
                     row["eager"][name] = {"error": errs[0]}
                     continue
-                res = {k: max(m[name][k] for m in every) for k in ("dispatch_us", "combine_us", "total_us")}
+                res = {k: max(m[name][k] for m in every) for k in ("dispatch_us", "combine_us", "total_us", "host_us")}
                 res["total_us_per_rank"] = [m[name]["total_us"] for m in every]
                 res["gbps"] = {"dispatch": row["bytes_per_rank"]["dispatch"] / res["dispatch_us"] / 1e3,
                                "combine": row["bytes_per_rank"]["combine"] / res["combine_us"] / 1e3}
@@ -505,13 +511,13 @@ def table(report: dict[str, Any]) -> str:
     head = (f"dispatch+combine, EP {report['ep']} on {report['gpu']} (max over ranks of the median, us); "
             f"NCCL all-reduce busbw {report['nccl_allreduce']['busbw_gbps']:.0f} GB/s")
     cols = ["shape", "T", "plugin d/c/total", "raw total", "torch_a2a total", "speedup", "plugin/raw",
-            "graph plugin/raw/a2a", "GB/s d/c"]
+            "host plugin/raw/a2a", "graph plugin/raw/a2a", "GB/s d/c"]
     lines = [head, " | ".join(cols)]
     for r in report["results"]:
         e, g = r["eager"], r["graph"]
 
-        def tot(d: dict[str, Any], n: str) -> str:
-            return f"{d[n]['total_us']:.1f}" if "total_us" in d.get(n, {}) else ("ERR" if n in d else "-")
+        def tot(d: dict[str, Any], n: str, key: str = "total_us") -> str:
+            return f"{d[n][key]:.1f}" if key in d.get(n, {}) else ("ERR" if n in d else "-")
 
         p = e.get(MAIN, {})
         plugin = f"{p['dispatch_us']:.1f}/{p['combine_us']:.1f}/{p['total_us']:.1f}" if "total_us" in p else "ERR"
@@ -519,6 +525,7 @@ def table(report: dict[str, Any]) -> str:
         sp = f"{r['speedup_eager']:.2f}x" if r.get("speedup_eager") else "-"
         po = f"{r['plugin_over_raw_eager']:.2f}x" if r.get("plugin_over_raw_eager") else "-"
         lines.append(" | ".join([r["shape"], str(r["tokens_per_rank"]), plugin, tot(e, RAW), tot(e, PEER), sp, po,
+                                 "/".join(tot(e, n, "host_us") for n in (MAIN, RAW, PEER)),
                                  f"{tot(g, MAIN)}/{tot(g, RAW)}/{tot(g, PEER)}", gb]))
     for mode, checks in report.get("goals", {}).items():
         for goal, v in checks.items():

@@ -81,6 +81,7 @@ class FlashInferOneSidedDispatch:
         self._reduce_device = device if "nccl" in backend and device.type == "cuda" else torch.device("cpu")
         self._pending: _Pending | None = None
         self._combine_buffer: torch.Tensor | None = None
+        self._accepted: set[tuple[Any, ...]] = set()  # input signatures that passed `_validate`
 
     def __repr__(self) -> str:
         g = self.geometry
@@ -108,9 +109,24 @@ class FlashInferOneSidedDispatch:
 
     def _checked(self, tokens: PreparedTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor | None]:
-        """Metadata checks only (no device sync); contiguous tensors as FlashInfer requires."""
-        g = self.geometry
+        """Metadata checks only (no device sync); contiguous tensors as FlashInfer requires.
+
+        The checks depend only on shapes, dtypes and devices: a signature that passed once is not checked
+        again (the per-forward cost is then one tuple and a set lookup).
+        """
         hidden, ids, weights, scales = tokens.hidden, tokens.topk_ids, tokens.topk_weights, tokens.scales
+        signature = (hidden.shape, hidden.dtype, hidden.device, ids.shape, ids.dtype, ids.device, weights.shape,
+                     weights.dtype, weights.device, None if scales is None else (scales.shape, scales.dtype))
+        if signature not in self._accepted:
+            self._validate(hidden, ids, weights, scales)
+            if len(self._accepted) < 256:  # bounded: a server sees a handful of token counts per layer
+                self._accepted.add(signature)
+        return (hidden.contiguous(), ids.contiguous(), weights.contiguous(),
+                None if scales is None else scales.contiguous())
+
+    def _validate(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  scales: torch.Tensor | None) -> None:
+        g = self.geometry
         if hidden.dim() != 2 or hidden.shape[1] != g.hidden_size:
             raise ContractError(f"hidden must be [T, H={g.hidden_size}], got {tuple(hidden.shape)}")
         t = hidden.shape[0]
@@ -134,11 +150,9 @@ class FlashInferOneSidedDispatch:
                     f"quantized hidden + scales take {row} bytes per token, but the workspace reserves "
                     f"{g.bytes.hidden + g.bytes.extra} ({g.bytes.hidden} for hidden, {g.bytes.extra} for scales); "
                     f"build the dispatch with flashinfer_onesided(scale_bytes_per_token={row - g.bytes.hidden})")
-            scales = scales.contiguous()
         for name, x in (("hidden", hidden), ("topk_ids", ids), ("topk_weights", weights)):
             if x.device != self.device:
                 raise ContractError(f"{name} is on {x.device}, but this dispatch was built for {self.device}")
-        return hidden.contiguous(), ids.contiguous(), weights.contiguous(), scales
 
     def _agree_rows(self, tokens: int) -> int:
         """``max(T)`` over the group: one all-reduce and a host sync (callers that know ``R`` pass it)."""

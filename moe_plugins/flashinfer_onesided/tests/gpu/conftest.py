@@ -133,7 +133,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call" or report.outcome != "passed":
         text = "" if report.passed else (report.longreprtext or "")[-2000:]
         _RESULTS.append({"test": report.nodeid.split("::", 1)[-1], "when": report.when, "outcome": report.outcome,
-                         "seconds": round(report.duration, 3), "detail": text})
+                         "seconds": round(report.duration, 3), "detail": text,
+                         **({"measured": dict(report.user_properties)} if report.user_properties else {})})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -51,7 +51,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_full_layer_graph_replay_matches_eager_and_dense(ranks: Any, cuda_only: None, strategy: str) -> None:
+def test_full_layer_graph_replay_matches_eager_and_dense(ranks: Any, cuda_only: None, strategy: str,
+                                                         record_property: Any) -> None:
     _gpu_plugins_or_skip(ranks)
     shape = get_shape(SHAPE)
     counts = _counts(ranks.world)
@@ -96,6 +97,6 @@ def test_full_layer_graph_replay_matches_eager_and_dense(ranks: Any, cuda_only: 
         vs_dense = _rel_err(replayed, ref)
         ranks.expect(vs_eager < 2e-3, f"{strategy} seed {s}: replay vs eager rel err {vs_eager:.2e}")
         ranks.expect(vs_dense < REL_TOL, f"{strategy} seed {s}: replay vs float64 dense rel err {vs_dense:.2e}")
-        print(f"[rank {ranks.rank}] {strategy} seed {s}: T={counts[ranks.rank]} R={rows} "
-              f"replay vs eager {vs_eager:.2e}, vs dense {vs_dense:.2e}", flush=True)
+        record_property(f"seed {s}", {"tokens": counts[ranks.rank], "rows_per_rank": rows,
+                                      "replay_vs_eager": vs_eager, "replay_vs_dense": vs_dense})
     ranks.verdict()

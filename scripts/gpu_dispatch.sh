@@ -10,6 +10,9 @@
 # prebuilt JIT module (add ~3 minutes if FlashInfer has to compile it); a global budget (BUDGET_S, default
 # 540 s) keeps the whole run under the 10-minute command limit.
 #
+# GPU_DISPATCH_STEPS="setup warmup bench" runs only the named steps; BENCH_EXTRA_ARGS (e.g. "--profile 200")
+# is appended to the main benchmark's arguments.
+#
 # Steps (each logged; a failing step does not stop the others; exit status = number of failed steps):
 #   setup       install .whl into /tmp/site exactly as ../shared/gpu/wheelhouse.py says, the prebuilt JIT
 #               cache into ~/.cache, hostcore + sentinel + this plugin editable (fallback: entry-point metadata)
@@ -63,6 +66,7 @@ remaining() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 step() {
     local name=$1 max=$2 log=$3; shift 3
     local left limit t0 rc note=""
+    if [[ -n "${GPU_DISPATCH_STEPS:-}" && " $GPU_DISPATCH_STEPS " != *" $name "* ]]; then return 0; fi
     left=$(remaining)
     limit=$(( max < left - 10 ? max : left - 10 ))
     t0=$(date +%s)
@@ -144,7 +148,7 @@ python3 bench/dispatch/summarize.py merge-gpu "$WORK/gpu" "$OUT/gpu-tests-ep$N.j
 BENCH_LOG="$OUT/bench-ep$N.log"
 : >"$BENCH_LOG"
 step bench 300 "$BENCH_LOG" python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
-    bench/dispatch/bench_dispatch.py --out "$WORK/bench" "${BENCH_ARGS[@]}"
+    bench/dispatch/bench_dispatch.py --out "$WORK/bench" "${BENCH_ARGS[@]}" ${BENCH_EXTRA_ARGS:-}
 # torch_a2a captured in CUDA graphs too, on fewer sizes (a separate run: a failed capture of NCCL work must
 # not cost the main table).
 step bench-graph-peer 150 "$BENCH_LOG" python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \

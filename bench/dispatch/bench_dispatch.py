@@ -277,6 +277,34 @@ def time_eager(steps: dict[str, Step], clock: Clock, device: torch.device, warmu
     return out
 
 
+def host_profile(label: str, step: Step, device: torch.device, iters: int) -> None:
+    """cProfile ``iters`` eager steps on rank 0 (every rank runs them: they are collectives) and print the
+    functions with the most own time, to show where a contender's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(10):
+        line_up(device)
+        step.dispatch()
+        step.combine()
+    profiler = cProfile.Profile()
+    for _ in range(iters):
+        line_up(device)
+        if dist.get_rank() == 0:
+            profiler.enable()
+        step.dispatch()
+        step.combine()
+        if dist.get_rank() == 0:
+            profiler.disable()
+    if dist.get_rank() == 0:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        per_step = sum(v[2] for v in pstats.Stats(profiler).stats.values()) / iters * 1e6
+        print(f"[bench_dispatch] host profile {label}: {per_step:.1f} us own time per step over {iters} steps\n"
+              f"{text.getvalue()}", flush=True)
+
+
 def capture(step: Step) -> torch.cuda.CUDAGraph:
     """One dispatch+combine captured after an eager run on a side stream (as torch's graph docs require)."""
     side = torch.cuda.Stream()
@@ -374,6 +402,9 @@ def main() -> int:
     ap.add_argument("--no-extras", action="store_true", help="skip the agree-R and moe_ep variants")
     ap.add_argument("--allreduce-gib", type=float, default=1.0)
     ap.add_argument("--dry-run", action="store_true", help="CPU ranks + the fake FlashInfer: check the script")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also cProfile N eager steps of the plugin and of raw MoeAlltoAll on rank 0 (first size of "
+                         "each shape) and print where their host time goes")
     args = ap.parse_args()
     tokens_list = [int(t) for t in args.tokens.split(",")]
     shapes = [s for s in args.shapes.split(",") if s]
@@ -430,6 +461,9 @@ def main() -> int:
                                                   "workspace_mib": cont.plugin.workspace_bytes / 2**20}
         for tokens in tokens_list:
             steps, tok = cont.steps(tokens)
+            if args.profile and tokens == tokens_list[0]:
+                for name in (MAIN, RAW):
+                    host_profile(f"{shape} T={tokens} {name}", steps[name], device, args.profile)
             d_bytes, c_bytes = payload_bytes(tok, shape, ep)
             row: dict[str, Any] = {"shape": shape, "hidden": SHAPES[shape][0], "top_k": SHAPES[shape][1],
                                    "experts": SHAPES[shape][2], "tokens_per_rank": tokens, "rows_per_rank": tokens,

@@ -3,9 +3,9 @@
 #
 #   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [bench] [benchquick] [variants]
 #
-# variants: the GPU tests of the non-default kernel/plan variants (MOE_MARLIN_VARIANT; stream-K, waves), then
-# bench/marlin/bench_variants.py (every variant vs the peer, correctness-checked first) -> $OUT/marlin-variants.json.
-# Any phase can run a variant: e.g. MOE_MARLIN_VARIANT=sk scripts/gpu_marlin.sh quicktest.
+# variants: the GPU tests of the non-default kernel flavour (MOE_MARLIN_VARIANT=lean: variant sweep, lean vs base
+# on every tile), then bench/marlin/bench_variants.py (base and lean vs the peer, correctness-checked first) ->
+# $OUT/marlin-variants.json. Any phase can run a variant: e.g. MOE_MARLIN_VARIANT=lean scripts/gpu_marlin.sh quicktest.
 #
 # Writes logs under $OUT (default ./out): log.txt (everything), pytest.log, sweep.jsonl, GPU_RESULTS.md,
 # sanitizer.log, marlin-h100.json, marlin-h100.png. Prints a short summary table last.
@@ -49,11 +49,11 @@ if os.path.exists(".peer/_moe_C_stable_libtorch.abi3.so"):
 ks = jit.kernel_set(0, True, 128)
 for (cfg, g2), fn in ks.gemm.items():
     a = fn.attributes
-    print(f"  {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={cfg.smem_bytes(128)}")
-t = time.perf_counter(); ks = jit.kernel_set(0, True, 128, True); print(f"compile bf16/g128 + stream-K: {time.perf_counter()-t:.1f} s")
-for (cfg, g2), fn in ks.gemm_sk.items():
+    print(f"  {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={ks.smem[cfg]}")
+t = time.perf_counter(); ks = jit.kernel_set(0, True, 128, True); print(f"compile bf16/g128 lean: {time.perf_counter()-t:.1f} s")
+for (cfg, g2), fn in ks.gemm.items():
     a = fn.attributes
-    print(f"  stream-K {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={cfg.sk_smem_bytes(128)}")
+    print(f"  lean {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={ks.smem[cfg]}")
 PY
     rc=$?; record setup "$([ $rc = 0 ] && echo ok || echo FAIL)" "install, registry, compile"
     ;;
@@ -117,7 +117,7 @@ PY
     ;;
   variants)
     phase variants
-    timeout 140 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or streamk" \
+    timeout 160 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or lean" \
       --durations=5 2>&1 | tee "$OUT/pytest-variants.log" | tail -15
     rc=${PIPESTATUS[0]}
     record vtests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUT/pytest-variants.log")"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time every kernel/plan variant of the ``marlin`` backend against the peer, in one process, on one GPU.
+"""Time every kernel variant of the ``marlin`` backend (base, lean) against the peer, in one process, on one GPU.
 
 For each shape (default qwen3-30b-a3b, mixtral-8x7b) and M (default 1,4,16,64,256 tokens): one stage, 8
 routing sets (weights come from DRAM, as in bench_marlin.py), then for each variant of

@@ -98,24 +98,6 @@ class TileConfig:
         stages = self.stages or self.resolved().stages
         return max(stages * self.stage_bytes(group_size), self.red_bytes)
 
-    def sk_resolved(self) -> TileConfig:
-        """This configuration for the stream-K kernel: the reduction area is separate from the pipeline
-        (which keeps loading the next tile while a tile is reduced), so fewer stages fit the budget."""
-        if self.stages:
-            return self
-        forced = int(os.environ.get("MOE_MARLIN_STAGES") or 0)
-        fit = (SMEM_PER_CTA[self.m_tiles] - self.red_bytes) // self.stage_bytes()
-        return TileConfig(self.m_tiles, self.n_warps, self.kw, forced or max(2, min(MAX_STAGES, fit)))
-
-    def sk_smem_bytes(self, group_size: int | None) -> int:
-        """Dynamic shared memory of `moe_marlin_gemm_sk`: pipeline stages + the reduction area."""
-        return self.stages * self.stage_bytes(group_size) + self.red_bytes
-
-    @property
-    def ctas_per_sm(self) -> int:
-        """Resident CTAs per SM the kernels' launch bounds and `SMEM_PER_CTA` are sized for (Hopper)."""
-        return {1: 3, 2: 2, 4: 1}[self.m_tiles]
-
 
 TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
     TileConfig(1, 4), TileConfig(1, 2), TileConfig(1, 1),
@@ -123,13 +105,6 @@ TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
     TileConfig(4, 4),
 ))
 """Every configuration compiled for a stage (12 GEMM kernels with both GEMMs)."""
-
-SK_TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.sk_resolved() for c in (
-    TileConfig(1, 4), TileConfig(1, 2), TileConfig(2, 4), TileConfig(2, 2),
-))
-"""Configurations of the stream-K kernel (`kernel_set(..., streamk=True)`; 8 more GEMM kernels). Only 16- and
-32-row blocks: a 64-row tile's separate reduction area (64 KiB) would leave 2 pipeline stages."""
-
 
 def availability() -> str | None:
     """``None`` if the kernels can run here, else why not. Cheap; never raises."""
@@ -155,14 +130,17 @@ def import_cupy() -> Any:
     return cupy
 
 
-def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
+def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool, lean: bool = False) -> str:
+    """Name expression of one `moe_marlin_gemm` instantiation (``lean``: the LEAN hot loop)."""
     b = lambda v: "true" if v else "false"  # noqa: E731
     return (f"marlin::moe_marlin_gemm<{b(bf16)},{cfg.m_tiles},{cfg.n_warps},{cfg.kw},{cfg.stages},{b(grouped)},"
-            f"{b(gemm2)}>")
+            f"{b(gemm2)},{b(lean)}>")
 
 
-def sk_gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
-    return gemm_name(bf16, cfg, grouped, gemm2).replace("moe_marlin_gemm<", "moe_marlin_gemm_sk<")
+def smem_group_size(group_size: int | None, lean: bool) -> int | None:
+    """Group size the shared-memory layout is sized for: the LEAN kernel reserves the worst case (16) for
+    every grouped layout, so its stage offsets are compile-time constants."""
+    return 16 if lean and group_size is not None else group_size
 
 
 def sum_name(bf16: bool) -> str:
@@ -177,21 +155,19 @@ class KernelSet:
 
     ``gemm[(cfg, gemm2)]`` are CuPy ``RawKernel`` objects with their dynamic
     shared-memory limit raised for ``group_size``; ``align`` and ``topk_sum``
-    likewise. ``gemm_sk[(cfg, gemm2)]``: the stream-K kernels, present only when
-    built with ``streamk=True`` (an experimental variant, see `kernels.VARIANTS`).
+    likewise; ``smem[cfg]`` is the dynamic shared memory a GEMM launch of ``cfg``
+    passes. ``lean``: the GEMMs are the LEAN flavour of the kernel (`kernels.VARIANTS`).
     Built once per process and cached (`kernel_set`).
     """
 
-    def __init__(self, device_index: int, bf16: bool, group_size: int | None, streamk: bool = False) -> None:
+    def __init__(self, device_index: int, bf16: bool, group_size: int | None, lean: bool = False) -> None:
         cupy = import_cupy()
         self.device_index = device_index
         self.bf16 = bf16
         self.group_size = group_size
-        self.streamk = streamk
+        self.lean = lean
         grouped = group_size is not None
-        names = [gemm_name(bf16, c, grouped, g2) for c in TILE_CONFIGS for g2 in (False, True)]
-        if streamk:
-            names += [sk_gemm_name(bf16, c, grouped, g2) for c in SK_TILE_CONFIGS for g2 in (False, True)]
+        names = [gemm_name(bf16, c, grouped, g2, lean) for c in TILE_CONFIGS for g2 in (False, True)]
         names += [sum_name(bf16)]
         backend = os.environ.get("MOE_MARLIN_JIT_BACKEND", "nvrtc")
         with cupy.cuda.Device(device_index):
@@ -206,17 +182,13 @@ class KernelSet:
                               RuntimeWarning, stacklevel=2)
                 self.module = _compile(cupy, "nvcc", names)
             self.gemm: dict[tuple[TileConfig, bool], Any] = {}
+            self.smem: dict[TileConfig, int] = {}
             for cfg in TILE_CONFIGS:
+                self.smem[cfg] = cfg.smem_bytes(smem_group_size(group_size, lean))
                 for g2 in (False, True):
-                    fn = self.module.get_function(gemm_name(bf16, cfg, grouped, g2))
-                    fn.max_dynamic_shared_size_bytes = cfg.smem_bytes(group_size)
+                    fn = self.module.get_function(gemm_name(bf16, cfg, grouped, g2, lean))
+                    fn.max_dynamic_shared_size_bytes = self.smem[cfg]
                     self.gemm[(cfg, g2)] = fn
-            self.gemm_sk: dict[tuple[TileConfig, bool], Any] = {}
-            for cfg in SK_TILE_CONFIGS if streamk else ():
-                for g2 in (False, True):
-                    fn = self.module.get_function(sk_gemm_name(bf16, cfg, grouped, g2))
-                    fn.max_dynamic_shared_size_bytes = cfg.sk_smem_bytes(group_size)
-                    self.gemm_sk[(cfg, g2)] = fn
             self.topk_sum = self.module.get_function(sum_name(bf16))
             self.align = self.module.get_function(ALIGN_NAME)
             self.align.max_dynamic_shared_size_bytes = 3 * 4 * MAX_LOCAL_EXPERTS
@@ -243,8 +215,7 @@ def _compile(cupy: Any, backend: str, names: list[str]) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_set(device_index: int, bf16: bool, group_size: int | None, streamk: bool = False) -> KernelSet:
-    """The compiled `KernelSet` for this device, dtype and scale layout (compiles on first use).
-
-    ``streamk=True`` adds the stream-K kernels (a superset of the default set, compiled as its own module)."""
-    return KernelSet(device_index, bf16, group_size, streamk)
+def kernel_set(device_index: int, bf16: bool, group_size: int | None, lean: bool = False) -> KernelSet:
+    """The compiled `KernelSet` for this device, dtype, scale layout and kernel flavour (compiles on first
+    use; each flavour is its own module, so a stage compiles only the one it runs)."""
+    return KernelSet(device_index, bf16, group_size, lean)

@@ -8,7 +8,6 @@ dtypes are the caller's contract (`moe_plugin_marlin.stage` validates them once)
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -17,36 +16,21 @@ import torch
 
 from hostcore.contract import aligned_capacity
 
-from .jit import (
-    ALIGN_THREADS,
-    SK_TILE_CONFIGS,
-    THREADS,
-    TILE_CONFIGS,
-    KernelSet,
-    TileConfig,
-)
+from .jit import ALIGN_THREADS, THREADS, TILE_CONFIGS, KernelSet, TileConfig
 
-VARIANTS: dict[str, tuple[str, str]] = {
-    "base": ("base", "base"),
-    "waves": ("waves", "waves"),
-    "sk": ("sk", "sk"),
-    "sk2": ("waves", "sk"),
+VARIANTS: dict[str, bool] = {
+    "base": False,
+    "lean": True,
 }
-"""Kernel/plan variants (experiments until a GPU measurement picks a default), as (GEMM1 mode, GEMM2 mode):
+"""Kernel flavours (name -> LEAN template flag of ``moe_marlin_gemm``), same tiles and plans:
 
-* ``base``: the launch-per-tile kernel with the original heuristic (the default);
-* ``waves``: the same kernel, tile width (GEMM1) and K splits (GEMM2) chosen to minimise the number of
-  CTA waves per unit of work, for the *expected* number of non-empty blocks (distinct experts hit by
-  uniform routing) instead of ``min(num_local, slots)``;
-* ``sk``: the stream-K kernel (`moe_marlin_gemm_sk`) for both GEMMs at 16/32-row blocks (64-row
-  blocks fall back to ``base``); GEMM1 zeroes GEMM2's output, so there is no memset launch;
-* ``sk2``: ``waves`` for GEMM1, stream-K for GEMM2.
+* ``base``: the run-6 kernel (the default until a GPU run has compared the two);
+* ``lean``: the same tiles, layout, pipeline and epilogue with a shorter hot loop (one-LOP3 dequant,
+  group scales through a half-broadcast HMUL2 operand, source pointers advanced by a fixed stride, no
+  branches around copies): 24.6 instead of 35.5 SASS instructions per 32-bit weight word (bf16, g128,
+  bm16/tn256/tk64), see bench/marlin/NOTES.md "Run 7 prep". Not measured on a GPU yet.
 
 Selected by ``MOE_MARLIN_VARIANT`` (read when a stage is built) or `MarlinExperts.set_variant`."""
-
-SK_MIN_UNITS = int(os.environ.get("MOE_MARLIN_SK_MIN_UNITS") or 8)
-"""Stream-K grid: at least this many expected (tile, k-step) units per CTA, so the pipeline fill (STAGES - 1
-units) stays small against the work (the base kernel's smallest grids also give each CTA ~8 steps)."""
 
 
 def default_variant() -> str:
@@ -59,26 +43,10 @@ def default_variant() -> str:
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """How one GEMM is launched: tile configuration and K splits (GEMM2 only), or stream-K.
-
-    ``streamk``: launch `moe_marlin_gemm_sk` with ``grid`` persistent CTAs (``k_splits`` is then 1: the
-    kernel splits K itself wherever a CTA's share of the work ends inside a tile)."""
+    """How one GEMM is launched: tile configuration and K splits (GEMM2 only)."""
 
     cfg: TileConfig
     k_splits: int = 1
-    streamk: bool = False
-    grid: int = 0
-
-
-def expected_blocks(num_slots: int, num_local: int, block_m: int) -> float:
-    """Expected non-empty ``block_m``-row blocks for ``num_slots`` slots routed uniformly over ``num_local``
-    experts: distinct experts ``L (1 - (1 - 1/L)^slots)``, each with ``ceil(rows / block_m)`` blocks
-    (about ``rows / block_m + 1/2`` once an expert gets more than one block)."""
-    if num_slots <= 0 or num_local <= 0:
-        return 0.0
-    distinct = num_local * (1.0 - (1.0 - 1.0 / num_local) ** num_slots)
-    per = num_slots / distinct
-    return distinct * (1.0 if per <= block_m else per / block_m + 0.5)
 
 
 def _ptr(t: torch.Tensor) -> np.uint64:
@@ -105,23 +73,17 @@ def choose_block_m(num_slots: int, num_local: int) -> int:
 
 
 def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, sm_count: int,
-              allow_split: bool, override: tuple[int, int] | None = None, mode: str = "base") -> GemmPlan:
+              allow_split: bool, override: tuple[int, int] | None = None) -> GemmPlan:
     """Pick the tile and K splits for one GEMM from static shapes only (no device sync).
 
-    ``mode="base"``: GEMM1 (``allow_split=False``): the widest tile that still
+    GEMM1 (``allow_split=False``): the widest tile that still
     fills one wave of 2 CTAs per SM with the expected number of blocks, else the
     narrowest. GEMM2: the widest tile, split along K (fp32 atomics) until about
     4 CTAs per SM are busy, keeping >= 4 pipeline steps per split. Chosen from a
-    tile sweep on an H100 (bench/marlin). ``mode="waves"`` / ``"sk"``: see
-    `VARIANTS`. ``override = (n_warps, k_splits)`` forces a base-kernel choice.
+    tile sweep on an H100 (bench/marlin). ``override = (n_warps, k_splits)``
+    forces a choice.
     """
     m_tiles = block_m // 16
-    if mode == "sk" and override is None:
-        sk = _plan_streamk(n_out, k, num_slots, num_local, block_m, sm_count)
-        if sk is not None:
-            return sk
-    if mode == "waves" and override is None:
-        return _plan_waves(n_out, k, num_slots, num_local, block_m, sm_count, allow_split)
     fits = [c for c in TILE_CONFIGS if c.m_tiles == m_tiles and n_out % c.tn == 0 and k % c.tk == 0]
     if not fits:
         raise ValueError(f"no tile configuration for N={n_out}, K={k}, block_m={block_m}")
@@ -143,46 +105,6 @@ def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, 
         if blocks * (n_out // c.tn) >= 2 * sm_count:
             return GemmPlan(c)
     return GemmPlan(fits[-1])
-
-
-def _fits(n_out: int, k: int, block_m: int, configs: tuple[TileConfig, ...]) -> list[TileConfig]:
-    """Configurations of ``block_m`` rows that tile ``n_out x k``, widest first."""
-    fits = [c for c in configs if c.bm == block_m and n_out % c.tn == 0 and k % c.tk == 0]
-    return sorted(fits, key=lambda c: -c.tn)
-
-
-def _plan_waves(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, sm_count: int,
-                allow_split: bool) -> GemmPlan:
-    """``waves`` mode. Model: every resident CTA streams weights at the same rate, so a launch takes
-    ``ceil(ctas / resident)`` waves of one CTA's work (``tn * k / splits`` weights); minimise that product
-    over tile widths (GEMM1) or K splits of the widest tile (GEMM2, >= 4 pipeline steps per split), for
-    `expected_blocks` blocks. Ties go to the wider tile / fewer splits (fewer atomics)."""
-    fits = _fits(n_out, k, block_m, TILE_CONFIGS)
-    if not fits:
-        raise ValueError(f"no tile configuration for N={n_out}, K={k}, block_m={block_m}")
-    blocks = max(1.0, expected_blocks(num_slots, num_local, block_m))
-    if allow_split:
-        c = fits[0]
-        resident = sm_count * c.ctas_per_sm
-        tiles = blocks * (n_out // c.tn)
-        best = min(range(1, max(1, min(8, (k // c.tk) // 4)) + 1),
-                   key=lambda s: (math.ceil(tiles * s / resident - 1e-9) / s, s))
-        return GemmPlan(c, best)
-    resident = sm_count * fits[0].ctas_per_sm
-    return GemmPlan(min(fits, key=lambda c: (math.ceil(blocks * (n_out // c.tn) / resident - 1e-9) * c.tn, -c.tn)))
-
-
-def _plan_streamk(n_out: int, k: int, num_slots: int, num_local: int, block_m: int,
-                  sm_count: int) -> GemmPlan | None:
-    """``sk`` mode: the widest stream-K tile, one CTA per resident slot, fewer when the expected work gives
-    a CTA under `SK_MIN_UNITS` (tile, k-step) units; None when no stream-K tile fits (64-row blocks)."""
-    fits = _fits(n_out, k, block_m, SK_TILE_CONFIGS)
-    if not fits:
-        return None
-    c = fits[0]
-    units = max(1.0, expected_blocks(num_slots, num_local, block_m)) * (n_out // c.tn) * (k // c.tk)
-    grid = max(1, min(sm_count * c.ctas_per_sm, int(units // SK_MIN_UNITS)))
-    return GemmPlan(c, 1, streamk=True, grid=grid)
 
 
 def launch_align(ks: KernelSet, local_ids: torch.Tensor, num_local: int, block_m: int,
@@ -228,42 +150,7 @@ def launch_gemm(ks: KernelSet, plan: GemmPlan, gemm2: bool, a: torch.Tensor, a_r
             (_ptr(a), _i32(a_row_div), _i32(k), _i32(n_out), _ptr(weights), _ptr(scales), _i32(g_log2),
              _i32(num_local), _ptr(sorted_slot_ids), _ptr(block_expert_ids), _ptr(num_post_padded),
              _i32(num_mblocks), _i32(num_slots), _i32(plan.k_splits), _ptr(tw), _ptr(out)),
-            shared_mem=cfg.smem_bytes(group_size))
-
-
-def launch_gemm_sk(ks: KernelSet, plan: GemmPlan, gemm2: bool, a: torch.Tensor, a_row_div: int, k: int,
-                   n_out: int, weights: torch.Tensor, scales: torch.Tensor, group_size: int | None,
-                   num_local: int, sorted_slot_ids: torch.Tensor, block_expert_ids: torch.Tensor,
-                   num_post_padded: torch.Tensor, num_mblocks: int, num_slots: int,
-                   topk_weights: torch.Tensor | None, out: torch.Tensor, partial: torch.Tensor | None = None,
-                   tile_count: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
-    """One MoE GEMM through the stream-K kernel (``plan.streamk``), same outputs as `launch_gemm`.
-
-    GEMM1 also needs ``partial`` (fp32, >= ``num_slots * n_out`` entries) and ``tile_count`` (int32, >=
-    ``num_mblocks * n_out / plan.cfg.tn`` entries), both all-zero at the call and left all-zero by it, and
-    zeroes ``zero`` (fp32, contiguous, numel % 4 == 0; GEMM2's output when GEMM2 is stream-K or split).
-    GEMM2 adds into ``out`` wherever a tile is split between CTAs: ``out`` must be zero beforehand.
-    """
-    cfg = plan.cfg
-    if plan.grid <= 0 or num_mblocks == 0:
-        return
-    g_log2 = 0 if group_size is None else int(group_size).bit_length() - 1
-    tw = topk_weights if topk_weights is not None else out
-    if not gemm2:
-        assert partial is not None and tile_count is not None, "stream-K GEMM1 needs its workspaces"
-        assert partial.numel() >= num_slots * n_out and tile_count.numel() >= num_mblocks * (n_out // cfg.tn)
-    part = partial if partial is not None else out
-    cnt = tile_count if tile_count is not None else num_post_padded
-    zv = 0 if zero is None else zero.numel() // 4
-    zp = zero if zero is not None else out
-    stream = ks.stream(torch.cuda.current_stream(a.device))
-    with stream:
-        ks.gemm_sk[(cfg, gemm2)](
-            (plan.grid,), (THREADS,),
-            (_ptr(a), _i32(a_row_div), _i32(k), _i32(n_out), _ptr(weights), _ptr(scales), _i32(g_log2),
-             _i32(num_local), _ptr(sorted_slot_ids), _ptr(block_expert_ids), _ptr(num_post_padded),
-             _i32(num_mblocks), _i32(num_slots), _ptr(tw), _ptr(out), _ptr(part), _ptr(cnt), _ptr(zp), _i32(zv)),
-            shared_mem=cfg.sk_smem_bytes(group_size))
+            shared_mem=ks.smem[cfg])
 
 
 def launch_topk_sum(ks: KernelSet, slot_out: torch.Tensor, local_ids: torch.Tensor, topk: int, hidden: int,

@@ -96,24 +96,20 @@ class MarlinExperts:
         """Benchmark hook: ``{"gemm1"|"gemm2": (n_warps, k_splits)}`` forces a tile choice."""
         self._rows = 0
         self._slots = 0
-        self._sk_slots = 0
         self.variant = "base"
         self.set_variant(kernels.default_variant(), reserve=False)
         self.reserve(max(1, ctx.max_tokens_per_rank) * max(1, ctx.ep_size), ctx.top_k)
 
     def set_variant(self, variant: str, reserve: bool = True) -> None:
-        """Switch the kernel/plan variant (`kernels.VARIANTS`; experiments, default ``base``).
+        """Switch the kernel flavour (`kernels.VARIANTS`, default ``base``); same plans and workspaces.
 
-        Compiles the stream-K kernels on first use and allocates their workspaces for the reserved rows
-        (so call it before capturing a graph). Raises ValueError for an unknown name."""
+        Compiles that flavour's kernels on first use (so call it before capturing a graph). Raises
+        ValueError for an unknown name. ``reserve`` is accepted for compatibility and has no effect."""
         if variant not in kernels.VARIANTS:
             raise ValueError(f"unknown marlin variant {variant!r}: one of {sorted(kernels.VARIANTS)}")
         self.variant = variant
-        self.modes = kernels.VARIANTS[variant]
         self.kernels = kernel_set(self.device.index, self.dtype == torch.bfloat16, self.group_size,
-                                  "sk" in self.modes)
-        if reserve:
-            self._reserve_sk(self._slots)
+                                  kernels.VARIANTS[variant])
 
     # -- workspaces ------------------------------------------------------------------------------
     def reserve(self, rows: int, top_k: int) -> None:
@@ -131,18 +127,6 @@ class MarlinExperts:
         self.block_expert_ids = torch.empty(entries // 16 + 1, dtype=torch.int32, device=dev)
         self.num_post_padded = torch.empty(1, dtype=torch.int32, device=dev)
         self._rows, self._slots = rows, slots
-        self._reserve_sk(slots)
-
-    def _reserve_sk(self, slots: int) -> None:
-        """Stream-K GEMM1 workspaces (only when the variant uses it): fp32 partial sums [slots, 2I] and one
-        counter per (block, 128-column tile); zero now, and every stream-K launch leaves them zero."""
-        if self.modes[0] != "sk" or slots <= self._sk_slots:
-            return
-        dev, i = self.device, self.intermediate_size
-        blocks = self.block_expert_ids.numel()
-        self.sk_partial = torch.zeros((slots, 2 * i), dtype=torch.float32, device=dev)
-        self.sk_tile_count = torch.zeros(blocks * max(1, 2 * i // 128), dtype=torch.int32, device=dev)
-        self._sk_slots = slots
 
     # -- the forward -----------------------------------------------------------------------------
     def compute(self, hidden: torch.Tensor, topk_weights: torch.Tensor, routing: LocalRouting,
@@ -182,32 +166,20 @@ class MarlinExperts:
         p2 = self.plan("gemm2", h, i, slots, bm, allow_split=True)
         inter = self.inter[:slots]
         slot_out = self.slot_out[:slots]
-        needs_zero = p2.k_splits > 1 or p2.streamk  # GEMM2 adds into slot_out
-        if p1.streamk:  # its CTAs also zero slot_out: one launch fewer than a memset
-            kernels.launch_gemm_sk(ks, p1, False, hidden, top_k, h, 2 * i, w.w13, w.w13_scales, self.group_size,
-                                   self.num_local, sorted_ids, block_ids, npp, nblocks, slots, None, inter,
-                                   self.sk_partial, self.sk_tile_count, slot_out if needs_zero else None)
-        else:
-            kernels.launch_gemm(ks, p1, False, hidden, top_k, h, 2 * i, w.w13, w.w13_scales, self.group_size,
-                                self.num_local, sorted_ids, block_ids, npp, nblocks, slots, None, inter)
-            if needs_zero:
-                slot_out.zero_()
-        if p2.streamk:
-            kernels.launch_gemm_sk(ks, p2, True, inter, 1, i, h, w.w2, w.w2_scales, self.group_size,
-                                   self.num_local, sorted_ids, block_ids, npp, nblocks, slots, topk_weights,
-                                   slot_out)
-        else:
-            kernels.launch_gemm(ks, p2, True, inter, 1, i, h, w.w2, w.w2_scales, self.group_size,
-                                self.num_local, sorted_ids, block_ids, npp, nblocks, slots, topk_weights, slot_out)
+        kernels.launch_gemm(ks, p1, False, hidden, top_k, h, 2 * i, w.w13, w.w13_scales, self.group_size,
+                            self.num_local, sorted_ids, block_ids, npp, nblocks, slots, None, inter)
+        if p2.k_splits > 1:  # GEMM2 adds its K splits into slot_out
+            slot_out.zero_()
+        kernels.launch_gemm(ks, p2, True, inter, 1, i, h, w.w2, w.w2_scales, self.group_size,
+                            self.num_local, sorted_ids, block_ids, npp, nblocks, slots, topk_weights, slot_out)
         result = self.out[:n] if out is None else out
         kernels.launch_topk_sum(ks, slot_out, local_ids, top_k, h, self.num_local, result)
         return result
 
     def plan(self, which: str, n_out: int, k: int, slots: int, block_m: int, allow_split: bool) -> kernels.GemmPlan:
-        """The launch plan of GEMM ``which`` under the current variant (a tile override forces the base kernel)."""
-        mode = self.modes[0 if which == "gemm1" else 1]
+        """The launch plan of GEMM ``which`` (``"gemm1"`` or ``"gemm2"``; `tile_override` forces one)."""
         return kernels.plan_gemm(n_out, k, slots, self.num_local, block_m, self.sm_count, allow_split,
-                                 self.tile_override.get(which), mode)
+                                 self.tile_override.get(which))
 
     # -- validation (metadata only: no sync) -----------------------------------------------------
     def _check_inputs(self, hidden: torch.Tensor, topk_weights: torch.Tensor, local_ids: torch.Tensor) -> None:
@@ -258,7 +230,6 @@ def describe_tiles(stage: MarlinExperts, rows: int, top_k: int) -> dict[str, obj
 
     def fmt(p: kernels.GemmPlan) -> str:
         c: TileConfig = p.cfg
-        return (f"bm{c.bm}/tn{c.tn}/tk{c.tk}" + (f"/split{p.k_splits}" if p.k_splits > 1 else "")
-                + (f"/sk{p.grid}" if p.streamk else ""))
+        return f"bm{c.bm}/tn{c.tn}/tk{c.tk}" + (f"/split{p.k_splits}" if p.k_splits > 1 else "")
 
     return {"block_m": bm, "gemm1": fmt(p1), "gemm2": fmt(p2), "variant": stage.variant}

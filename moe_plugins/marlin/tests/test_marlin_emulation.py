@@ -98,3 +98,34 @@ def test_emulated_sweep(cfg, group, dtype):
     rows = {1: 7, 2: 19, 4: 40}[cfg.m_tiles]
     err = run_emulated(cfg, cfg, 3 if cfg.n_warps == 1 else 1, group, dtype, rows, seed=cfg.n_warps + rows)
     assert err < 1e-2, f"relative error {err:.2e}"
+
+
+def _halves(bits32: np.ndarray, bf16: bool) -> np.ndarray:
+    """uint32 packed pairs -> float64 [n, 2] (low half first), reading the halves as bf16 / fp16."""
+    lo, hi = (bits32 & 0xFFFF).astype(np.uint16), (bits32 >> 16).astype(np.uint16)
+    if bf16:
+        f = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    else:
+        f = lambda h: h.view(np.float16).astype(np.float64)  # noqa: E731
+    return np.stack([f(lo), f(hi)], axis=1)
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_lean_dequant_constants(bf16):
+    """`dequant8_lean` in csrc/marlin_moe.cu, bit by bit: lop3 (a & MASK) | MAGIC read as a packed pair, then
+    fma with the kernel's constants, must give nibble - 8 exactly in register i from nibble positions i and
+    i + 4 (the layout contract of `dequant8`), for every nibble value at every position."""
+    rng = np.random.default_rng(0)
+    q = np.concatenate([np.arange(16, dtype=np.uint64) * 0x11111111,
+                        rng.integers(0, 2**32, 4096, dtype=np.uint64)]).astype(np.uint32)
+    if bf16:  # register i: (q >> 4i) & 0x000F000F | 128.0, then * 1 - 136
+        regs = [(((q >> (4 * i)) & 0x000F000F) | 0x43004300, 0x3F80, 0xC308) for i in range(4)]
+    else:  # registers 1, 3 take their nibbles at bits 4..7 as 1024 + 16 q: * 1/16 - 72
+        h = q >> 8
+        regs = [((q & 0x000F000F) | 0x64006400, 0x3C00, 0xE408), ((q & 0x00F000F0) | 0x64006400, 0x2C00, 0xD480),
+                ((h & 0x000F000F) | 0x64006400, 0x3C00, 0xE408), ((h & 0x00F000F0) | 0x64006400, 0x2C00, 0xD480)]
+    for i, (t, mul, add) in enumerate(regs):
+        pair = lambda v: np.full(len(q), v | (v << 16), dtype=np.uint32)  # noqa: E731
+        got = _halves(t.astype(np.uint32), bf16) * _halves(pair(mul), bf16) + _halves(pair(add), bf16)
+        want = np.stack([((q >> (4 * i)) & 0xF), ((q >> (4 * i + 16)) & 0xF)], axis=1).astype(np.float64) - 8
+        assert np.array_equal(got, want), i  # exact in float64, so exact after rounding to bf16 / fp16 too

@@ -292,9 +292,9 @@ def _variants() -> list[str]:
 @pytest.mark.parametrize("shape_name,dtype,ep,kind", VARIANT_CASES,
                          ids=[f"{s}-{str(d)[6:]}-ep{e}-{k}" for s, d, e, k in VARIANT_CASES])
 def test_variant_against_float64_reference(variant, shape_name, dtype, ep, kind):
-    """Each non-default variant (stream-K, waves plans) over the same kind of cases as the sweep: EP maps,
-    padding sentinels, NaN padding rows and poisoned workspaces, both layouts, then a second pass over the
-    same M values (the stream-K workspaces must be left zero by every call)."""
+    """Each non-default kernel flavour (``lean``) over the same kind of cases as the sweep: EP maps (expert
+    skipping), padding sentinels, NaN padding rows and poisoned workspaces, both layouts, bf16/fp16, g128
+    and per-channel scales (deepseek-v3 / tiny shapes), then a second pass over the first M values."""
     seed = random.randrange(2**31)
     rank = ep - 1 if ep > 1 else 0
     stage, weights, placement, local = build_stage(shape_name, dtype, ep, kind, rank, max(VARIANT_MS), seed)
@@ -307,8 +307,6 @@ def test_variant_against_float64_reference(variant, shape_name, dtype, ep, kind)
         rec.update({"shape": shape_name, "dtype": str(dtype)[6:], "ep": ep, "placement": kind, "seed": seed})
         if not rec["ok"]:
             failures.append(rec)
-    if getattr(stage, "sk_partial", None) is not None:
-        assert int(stage.sk_partial.count_nonzero()) == 0 and int(stage.sk_tile_count.count_nonzero()) == 0
     assert not failures, f"{variant}: {len(failures)} failing cases (seed {seed}): " + "; ".join(
         f"M={r['rows_per_source']} err={r['rel_err']:.3g} finite={r['finite']} idle0={r['idle_rows_zero']} "
         f"{r['layout']} {r['gemm1']}|{r['gemm2']}" for r in failures[:6])
@@ -316,33 +314,59 @@ def test_variant_against_float64_reference(variant, shape_name, dtype, ep, kind)
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("variant", ["sk", "sk2"])
-def test_streamk_graph_replay(variant):
-    """Stream-K under CUDA-graph replay with new data: results stay right and the workspaces stay zero."""
-    stage, weights, placement, local = build_stage("mixtral-8x7b", torch.bfloat16, 1, "contiguous", 0, 16, 5)
-    stage.set_variant(variant)
-    n, top_k = 16, 2
-    hidden = torch.randn((n, 4096), device="cuda").to(torch.bfloat16)
-    topw = torch.rand((n, top_k), device="cuda")
-    local_ids = torch.stack([torch.randperm(8, device="cuda")[:top_k] for _ in range(n)]).to(torch.int32)
-    routing = LocalRouting(local_ids, expert_counts(local_ids, 8))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        stage.compute(hidden, topw, routing)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = stage.compute(hidden, topw, routing)
-    for trial in range(3):
-        hidden.copy_(torch.randn((n, 4096), device="cuda").to(torch.bfloat16))
-        local_ids.copy_(torch.stack([torch.randperm(8, device="cuda")[:top_k] for _ in range(n)]).to(torch.int32))
-        local_ids[trial] = -1  # a row with no local slot
-        static_out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = moe_reference(hidden.float(), topw, local_ids, weights, torch.float64).double()
-        assert float((static_out.double() - ref).norm() / ref.norm()) < RTOL, trial
-        assert bool((static_out[trial] == 0).all())
-    if getattr(stage, "sk_partial", None) is not None:
-        assert int(stage.sk_partial.count_nonzero()) == 0 and int(stage.sk_tile_count.count_nonzero()) == 0
+LEAN_GROUPS = [None, 32, 128]
+"""Per-channel, a group smaller than every stage's K depth (32: several scale rows per stage) and one equal to /
+larger than / smaller than it (128 vs tk 128 / 64 / 256): the LEAN kernel lays scales out for g = 16."""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("group", LEAN_GROUPS, ids=[f"g{g}" if g else "perchannel" for g in LEAN_GROUPS])
+def test_lean_matches_base_every_tile(dtype, group):
+    """``lean`` against ``base`` for every tile configuration (forced through ``tile_override``), block_m 16,
+    32 and 64, with K splits on GEMM2, expert skipping (EP 2 with a map; ids -1) and NaN padding rows.
+    The two flavours compute the same bf16/fp16 weights and the same MMA sequence, so without K splits
+    they agree to the last bit; with splits (fp32 atomics in any order) to 1e-5. Both also against float64."""
+    from moe_plugin_marlin.jit import TILE_CONFIGS
+    from moe_plugin_marlin.stage import MarlinExperts
+
+    h, i, e, top_k, rows = 512, 512, 8, 2, 40
+    placement = ExpertPlacement.round_robin(e, 2)
+    local = placement.local_experts(1, use_map=True, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(11 + (group or 0))
+    weights = random_gptq(local.count, h, i, group, dtype, gen)
+    outs: dict[str, dict[tuple, torch.Tensor]] = {}
+    hidden = torch.randn((rows, h), device="cuda", generator=gen).to(dtype)
+    topw = torch.rand((rows, top_k), device="cuda", generator=gen)
+    ids = torch.randint(0, local.count, (rows, top_k), device="cuda", generator=gen, dtype=torch.int32)
+    ids[::5, 1] = -1  # non-local slots
+    ids[-3:] = -1  # padding rows: no local slot, NaN hidden states that must never be read
+    hidden[-3:] = float("nan")
+    ref = moe_reference(hidden[:-3].float(), topw[:-3], ids[:-3], weights, torch.float64).double()
+    for variant in ("base", "lean"):
+        outs[variant] = {}
+        for block_m in (16, 32, 64):
+            ctx = BuildContext(rank=1, ep_size=2, device=torch.device("cuda"), placement=placement, local=local,
+                               hidden_size=h, top_k=top_k, dtype=dtype, max_tokens_per_rank=rows, weights=weights)
+            stage = MarlinExperts(ctx, block_m=block_m)
+            stage.set_variant(variant)
+            routing = LocalRouting(ids, expert_counts(ids, local.count))
+            for cfg in TILE_CONFIGS:
+                if cfg.bm != block_m or h % cfg.tk or i % cfg.tk or (2 * i) % cfg.tn or h % cfg.tn:
+                    continue
+                for splits in (1, 3):
+                    stage.tile_override = {"gemm1": (cfg.n_warps, 1), "gemm2": (cfg.n_warps, splits)}
+                    for buf in (stage.inter, stage.slot_out, stage.out):
+                        buf.fill_(float("nan"))
+                    out = stage.compute(hidden, topw, routing).double()
+                    key = (block_m, cfg.n_warps, splits)
+                    outs[variant][key] = out.clone()
+                    err = float((out[:-3] - ref).norm() / ref.norm())
+                    assert bool(out.isfinite().all()) and err < RTOL, (variant, key, err)
+                    assert bool((out[-3:] == 0).all()), (variant, key)
+    assert outs["base"].keys() == outs["lean"].keys() and len(outs["base"]) >= 12
+    for key, b in outs["base"].items():
+        d = float((outs["lean"][key] - b).abs().max())
+        if key[2] == 1:
+            assert d == 0.0, (key, d)
+        else:
+            assert d <= 1e-5 * float(b.abs().max()), (key, d)

@@ -99,8 +99,8 @@ DEVI u32 fma2(u32 a, u32 b, u32 c) {
 // 8 nibbles -> 4 registers of 2 weights (q - 8), exact. Register i takes nibble
 // positions i (low half) and i + 4 (high half): OR-ing a nibble into the mantissa
 // of MAGIC (128.0 in bf16, 1024.0 in fp16, whose last mantissa bit is worth 1)
-// gives MAGIC + q; one fma subtracts MAGIC + 8. The compiler turns the
-// shift-and-mask-or into one SHF + one LOP3.
+// gives MAGIC + q; one fma subtracts MAGIC + 8. (SASS: SHF + TWO LOP3s + HFMA2 per register,
+// a LOP3 takes one immediate; `dequant8_lean` below needs one LOP3.)
 template <bool BF16>
 DEVI void dequant8(u32 q, u32 (&w)[4]) {
   constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
@@ -139,12 +139,72 @@ DEVI u32 pack2(float lo, float hi) {
 
 DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 
-// Two floats from global memory through L2 only (bypassing L1, which is not coherent with
-// other CTAs' atomics).
-DEVI F2 ldcg_f2(const float* p) {
-  F2 v;
-  asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "l"(p) : "memory");
-  return v;
+
+// ---- helpers of the LEAN kernel flavour (see "SASS audit" in bench/marlin/NOTES.md) ----------
+
+// cp.async that is issued only where `pred` holds: a predicated instruction, not a branch around it.
+DEVI void cp_async16_if(u32 dst, const void* src, int src_bytes, bool pred) {
+  asm volatile(
+      "{ .reg .pred p; setp.ne.b32 p, %3, 0;\n"
+      "  @p cp.async.cg.shared.global [%0], [%1], 16, %2; }\n" ::"r"(dst),
+      "l"(src), "r"(src_bytes), "r"((int)pred)
+      : "memory");
+}
+
+// (a & MASK) | MAGIC as ONE lop3. Written in C, `(x & m) | c` with two immediates compiles to two
+// LOP3s (a LOP3 takes one immediate); here ptxas keeps MAGIC in a register hoisted out of the loop.
+template <u32 MASK, u32 MAGIC>
+DEVI u32 mask_or(u32 a) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(MASK), "n"(MAGIC));  // 0xEA: (a & b) | c
+  return d;
+}
+
+// The same 8 nibbles -> 4 registers of (q - 8) as `dequant8`, in fewer instructions.
+// bf16 (7 mantissa bits: a nibble fits only at bits 0..3 of each half): 3 SHF + 4 LOP3 + 4 HFMA2.
+// fp16 (10 mantissa bits): nibble positions i and i + 1 come from one word, the upper one as
+// MAGIC + 16 q (bits 4..7), scaled back by the fma: (1024 + 16 q) / 16 - 72 = q - 8 exactly;
+// one SHF (q >> 8) + 4 LOP3 + 4 HFMA2.
+template <bool BF16>
+DEVI void dequant8_lean(u32 q, u32 (&w)[4]) {
+  if constexpr (BF16) {
+    constexpr u32 MAGIC = 0x43004300u, ONE = 0x3F803F80u, NEG_BIAS = 0xC308C308u;  // 128, 1, -(128 + 8)
+    w[0] = fma2<true>(mask_or<0x000F000Fu, MAGIC>(q), ONE, NEG_BIAS);
+    w[1] = fma2<true>(mask_or<0x000F000Fu, MAGIC>(q >> 4), ONE, NEG_BIAS);
+    w[2] = fma2<true>(mask_or<0x000F000Fu, MAGIC>(q >> 8), ONE, NEG_BIAS);
+    w[3] = fma2<true>(mask_or<0x000F000Fu, MAGIC>(q >> 12), ONE, NEG_BIAS);
+  } else {
+    constexpr u32 MAGIC = 0x64006400u, ONE = 0x3C003C00u, NEG_BIAS = 0xE408E408u;  // 1024, 1, -(1024 + 8)
+    constexpr u32 SIXTEENTH = 0x2C002C00u, NEG_BIAS16 = 0xD480D480u;               // 1/16, -(64 + 8)
+    const u32 h = q >> 8;
+    w[0] = fma2<false>(mask_or<0x000F000Fu, MAGIC>(q), ONE, NEG_BIAS);
+    w[1] = fma2<false>(mask_or<0x00F000F0u, MAGIC>(q), SIXTEENTH, NEG_BIAS16);
+    w[2] = fma2<false>(mask_or<0x000F000Fu, MAGIC>(h), ONE, NEG_BIAS);
+    w[3] = fma2<false>(mask_or<0x00F000F0u, MAGIC>(h), SIXTEENTH, NEG_BIAS16);
+  }
+}
+
+// w * (s.half HI, s.half HI) for a packed pair w. Written as a broadcast `mov {h, h}` + fma with -0
+// (= a multiply, exact sign of zero), which ptxas folds into ONE HMUL2 with an .H0_H0 / .H1_H1
+// operand selector; a __byte_perm broadcast costs a separate PRMT per use.
+template <bool BF16, bool HI>
+DEVI u32 mul_bcast(u32 w, u32 s) {
+  u32 d;
+  const u32 neg0 = 0x80008000u;
+  if constexpr (BF16 && !HI) {
+    asm("{ .reg .b16 lo, hi; .reg .b32 t; mov.b32 {lo, hi}, %2; mov.b32 t, {lo, lo}; fma.rn.bf16x2 %0, %1, t, %3; }\n"
+        : "=r"(d) : "r"(w), "r"(s), "r"(neg0));
+  } else if constexpr (BF16) {
+    asm("{ .reg .b16 lo, hi; .reg .b32 t; mov.b32 {lo, hi}, %2; mov.b32 t, {hi, hi}; fma.rn.bf16x2 %0, %1, t, %3; }\n"
+        : "=r"(d) : "r"(w), "r"(s), "r"(neg0));
+  } else if constexpr (!HI) {
+    asm("{ .reg .b16 lo, hi; .reg .b32 t; mov.b32 {lo, hi}, %2; mov.b32 t, {lo, lo}; fma.rn.f16x2 %0, %1, t, %3; }\n"
+        : "=r"(d) : "r"(w), "r"(s), "r"(neg0));
+  } else {
+    asm("{ .reg .b16 lo, hi; .reg .b32 t; mov.b32 {lo, hi}, %2; mov.b32 t, {hi, hi}; fma.rn.f16x2 %0, %1, t, %3; }\n"
+        : "=r"(d) : "r"(w), "r"(s), "r"(neg0));
+  }
+  return d;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,8 +219,15 @@ DEVI F2 ldcg_f2(const float* p) {
 // Blocks past num_post_padded or with expert -1 (non-local / padding) exit before touching
 // any weight. Rows whose slot id is >= num_slots (alignment padding) are zero-filled, never
 // read, never written.
+//
+// LEAN = true: the same tiles, data layout, pipeline and epilogue with a shorter hot loop (SASS audit,
+// bench/marlin/NOTES.md "Run 7 prep"): one-LOP3 dequant (`dequant8_lean`), group scales applied
+// by HMUL2 with a half-broadcast operand instead of PRMT + HMUL2, and global source pointers that
+// advance by a loop-invariant stride per stage (no 64-bit index arithmetic, no branch around the
+// A / scale copies: predicated cp.async). LEAN = false is the run-6 `base` kernel, kept until a GPU
+// run has compared the two.
 // ---------------------------------------------------------------------------------------------
-template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
+template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2, bool LEAN>
 __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : MARLIN_M1_MINB))
     moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
                     int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
@@ -246,10 +313,52 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
   const int s_off = GROUPED ? (tid / (TN / 8)) * N + nt * TN + (tid % (TN / 8)) * 8 : 0;
 
   constexpr u32 B_BYTES = B_STAGE * 16, A_BYTES = A_STAGE * 16;
-  const u32 S_BYTES = (u32)S_STAGE * 16u;
+  // Scale area of one stage. LEAN reserves the worst case (g = 16: TK/16 rows) so every stage offset
+  // is a compile-time constant (the host sizes shared memory for g = 16, jit.TileConfig.smem_bytes);
+  // base sizes it for the actual group size (a run-time multiply per stage address).
+  const u32 S_BYTES = LEAN ? (u32)((TK / 16) * (TN / 8) * 16) : (u32)S_STAGE * 16u;
   const u32 sB = smem_u32(smem);
   const u32 sA = sB + STAGES * B_BYTES;
   const u32 sS = sA + STAGES * A_BYTES;
+
+  // LEAN copy state: where the next stage's copies read (advanced by `advance_lean` after each stage).
+  const V4* b_src[B_ITERS];
+#pragma unroll
+  for (int i = 0; i < B_ITERS; ++i) b_src[i] = Bt + b_off[i];
+  const int b_step = (TK / 16) * b_row;  // V4 per stage (< 2^31: K * N / 32 per expert)
+  const u16* a_src[A_ITERS];  // zero-filled rows keep pointing at A (never read: src_bytes = 0)
+  int a_step[A_ITERS], a_bytes[A_ITERS];
+#pragma unroll
+  for (int i = 0; i < A_ITERS; ++i) {
+    const bool ok = a_off[i] >= 0;
+    a_src[i] = ok ? A + a_off[i] : A;
+    a_step[i] = ok ? TK : 0;
+    a_bytes[i] = ok ? 16 : 0;
+  }
+  const u16* s_src = Se + s_off;
+  u32 s_k = (u32)(it0 * TK);  // K position of the next stage (its scale row is s_k >> g_log2)
+  // Opaque to the optimizer: without this, ptxas recomputes S_STAGE from g_log2 (5 uniform ops) in
+  // every iteration instead of keeping the limit in a register.
+  int s_lim = S_STAGE;
+  asm volatile("" : "+r"(s_lim));
+  const bool s_copy = tid < s_lim;
+
+  auto load_stage_lean = [&](int stage) {  // copies the next K step into `stage`, then advances
+#pragma unroll
+    for (int i = 0; i < B_ITERS; ++i) {
+      cp_async16(sB + stage * B_BYTES + (tid + i * THREADS) * 16, b_src[i], 16);
+      b_src[i] += b_step;
+    }
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+      cp_async16_if(sA + stage * A_BYTES + a_dst[i], a_src[i], a_bytes[i], i < A_ITERS - 1 || a_active);
+      a_src[i] += a_step[i];
+    }
+    if constexpr (GROUPED) {
+      cp_async16_if(sS + stage * S_BYTES + tid * 16, s_src + (s_k >> g_log2) * (u32)N, 16, s_copy);
+      s_k += TK;
+    }
+  };
 
   auto load_stage = [&](int stage, int j) {  // j: K step relative to it0
     const V4* bsrc = Bt + (size_t)j * (TK / 16) * b_row;
@@ -308,14 +417,24 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         u32 w[4];
-        dequant8<BF16>(q[j], w);
-        if constexpr (GROUPED) {
-          const u32 s0 = __byte_perm(sw[j], 0, 0x1010);  // scale of column n0, in both halves
-          const u32 s1 = __byte_perm(sw[j], 0, 0x3232);  // scale of column n1
-          w[0] = fma2<BF16>(w[0], s0, 0x80008000u);
-          w[1] = fma2<BF16>(w[1], s0, 0x80008000u);
-          w[2] = fma2<BF16>(w[2], s1, 0x80008000u);
-          w[3] = fma2<BF16>(w[3], s1, 0x80008000u);
+        if constexpr (LEAN) {
+          dequant8_lean<BF16>(q[j], w);
+          if constexpr (GROUPED) {  // low half: scale of column n0, high half: column n1
+            w[0] = mul_bcast<BF16, false>(w[0], sw[j]);
+            w[1] = mul_bcast<BF16, false>(w[1], sw[j]);
+            w[2] = mul_bcast<BF16, true>(w[2], sw[j]);
+            w[3] = mul_bcast<BF16, true>(w[3], sw[j]);
+          }
+        } else {
+          dequant8<BF16>(q[j], w);
+          if constexpr (GROUPED) {
+            const u32 s0 = __byte_perm(sw[j], 0, 0x1010);  // scale of column n0, in both halves
+            const u32 s1 = __byte_perm(sw[j], 0, 0x3232);  // scale of column n1
+            w[0] = fma2<BF16>(w[0], s0, 0x80008000u);
+            w[1] = fma2<BF16>(w[1], s0, 0x80008000u);
+            w[2] = fma2<BF16>(w[2], s1, 0x80008000u);
+            w[3] = fma2<BF16>(w[3], s1, 0x80008000u);
+          }
         }
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt) {
@@ -328,14 +447,18 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_iters) load_stage(s, s);
+    if (s < n_iters) {
+      if constexpr (LEAN) load_stage_lean(s); else load_stage(s, s);
+    }
     cp_async_commit();
   }
   int rd = 0, wr = STAGES - 1;  // stage computed / stage refilled (rotating, no modulo)
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage `rd` landed for everyone; stage `wr` (computed last iteration) is free
-    if (it + STAGES - 1 < n_iters) load_stage(wr, it + STAGES - 1);
+    if (it + STAGES - 1 < n_iters) {
+      if constexpr (LEAN) load_stage_lean(wr); else load_stage(wr, it + STAGES - 1);
+    }
     cp_async_commit();
     compute_stage(rd);
     rd = rd + 1 == STAGES ? 0 : rd + 1;
@@ -426,385 +549,6 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
         }
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Stream-K ("striped") variant of the MoE GEMM: a persistent grid that splits the whole
-// iteration space evenly over its CTAs, read at run time from num_post_padded.
-//
-// Units: (tile, k-step) pairs, tile = (m-block, n-tile) with the m-block fastest, k-step = one TK
-// slice; units = real_blocks * n_tiles * (K / TK). CTA c owns units [c*U/G, (c+1)*U/G). Why: the
-// launch-per-tile kernel above runs fractional waves (e.g. Mixtral M=4: ~5.5 real blocks x 112
-// tiles = 616 CTAs on 396 resident slots = 1.56 waves; its GEMM2 1.1 waves) and fills/drains
-// the cp.async pipeline once per CTA; here every CTA streams the same number of weight bytes
-// and the pipeline runs on across tile boundaries (the next tile's first stages are in flight
-// while the current tile's epilogue runs).
-//
-// A tile whose K range one CTA covers entirely is written directly (as above). A tile split
-// between CTAs ("partial"):
-//   GEMM2: each part adds its router-weighted fp32 sums with atomics into C, which GEMM1 zeroed
-//          (zero_ptr below), so no memset launch is needed;
-//   GEMM1: each part adds its fp32 sums into `partial [num_slots, N]` (atomics), then adds its
-//          k-step count to tile_count[tile]; the part that completes the count (= K / TK) reads
-//          the sums back from L2, applies silu(gate) * up, writes inter, and zeroes its rows of
-//          `partial` and the counter for the next call. No CTA ever waits on another, so any
-//          grid size is deadlock-free. Contract: partial and tile_count are zero at entry, and
-//          are zero again at exit.
-// Skipped blocks (expert -1) cost their units nothing: no copy, no math, no output.
-// Shared memory: STAGES pipeline stages, then a separate reduction area (the pipeline keeps
-// loading while a tile's K-warp partial sums are reduced).
-// ---------------------------------------------------------------------------------------------
-template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
-__global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : MARLIN_M1_MINB))
-    moe_marlin_gemm_sk(const u16* __restrict__ A, int a_row_div, int K, int N, const V4* __restrict__ B,
-                       const u16* __restrict__ S, int g_log2, int num_experts,
-                       const int* __restrict__ sorted_slot_ids, const int* __restrict__ block_expert_ids,
-                       const int* __restrict__ num_post_padded, int num_mblocks, int num_slots,
-                       const float* __restrict__ topk_weights, void* __restrict__ C,
-                       float* __restrict__ partial,  // GEMM1: fp32 [num_slots, N], zero at entry and exit
-                       int* __restrict__ tile_count,  // GEMM1: [num_mblocks * N / TN], zero at entry and exit
-                       F4* __restrict__ zero_ptr,     // GEMM1: buffer zeroed by the grid (GEMM2's C), or null
-                       int zero_vec4) {               // its length in F4
-  constexpr int K_WARPS = 8 / N_WARPS;
-  constexpr int TN = 64 * N_WARPS;
-  constexpr int TK = 16 * K_WARPS * KW;
-  constexpr int BM = 16 * M_TILES;
-  constexpr int A_CHUNKS = TK / 8;
-  constexpr int B_STAGE = (TK / 16) * (TN / 2);
-  constexpr int A_STAGE = BM * A_CHUNKS;
-  static_assert(A_CHUNKS >= 8, "the A swizzle needs at least 8 chunks per row");
-  static_assert(B_STAGE % THREADS == 0, "B stage must split evenly over the CTA");
-  static_assert(STAGES >= 2, "the pipeline needs at least two stages");
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wn = warp % N_WARPS, wk = warp / N_WARPS;
-
-  if constexpr (!GEMM2) {
-    // GEMM2 (the next launch on this stream) accumulates partial tiles into this buffer.
-    for (int i = blockIdx.x * THREADS + tid; i < zero_vec4; i += gridDim.x * THREADS) zero_ptr[i] = F4{0.f, 0.f, 0.f, 0.f};
-  }
-
-  const int n_tiles = N / TN;
-  const int iters = K / TK;
-  const int blocks = min(num_mblocks, (__ldg(num_post_padded) + BM - 1) / BM);
-  const long long units = (long long)blocks * n_tiles * iters;
-  const int u0 = (int)(units * blockIdx.x / gridDim.x);
-  const int u1 = (int)(units * (blockIdx.x + 1) / gridDim.x);
-  if (u0 >= u1) return;
-
-  __shared__ int s_last;
-  extern __shared__ V4 smem[];
-
-  const int b_row = N / 2;
-  const int groups = GROUPED ? (K >> g_log2) : 1;
-  constexpr int B_ITERS = B_STAGE / THREADS;
-  constexpr int A_ITERS = (A_STAGE + THREADS - 1) / THREADS;
-  int b_off[B_ITERS];
-#pragma unroll
-  for (int i = 0; i < B_ITERS; ++i) {
-    const int c = tid + i * THREADS;
-    b_off[i] = (c / (TN / 2)) * b_row + c % (TN / 2);
-  }
-  u32 a_dst[A_ITERS];
-#pragma unroll
-  for (int i = 0; i < A_ITERS; ++i) {
-    const int c = tid + i * THREADS;
-    const int r = (c / A_CHUNKS) % BM, ch = c % A_CHUNKS;
-    a_dst[i] = (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u;
-  }
-  const bool a_active = A_STAGE % THREADS == 0 || tid < A_STAGE - (A_ITERS - 1) * THREADS;
-  const int s_rows = GROUPED ? ((TK >> g_log2) > 0 ? (TK >> g_log2) : 1) : 0;
-  const int S_STAGE = s_rows * (TN / 8);
-  const int s_off = GROUPED ? (tid / (TN / 8)) * N + (tid % (TN / 8)) * 8 : 0;
-
-  constexpr u32 B_BYTES = B_STAGE * 16, A_BYTES = A_STAGE * 16;
-  const u32 S_BYTES = (u32)S_STAGE * 16u;
-  const u32 sB = smem_u32(smem);
-  const u32 sA = sB + STAGES * B_BYTES;
-  const u32 sS = sA + STAGES * A_BYTES;
-  float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + STAGES * (B_BYTES + A_BYTES + S_BYTES));
-
-  // Load cursor: the tile whose stages are being copied (runs STAGES - 1 units ahead of the math).
-  const V4* lB = B;
-  const u16* lS = S;
-  int a_off[A_ITERS];  // element offset of this thread's A chunk at k = 0, -1: zero-fill
-  bool l_ok = false;
-  auto set_load_tile = [&](int t) {
-    const int mb = t % blocks, nt = t / blocks;
-    const int e = __ldg(block_expert_ids + mb);
-    l_ok = e >= 0 && e < num_experts;
-    const int ee = l_ok ? e : 0;
-    lB = B + (size_t)ee * ((size_t)K * N / 32) + nt * (TN / 2);
-    lS = S + (size_t)ee * groups * N + nt * TN;
-#pragma unroll
-    for (int i = 0; i < A_ITERS; ++i) {
-      const int c = tid + i * THREADS;
-      const int r = (c / A_CHUNKS) % BM, ch = c % A_CHUNKS;
-      const int slot = (A_STAGE % THREADS == 0 || c < A_STAGE) ? __ldg(sorted_slot_ids + mb * BM + r) : -1;
-      a_off[i] = (slot >= 0 && slot < num_slots) ? (slot / a_row_div) * K + ch * 8 : -1;
-    }
-  };
-  int lu = u0, lt = u0 / iters, lk = u0 % iters;
-  set_load_tile(lt);
-  auto load_next = [&](int stage) {  // copies unit lu (if it is ours) into `stage`, advances the cursor
-    if (lu >= u1) return;
-    if (l_ok) {
-      const V4* bsrc = lB + (size_t)lk * (TK / 16) * b_row;
-#pragma unroll
-      for (int i = 0; i < B_ITERS; ++i)
-        cp_async16(sB + stage * B_BYTES + (tid + i * THREADS) * 16, bsrc + b_off[i], 16);
-#pragma unroll
-      for (int i = 0; i < A_ITERS; ++i) {
-        if (i < A_ITERS - 1 || a_active) {
-          const bool ok = a_off[i] >= 0;
-          cp_async16(sA + stage * A_BYTES + a_dst[i], ok ? A + a_off[i] + lk * TK : A, ok ? 16 : 0);
-        }
-      }
-      if constexpr (GROUPED) {
-        if (tid < S_STAGE) cp_async16(sS + stage * S_BYTES + tid * 16, lS + (size_t)((lk * TK) >> g_log2) * N + s_off, 16);
-      }
-    }
-    ++lu;
-    if (++lk == iters && lu < u1) {
-      lk = 0;
-      set_load_tile(++lt);
-    }
-  };
-
-  float acc[M_TILES][8][4];
-#pragma unroll
-  for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
-
-  u32 a_frag[KW][M_TILES];
-  u32 b_frag[KW];
-  u32 s_frag[KW];
-#pragma unroll
-  for (int i = 0; i < KW; ++i) {
-    const int kk = wk * KW + i;
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt) {
-      const int r = mt * 16 + (lane & 15);
-      const int ch = kk * 2 + (lane >> 4);
-      a_frag[i][mt] = (u32)(r * A_CHUNKS + (ch ^ (r & 7))) * 16u;
-    }
-    b_frag[i] = (u32)(kk * (TN / 2) + wn * 32 + lane) * 16u;
-    s_frag[i] = GROUPED ? (u32)(((kk * 16) >> g_log2) * (TN / 8) + wn * 8 + (lane >> 2)) * 16u : 0u;
-  }
-
-  auto compute_stage = [&](int stage) {
-    const u32 aS = sA + stage * A_BYTES, bS = sB + stage * B_BYTES, sSt = sS + stage * S_BYTES;
-#pragma unroll
-    for (int i = 0; i < KW; ++i) {
-      u32 a[M_TILES][4];
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt) ldmatrix_x4(a[mt], aS + a_frag[i][mt]);
-      u32 q[4];
-      lds128(q, bS + b_frag[i]);
-      u32 sw[4] = {0u, 0u, 0u, 0u};
-      if constexpr (GROUPED) lds128(sw, sSt + s_frag[i]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        u32 w[4];
-        dequant8<BF16>(q[j], w);
-        if constexpr (GROUPED) {
-          const u32 s0 = __byte_perm(sw[j], 0, 0x1010);
-          const u32 s1 = __byte_perm(sw[j], 0, 0x3232);
-          w[0] = fma2<BF16>(w[0], s0, 0x80008000u);
-          w[1] = fma2<BF16>(w[1], s0, 0x80008000u);
-          w[2] = fma2<BF16>(w[2], s1, 0x80008000u);
-          w[3] = fma2<BF16>(w[3], s1, 0x80008000u);
-        }
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt) {
-          mma16816<BF16>(acc[mt][2 * j], a[mt], w[0], w[1]);
-          mma16816<BF16>(acc[mt][2 * j + 1], a[mt], w[2], w[3]);
-        }
-      }
-    }
-  };
-
-  // GEMM1 output of warp (0, wn) for tile (mb, nt) from fp32 sums in acc (scaled per channel here).
-  auto store_gemm1 = [&](int mb, int nt) {
-    u16* out = reinterpret_cast<u16*>(C);
-    const int I = N / 2;
-    const int nbase = nt * TN + wn * 64, cq = 2 * (lane & 3);
-    const int e = __ldg(block_expert_ids + mb);
-    const u16* Se = S + (size_t)e * groups * N;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float sg0 = 1.f, sg1 = 1.f, su0 = 1.f, su1 = 1.f;
-      if constexpr (!GROUPED) {
-        const u32 sg = *reinterpret_cast<const u32*>(Se + nbase + 16 * j + cq);
-        const u32 su = *reinterpret_cast<const u32*>(Se + nbase + 16 * j + 8 + cq);
-        sg0 = half_to_float<BF16>(sg & 0xFFFFu); sg1 = half_to_float<BF16>(sg >> 16);
-        su0 = half_to_float<BF16>(su & 0xFFFFu); su1 = half_to_float<BF16>(su >> 16);
-      }
-      const int icol = nbase / 2 + 8 * j + cq;
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int slot = __ldg(sorted_slot_ids + mb * BM + mt * 16 + (lane >> 2) + 8 * hf);
-          if (slot < 0 || slot >= num_slots) continue;
-          const float g0 = acc[mt][2 * j][2 * hf] * sg0, g1 = acc[mt][2 * j][2 * hf + 1] * sg1;
-          const float u0v = acc[mt][2 * j + 1][2 * hf] * su0, u1v = acc[mt][2 * j + 1][2 * hf + 1] * su1;
-          *reinterpret_cast<u32*>(out + (size_t)slot * I + icol) = pack2<BF16>(silu(g0) * u0v, silu(g1) * u1v);
-        }
-    }
-  };
-
-  // End of a tile's K range in this CTA: reduce the K-warps' sums into warp row 0, then write.
-  // Every thread calls it (it synchronizes the CTA); `whole`: this CTA covered all K steps.
-  auto finish_tile = [&](int t, bool whole, int nk) {
-    const int mb = t % blocks, nt = t / blocks;
-    if constexpr (K_WARPS > 1) {
-      constexpr int PER_WARP = M_TILES * 32 * 32;
-      if (wk > 0) {
-        float* dst = red + ((wk - 1) * N_WARPS + wn) * PER_WARP;
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-          for (int tt = 0; tt < 8; ++tt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dst[((mt * 8 + tt) * 4 + i) * 32 + lane] = acc[mt][tt][i];
-      }
-      __syncthreads();
-      if (wk == 0) {
-#pragma unroll 1
-        for (int w2 = 1; w2 < K_WARPS; ++w2) {
-          const float* src = red + ((w2 - 1) * N_WARPS + wn) * PER_WARP;
-#pragma unroll
-          for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-            for (int tt = 0; tt < 8; ++tt)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) acc[mt][tt][i] += src[((mt * 8 + tt) * 4 + i) * 32 + lane];
-        }
-      }
-      // `red` is written again only after the main loop's next __syncthreads.
-    }
-    const int nbase = nt * TN + wn * 64, cq = 2 * (lane & 3);
-    if constexpr (GEMM2) {
-      if (wk == 0) {
-        float* out = reinterpret_cast<float*>(C);
-        const int e = __ldg(block_expert_ids + mb);
-        const u16* Se = S + (size_t)e * groups * N;
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int slot = __ldg(sorted_slot_ids + mb * BM + mt * 16 + (lane >> 2) + 8 * hf);
-            if (slot < 0 || slot >= num_slots) continue;
-            const float wt = __ldg(topk_weights + slot);
-#pragma unroll
-            for (int tt = 0; tt < 8; ++tt) {
-              const int col = nbase + 8 * tt + cq;
-              float s0 = wt, s1 = wt;
-              if constexpr (!GROUPED) {
-                const u32 sv = *reinterpret_cast<const u32*>(Se + col);
-                s0 *= half_to_float<BF16>(sv & 0xFFFFu); s1 *= half_to_float<BF16>(sv >> 16);
-              }
-              const float v0 = acc[mt][tt][2 * hf] * s0, v1 = acc[mt][tt][2 * hf + 1] * s1;
-              float* dst = out + (size_t)slot * N + col;
-              if (whole) {
-                *reinterpret_cast<F2*>(dst) = F2{v0, v1};
-              } else {
-                atomicAdd(dst, v0);
-                atomicAdd(dst + 1, v1);
-              }
-            }
-          }
-      }
-    } else {
-      if (whole) {
-        if (wk == 0) store_gemm1(mb, nt);
-        return;
-      }
-      if (wk == 0) {  // add this part's sums (unscaled; per-channel scales are applied by the last part)
-#pragma unroll
-        for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int slot = __ldg(sorted_slot_ids + mb * BM + mt * 16 + (lane >> 2) + 8 * hf);
-            if (slot < 0 || slot >= num_slots) continue;
-#pragma unroll
-            for (int tt = 0; tt < 8; ++tt) {
-              float* dst = partial + (size_t)slot * N + nbase + 8 * tt + cq;
-              atomicAdd(dst, acc[mt][tt][2 * hf]);
-              atomicAdd(dst + 1, acc[mt][tt][2 * hf + 1]);
-            }
-          }
-      }
-      __threadfence();  // our adds are visible device-wide before the count says so
-      __syncthreads();
-      if (tid == 0) {
-        int* cnt = tile_count + mb * n_tiles + nt;
-        const int done = atomicAdd(cnt, nk) + nk;
-        s_last = done == iters;
-        if (done == iters) *cnt = 0;  // every part has counted: reset for the next call
-      }
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        if (wk == 0) {
-#pragma unroll
-          for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const int slot = __ldg(sorted_slot_ids + mb * BM + mt * 16 + (lane >> 2) + 8 * hf);
-              if (slot < 0 || slot >= num_slots) continue;
-#pragma unroll
-              for (int tt = 0; tt < 8; ++tt) {
-                float* src = partial + (size_t)slot * N + nbase + 8 * tt + cq;
-                const F2 v = ldcg_f2(src);  // from L2: the other parts' atomics live there
-                acc[mt][tt][2 * hf] = v.x;
-                acc[mt][tt][2 * hf + 1] = v.y;
-                *reinterpret_cast<F2*>(src) = F2{0.f, 0.f};
-              }
-            }
-          store_gemm1(mb, nt);
-        }
-      }
-    }
-  };
-
-  int ct = u0 / iters, ck = u0 % iters, ck0 = ck;
-  bool c_ok = l_ok;  // the load cursor starts on the same tile
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    load_next(s);
-    cp_async_commit();
-  }
-  int rd = 0, wr = STAGES - 1;
-  for (int u = u0; u < u1; ++u) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // stage `rd` landed for everyone; stage `wr` and `red` are free
-    load_next(wr);
-    cp_async_commit();
-    if (c_ok) compute_stage(rd);
-    rd = rd + 1 == STAGES ? 0 : rd + 1;
-    wr = wr + 1 == STAGES ? 0 : wr + 1;
-    if (++ck == iters || u + 1 == u1) {
-      if (c_ok) finish_tile(ct, ck0 == 0 && ck == iters, ck - ck0);
-#pragma unroll
-      for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-        for (int t = 0; t < 8; ++t)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
-      ++ct;
-      ck = ck0 = 0;
-      if (u + 1 < u1) {
-        const int e = __ldg(block_expert_ids + ct % blocks);
-        c_ok = e >= 0 && e < num_experts;
-      }
-    }
-  }
-  cp_async_wait<0>();
 }
 
 // Sum over the top-k slots of each row whose local id is valid: out[n, :] = sum_k slot_out[n*topk + k, :].
@@ -917,41 +661,29 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 #ifdef MARLIN_OFFLINE_CHECK
-// Explicit instantiations for an offline `nvcc -Xptxas -v` resource check (NVRTC instantiates
-// the same templates through name expressions at run time; stage counts as jit.py resolves them
-// for the stream-K kernels; 6 for the others, as before).
-#define MARLIN_INST(BF, MT, NW, KW, GR, G2)                                                              \
-  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, KW, 6, GR, G2>(                           \
+// Explicit instantiations for an offline `nvcc -Xptxas -v` resource check and SASS audit (NVRTC
+// instantiates the same templates through name expressions at run time); stage counts as
+// jit.TILE_CONFIGS resolves them.
+#define MARLIN_INST1(BF, MT, NW, ST, GR, G2, LN)                                                         \
+  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, 2, ST, GR, G2, LN>(                       \
       const u16*, int, int, int, const V4*, const u16*, int, int, const int*, const int*, const int*, int, \
       int, int, const float*, void*);
-#define MARLIN_INST_CFGS(BF, GR, G2) \
-  MARLIN_INST(BF, 1, 4, 2, GR, G2)   \
-  MARLIN_INST(BF, 1, 2, 2, GR, G2)   \
-  MARLIN_INST(BF, 1, 1, 2, GR, G2)   \
-  MARLIN_INST(BF, 2, 4, 2, GR, G2)   \
-  MARLIN_INST(BF, 2, 2, 2, GR, G2)   \
-  MARLIN_INST(BF, 4, 4, 2, GR, G2)
-MARLIN_INST_CFGS(true, true, false)
-MARLIN_INST_CFGS(true, true, true)
-MARLIN_INST_CFGS(true, false, false)
-MARLIN_INST_CFGS(true, false, true)
-MARLIN_INST_CFGS(false, true, false)
-MARLIN_INST_CFGS(false, true, true)
-#define MARLIN_INST_SK(BF, MT, NW, ST, GR, G2)                                                           \
-  template __global__ void marlin::moe_marlin_gemm_sk<BF, MT, NW, 2, ST, GR, G2>(                        \
-      const u16*, int, int, int, const V4*, const u16*, int, int, const int*, const int*, const int*, int, \
-      int, const float*, void*, float*, int*, F4*, int);
-#define MARLIN_INST_SK_CFGS(BF, GR, G2) \
-  MARLIN_INST_SK(BF, 1, 4, 4, GR, G2)  \
-  MARLIN_INST_SK(BF, 1, 2, 3, GR, G2)  \
-  MARLIN_INST_SK(BF, 2, 4, 5, GR, G2)  \
-  MARLIN_INST_SK(BF, 2, 2, 3, GR, G2)
-MARLIN_INST_SK_CFGS(true, true, false)
-MARLIN_INST_SK_CFGS(true, true, true)
-MARLIN_INST_SK_CFGS(true, false, false)
-MARLIN_INST_SK_CFGS(true, false, true)
-MARLIN_INST_SK_CFGS(false, true, false)
-MARLIN_INST_SK_CFGS(false, true, true)
+#define MARLIN_INST_CFGS(BF, GR, G2, LN) \
+  MARLIN_INST1(BF, 1, 4, 6, GR, G2, LN)  \
+  MARLIN_INST1(BF, 1, 2, 5, GR, G2, LN)  \
+  MARLIN_INST1(BF, 1, 1, 4, GR, G2, LN)  \
+  MARLIN_INST1(BF, 2, 4, 7, GR, G2, LN)  \
+  MARLIN_INST1(BF, 2, 2, 6, GR, G2, LN)  \
+  MARLIN_INST1(BF, 4, 4, 6, GR, G2, LN)
+#define MARLIN_INST_ALL(LN)                \
+  MARLIN_INST_CFGS(true, true, false, LN)  \
+  MARLIN_INST_CFGS(true, true, true, LN)   \
+  MARLIN_INST_CFGS(true, false, false, LN) \
+  MARLIN_INST_CFGS(true, false, true, LN)  \
+  MARLIN_INST_CFGS(false, true, false, LN) \
+  MARLIN_INST_CFGS(false, true, true, LN)
+MARLIN_INST_ALL(false)
+MARLIN_INST_ALL(true)
 template __global__ void marlin::moe_marlin_topk_sum<true>(const float*, const int*, int, int, int, u16*);
 template __global__ void marlin::moe_marlin_topk_sum<false>(const float*, const int*, int, int, int, u16*);
 #endif

@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,9 +48,8 @@ from hostcore.hookspecs import BuildContext
 from . import _flashinfer, layout, warmup
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """State between a dispatch and its combine."""
+class _Pending(NamedTuple):
+    """State between a dispatch and its combine (a tuple: it is made on every forward)."""
 
     tokens: int
     rows: int
@@ -99,7 +97,8 @@ class FlashInferOneSidedDispatch:
         t = hidden.shape[0]
         agreed = rows_per_rank is None
         rows = self._agree_rows(t) if agreed else int(rows_per_rank)
-        layout.check_rows_per_rank(rows, t, self.geometry.max_tokens_per_rank, agreed)
+        if not 0 < rows <= self.geometry.max_tokens_per_rank or t > rows:  # the common case skips the call
+            layout.check_rows_per_rank(rows, t, self.geometry.max_tokens_per_rank, agreed)
         if rows == 0:
             self._pending = _Pending(0, 0)
             return self._empty(scales)
@@ -189,6 +188,15 @@ class FlashInferOneSidedDispatch:
         self._combine_buffer = self._a2a.combine_input_buffer(self._pending.rows)
         return self._combine_buffer
 
+    def _combine_problem(self, expert_out: torch.Tensor, want: tuple[int, int, int]) -> str:
+        g = self.geometry
+        if tuple(expert_out.shape) != want:
+            return f"combine expects expert output [ep_size, R, H] = {list(want)}, got {list(expert_out.shape)}"
+        if expert_out.dtype != g.dtype:
+            return (f"combine expects expert output in the layer's dtype {g.dtype} (FlashInfer's workspace is "
+                    f"sized for it), got {expert_out.dtype}")
+        return f"expert output is on {expert_out.device}, but this dispatch runs on {self.device}"
+
     def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
         """`hostcore.hookspecs.DispatchStage.combine`: ``[ep_size, R, H]`` -> new ``[T, H]``; a collective."""
         pending = self._pending
@@ -197,13 +205,8 @@ class FlashInferOneSidedDispatch:
         g = self.geometry
         want = (g.ep_size, pending.rows, g.hidden_size)
         problem = None
-        if tuple(expert_out.shape) != want:
-            problem = f"combine expects expert output [ep_size, R, H] = {list(want)}, got {list(expert_out.shape)}"
-        elif expert_out.dtype != g.dtype:
-            problem = (f"combine expects expert output in the layer's dtype {g.dtype} (FlashInfer's workspace is "
-                       f"sized for it), got {expert_out.dtype}")
-        elif expert_out.device != self.device:
-            problem = f"expert output is on {expert_out.device}, but this dispatch runs on {self.device}"
+        if expert_out.shape != want or expert_out.dtype != g.dtype or expert_out.device != self.device:
+            problem = self._combine_problem(expert_out, want)
         buffer, self._combine_buffer, self._pending = self._combine_buffer, None, None
         if problem is not None:
             # The other ranks are already in (or heading to) the combine collective: take part with zeros so

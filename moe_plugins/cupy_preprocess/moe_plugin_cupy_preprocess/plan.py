@@ -4,8 +4,8 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
 ``#define`` s of ``csrc/preprocess.cu``; `plan_for` is the only place that decides between
 
 ``block`` path
-    one launch of ``block_preprocess``: one block of 1024 threads, ``ipt`` slots per thread
-    (``num_slots <= 1024 * 16``). Decode sizes.
+    one launch of ``block_preprocess``: one block of up to 1024 threads, ``ipt`` slots per thread
+    (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Decode sizes.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -73,8 +73,10 @@ KEY_BYTES = 2
 
 PATHS = ("auto", "block", "grid")
 MAP_PLACES = ("auto", "shared", "global")
-BLOCK_PATH_AUTO_MAX = BLOCK_MAX_SLOTS
-"""``path=auto`` takes the single-block path up to this many slots."""
+BLOCK_PATH_AUTO_MAX = 8192
+"""``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU run 2, commit
+7f18ecd, GPU_RESULTS.md): the single block won up to 8192 slots (14.78 us vs 15.58 for grid_fused) and lost
+at 16384 (20.37 vs 15.52), where one SM has to move all the bytes and rank every slot."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from hostcore.registry import coerce_options
 from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
-from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
+from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
                                              MAX_WINDOW, SMEM_MAP_AUTO_MAX, TILE, MapChoice, check_block_m, choose_map,
                                              moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
@@ -130,12 +130,16 @@ def test_path_choice_and_items_per_thread() -> None:
     def plan(nk: int, path: str = "auto"):
         return plan_for(nk, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 256), path)
 
-    assert [plan(n).ipt for n in (0, 1, 1024, 1025, 4096, 4097, BLOCK_MAX_SLOTS)] == [1, 1, 1, 4, 4, 16, 16]
+    assert [plan(n, "block").ipt for n in (0, 1, 1024, 1025, 4096, 4097, BLOCK_MAX_SLOTS)] == [1, 1, 1, 4, 4, 16, 16]
     assert plan(1000).active_warps == 32 and plan(5000).active_warps == 10
     # Threads: enough for the slots and for one expert of the window each.
-    assert [plan(n).block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == [32, 32, 128, 1024, 320, 1024]
+    assert [plan(n, "block").block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == \
+        [32, 32, 128, 1024, 320, 1024]
     assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
-    assert plan(BLOCK_MAX_SLOTS).path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
+    # auto: the single block up to BLOCK_PATH_AUTO_MAX (grid_fused won at 16384 on the H100), forced up to 16384
+    assert BLOCK_PATH_AUTO_MAX == 8192
+    assert plan(BLOCK_PATH_AUTO_MAX).path == "block" and plan(BLOCK_PATH_AUTO_MAX + 1).path == "grid"
+    assert plan(BLOCK_MAX_SLOTS, "block").path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS + 1).tiles == -(-(BLOCK_MAX_SLOTS + 1) // TILE)
     assert plan(5, "grid").path == "grid" and plan(5, "grid").tiles == 1
     assert plan(0, "grid").tiles == 1, "an empty batch still launches one tile (it writes the fills)"
@@ -205,7 +209,7 @@ def test_fused_grid_sizing() -> None:
 
 
 def test_forced_shared_map_shrinks_the_window_to_fit() -> None:
-    plan = plan_for(BLOCK_MAX_SLOTS, 1, torch.int32, 16, 4096, choose_map(40_000, "shared"))
+    plan = plan_for(BLOCK_MAX_SLOTS, 1, torch.int32, 16, 4096, choose_map(40_000, "shared"), "block")
     assert plan.window < MAX_WINDOW and plan.smem_block_bytes <= DEFAULT_SMEM_OPTIN
 
 

@@ -133,6 +133,67 @@ __device__ int block_exclusive_scan(int* a, int n, int* scratch) {
     return carry;
 }
 
+// Copy the expert map into shared memory in ONE memory round trip whatever the block size: every thread
+// issues all its loads (16-byte vectors when the map is aligned, up to 4 per thread per pass) before its
+// first shared store. A plain `for (e = tid; e < map_size; e += blockDim.x)` loop costs one dependent
+// round trip per few iterations, which on the 32-thread decode block (a 257-entry map: 9 iterations) was
+// the extra microsecond between GPU run 1 (1024 threads) and run 2 (see GPU_RESULTS.md).
+// Every thread must call it; the caller's __syncthreads publishes the copy. smap is 16-byte aligned
+// (the start of the dynamic shared memory).
+__device__ __forceinline__ void hc_copy_map(int* smap, const int* __restrict__ gmap, int map_size) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    if ((reinterpret_cast<unsigned long long>(gmap) & 15ull) == 0) {
+        const int nvec = map_size >> 2, rest = map_size - (nvec << 2);
+        const int4* g4 = reinterpret_cast<const int4*>(gmap);
+        int4* s4 = reinterpret_cast<int4*>(smap);
+        const int tail = tid < rest ? __ldg(gmap + (nvec << 2) + tid) : 0;  // issued with the vectors
+        for (int v0 = 0; v0 < nvec; v0 += 4 * nt) {
+            int4 x[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int v = v0 + u * nt + tid;
+                if (v < nvec) x[u] = __ldg(g4 + v);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int v = v0 + u * nt + tid;
+                if (v < nvec) s4[v] = x[u];
+            }
+        }
+        if (tid < rest) smap[(nvec << 2) + tid] = tail;
+        return;
+    }
+    for (int e0 = 0; e0 < map_size; e0 += 8 * nt) {  // unaligned map (never from plan.py's buffers)
+        int x[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int e = e0 + u * nt + tid;
+            x[u] = e < map_size ? __ldg(gmap + e) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int e = e0 + u * nt + tid;
+            if (e < map_size) smap[e] = x[u];
+        }
+    }
+}
+
+// Fill a[lo, hi) with `value`, 16-byte stores for the aligned middle: thread `t` of `nt` cooperating
+// threads (the whole grid, or one block). Any int alignment of `a` works (the tests offset buffers by guard
+// words). Stores only: nothing in the kernel waits on them.
+__device__ __forceinline__ void hc_fill(int* __restrict__ a, long long lo, long long hi, int value, long long t,
+                                        long long nt) {
+    if (lo >= hi) return;
+    const unsigned long long addr = reinterpret_cast<unsigned long long>(a + lo);
+    const long long head = min(hi - lo, (long long)(((16ull - (addr & 15ull)) & 15ull) >> 2));
+    const long long nvec = (hi - lo - head) >> 2, mid = lo + head, rest = mid + (nvec << 2);
+    for (long long p = lo + t; p < mid; p += nt) a[p] = value;
+    int4* a4 = reinterpret_cast<int4*>(a + mid);
+    const int4 w = make_int4(value, value, value, value);
+    for (long long v = t; v < nvec; v += nt) a4[v] = w;
+    for (long long p = rest + t; p < hi; p += nt) a[p] = value;
+}
+
 // First index in a[0..n) whose value is > x (a sorted ascending).
 __device__ __forceinline__ int upper_bound(const int* a, int n, int x) {
     int lo = 0, hi = n;
@@ -230,8 +291,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         const int i = seg + c * 32 + lane;
         raw[c] = i < nk ? ids[i] : (IdT)0;
     }
-    if (map_mode == HC_MAP_SHARED)
-        for (int e = tid; e < map_size; e += blockDim.x) smap[e] = __ldg(gmap + e);
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
 
@@ -295,9 +355,8 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         __syncthreads();  // cnt and gs are rewritten by the next window
     }
     if (aligned) {
-        for (int p = base + tid; p < capacity; p += blockDim.x) sorted[p] = nk;
-        const int blocks = capacity / block_m;
-        for (int b = base / block_m + tid; b < blocks; b += blockDim.x) block_ids[b] = -1;
+        hc_fill(sorted, base, capacity, nk, tid, blockDim.x);
+        hc_fill(block_ids, base / block_m, capacity / block_m, -1, tid, blockDim.x);
         if (tid == 0) total_out[0] = base;
     }
     __syncthreads();  // every warp's atomicAdd on scratch[33] is done
@@ -550,6 +609,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // [stage_slot: HC_TILE][stage_key: HC_TILE][scratch: HC_SCRATCH][keys: chunk uint16 if keys_in_smem].
 // ---------------------------------------------------------------------------------------------------
 #define HC_NO_KEY16 0xffff     // shared key of a slot that is not local
+#define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per thread issued before any is used
+#define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -623,8 +684,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const bool aligned = block_m > 0;
 
     // ---- phase 1: map, local_ids, per-warp counts -------------------------------------------------
-    if (map_mode == HC_MAP_SHARED)
-        for (int e = tid; e < map_size; e += blockDim.x) smap[e] = __ldg(gmap + e);
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
@@ -646,21 +706,26 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int i_scalar = c0;
     if (vec_ok) {  // c0 is a multiple of HC_TILE: 16-byte aligned when the bases are
         const int nvec = (c1 - c0) / V;
-        for (int v = tid; v < nvec; v += 2 * HC_GRID_THREADS) {
-            // Two independent 16-byte loads in flight per thread before any use.
-            IdT a[V], b[V];
-            const int i = c0 + v * V, i2 = i + HC_GRID_THREADS * V;
-            const bool second = v + HC_GRID_THREADS < nvec;
-            hc_vec<IdT>::load(ids + i, a);
-            if (second) hc_vec<IdT>::load(ids + i2, b);
-            int l[V];
+        // HC_LOADS_IN_FLIGHT independent 16-byte loads per thread before any use: 64 B per thread, 64 KiB
+        // per SM with two blocks, about what Little's law asks of an SM for full HBM bandwidth at the
+        // loaded latency (the first version had 2, i.e. half of that).
+        for (int v0 = 0; v0 < nvec; v0 += HC_LOADS_IN_FLIGHT * HC_GRID_THREADS) {
+            IdT a[HC_LOADS_IN_FLIGHT][V];
 #pragma unroll
-            for (int q = 0; q < V; ++q) l[q] = take(i + q, a[q]);
-            hc_vec<IdT>::store(local_ids + i, l);
-            if (second) {
+            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
+                const int v = v0 + u * HC_GRID_THREADS + tid;
+                if (v < nvec) hc_vec<IdT>::load(ids + c0 + v * V, a[u]);
+            }
 #pragma unroll
-                for (int q = 0; q < V; ++q) l[q] = take(i2 + q, b[q]);
-                hc_vec<IdT>::store(local_ids + i2, l);
+            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
+                const int v = v0 + u * HC_GRID_THREADS + tid;
+                if (v < nvec) {
+                    const int i = c0 + v * V;
+                    int l[V];
+#pragma unroll
+                    for (int q = 0; q < V; ++q) l[q] = take(i + q, a[u][q]);
+                    hc_vec<IdT>::store(local_ids + i, l);
+                }
             }
         }
         i_scalar = c0 + nvec * V;
@@ -688,14 +753,24 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         for (int k = tid; k < wl; k += blockDim.x) tot[k] = run[k] = 0;
         __syncthreads();
         // per threads for each expert, each sums a strided part of the expert's row (coalesced reads).
+        // The loads are issued HC_HIST_BATCH at a time before they are summed: a plain loop waits one L2
+        // round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
         const int per = wl > 0 ? max(1, (int)blockDim.x / wl) : 1;
         for (int j = tid; j < wl * per; j += blockDim.x) {
             const int k = j / per, r = j - k * per;
             int all = 0, before = 0;
-            for (int g = r; g < G; g += per) {
-                const int v = __ldcg(cta_hist + k * G + g);
-                all += v;
-                before += g < me ? v : 0;
+            for (int g0 = r; g0 < G; g0 += HC_HIST_BATCH * per) {
+                int v[HC_HIST_BATCH];
+#pragma unroll
+                for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                    const int g = g0 + u * per;
+                    v[u] = g < G ? __ldcg(cta_hist + k * G + g) : 0;
+                }
+#pragma unroll
+                for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                    all += v[u];
+                    before += g0 + u * per < me ? v[u] : 0;
+                }
             }
             atomicAdd(&tot[k], all);
             atomicAdd(&run[k], before);
@@ -735,11 +810,25 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;
     }
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
-    for (int p = total + gtid; p < capacity; p += gsize) sorted[p] = nk;
-    for (int b = total / block_m + gtid; b < capacity / block_m; b += gsize) block_ids[b] = -1;
+    hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 
     // ---- phase 3: place the chunk, tile by tile ---------------------------------------------------
-    for (int t0 = c0; t0 < c1; t0 += HC_TILE) {
+    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
+    // benchmark moves at N*K = 8M) is cut into one contiguous slice per block, and each block writes its
+    // slice in pieces between its placement tiles: the stores stream to memory while the SM ranks the next
+    // tile in shared memory, instead of all of them before the first tile. The tail never overlaps a
+    // placement or padding write (those are below the total).
+    const long long tail_len = (long long)capacity - total;
+    const long long share = ((tail_len + G - 1) / G + 3) & ~3ll;  // multiple of 4: slices stay 16-byte aligned
+    const long long tlo = min((long long)capacity, total + share * me), thi = min((long long)capacity, tlo + share);
+    const int ntiles = (c1 - c0 + HC_TILE - 1) / HC_TILE;
+    const int pieces = max(ntiles, 1);
+    const long long piece = ((thi - tlo + pieces - 1) / pieces + 3) & ~3ll;
+    for (int t = 0; t < pieces; ++t) {
+        const long long p0 = tlo + piece * t;
+        hc_fill(sorted, p0, min(thi, p0 + piece), nk, tid, blockDim.x);
+        if (t >= ntiles) break;
+        const int t0 = c0 + t * HC_TILE;
         const int seg = t0 + warp * 32 * HC_GRID_IPT;
         int key[HC_GRID_IPT];
 #pragma unroll

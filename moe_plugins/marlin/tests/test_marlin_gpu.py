@@ -325,7 +325,8 @@ def test_lean_matches_base_every_tile(dtype, group):
     """``lean`` against ``base`` for every tile configuration (forced through ``tile_override``), block_m 16,
     32 and 64, with K splits on GEMM2, expert skipping (EP 2 with a map; ids -1) and NaN padding rows.
     The two flavours compute the same bf16/fp16 weights and the same MMA sequence, so without K splits
-    they agree to the last bit; with splits (fp32 atomics in any order) to 1e-5. Both also against float64."""
+    they agree to the last bit; with splits (fp32 atomics in any order) to one rounding step of the output
+    dtype per element. Both also against float64."""
     from moe_plugin_marlin.jit import TILE_CONFIGS
     from moe_plugin_marlin.stage import MarlinExperts
 
@@ -368,5 +369,6 @@ def test_lean_matches_base_every_tile(dtype, group):
         d = float((outs["lean"][key] - b).abs().max())
         if key[2] == 1:
             assert d == 0.0, (key, d)
-        else:
-            assert d <= 1e-5 * float(b.abs().max()), (key, d)
+        else:  # fp32 partial sums added in any order, then rounded once to the output dtype: one rounding step
+            tol = torch.finfo(dtype).eps * (b.abs() + 1e-3 * b.abs().max())
+            assert bool(((outs["lean"][key] - b).abs() <= tol).all()), (key, d)

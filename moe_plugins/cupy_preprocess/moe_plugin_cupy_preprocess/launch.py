@@ -106,6 +106,12 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
     blocks_ptr = _ptr(out.block_expert_ids) if aligned else 0
     total_ptr = _ptr(out.num_slots_post_padded) if aligned else 0
     shape = (plan.rows, plan.top_k)
+    if plan.path == "warp":
+        step = Step("warp_preprocess", kernels.handle(f"warp_preprocess<{id_name}, {plan.ipt}>"), 1, 32,
+                    plan.smem_block_bytes,
+                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
+                              blocks_ptr, total_ptr, plan.block_m, plan.capacity], takes_ids=True)
+        return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block":
         name = f"block_preprocess<{id_name}, {plan.ipt}>"
         step = Step("block_preprocess", kernels.handle(name), 1, plan.block_threads, plan.smem_block_bytes,

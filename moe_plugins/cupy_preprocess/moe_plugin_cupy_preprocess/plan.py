@@ -3,6 +3,10 @@
 Nothing here touches a GPU, so the sizing rules are tested on the CPU. The constants mirror the
 ``#define`` s of ``csrc/preprocess.cu``; `plan_for` is the only place that decides between
 
+``warp`` path
+    one launch of ``warp_preprocess``: ONE warp, ``ipt`` slots per lane (``num_slots <= 32 * 16``,
+    ``num_local <= WARP_MAX_LOCAL``); ``path=auto`` up to `WARP_PATH_AUTO_MAX`. Decode sizes: no
+    ``__syncthreads``, no block scan, one dependent memory round trip with a shared-memory map.
 ``block`` path
     one launch of ``block_preprocess``: one block of up to 1024 threads, ``ipt`` slots per thread
     (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Decode sizes.
@@ -71,7 +75,17 @@ the counts distributed over the blocks (two grid barriers) instead of every bloc
 KEY_BYTES = 2
 """grid_fused keeps a uint16 layout key per slot of its chunk in shared memory when it fits."""
 
-PATHS = ("auto", "block", "grid")
+PATHS = ("auto", "warp", "block", "grid")
+WARP_IPTS = (1, 4, 16)
+WARP_MAX_SLOTS = 32 * WARP_IPTS[-1]
+WARP_MAX_LOCAL = 128
+"""warp_preprocess's bound on local experts (HC_WARP_MAX_LOCAL): each lane owns ceil(num_local / 32)
+experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints."""
+WARP_PATH_AUTO_MAX = WARP_MAX_SLOTS
+"""``path=auto`` takes the one-warp kernel up to this many slots (when ``num_local <= WARP_MAX_LOCAL``).
+Not measured yet (GPU_RESULTS.md): chosen from the audit. Up to 512 slots one warp does 16 chunks of
+ballots, all independent, against block_preprocess's block-wide barriers and scans; past that the warp's
+serial work grows linearly while the block spreads it over more warps."""
 MAP_PLACES = ("auto", "shared", "global")
 BLOCK_PATH_AUTO_MAX = 8192
 """``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU run 2, commit
@@ -142,6 +156,8 @@ class Plan:
     @property
     def kernel_names(self) -> tuple[str, ...]:
         """The kernels one preprocess launches, in order (for breakdowns and docs)."""
+        if self.path == "warp":
+            return ("warp_preprocess",)
         if self.path == "block":
             return ("block_preprocess",)
         if self.fused:
@@ -187,6 +203,11 @@ class Plan:
 
 def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:
     return map_entries + active_warps * window + window + 1 + SCRATCH_INTS
+
+
+def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
+    """warp_preprocess's dynamic shared memory: map, chunk counters ``[ipt, num_local]``, starts, totals."""
+    return map_entries + ipt * num_local + 2 * num_local
 
 
 def _place_smem_ints(window: int) -> int:
@@ -266,9 +287,24 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     if path == "block" and nk > BLOCK_MAX_SLOTS:
         raise ConfigError(f"path=block handles at most {BLOCK_MAX_SLOTS} slots (one block of {BLOCK_THREADS} threads x "
                           f"{BLOCK_IPTS[-1]}), got {rows} x {top_k} = {nk}; use path=auto or path=grid")
-    chosen = path if path != "auto" else ("block" if nk <= BLOCK_PATH_AUTO_MAX else "grid")
-    window = max(1, min(num_local, MAX_WINDOW))
     map_smem = map_choice.size if map_choice.mode == MAP_SHARED else 0
+    warp_ipt = next((i for i in WARP_IPTS if 32 * i >= nk), 0)
+    warp_ok = bool(warp_ipt) and num_local <= WARP_MAX_LOCAL and \
+        _warp_smem_ints(map_smem, warp_ipt, num_local) * 4 <= smem_optin
+    if path == "warp" and not warp_ok:
+        raise ConfigError(f"path=warp handles at most {WARP_MAX_SLOTS} slots and {WARP_MAX_LOCAL} local experts "
+                          f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
+    if path == "auto":
+        chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= BLOCK_PATH_AUTO_MAX else "grid")
+    else:
+        chosen = path
+    if chosen == "warp":
+        return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
+                    path="warp", capacity=capacity, window=max(1, num_local), windows=1, ipt=warp_ipt,
+                    active_warps=1, block_threads=32, tiles=1,
+                    smem_block_bytes=_warp_smem_ints(map_smem, warp_ipt, num_local) * 4, smem_count_bytes=0,
+                    smem_place_bytes=0)
+    window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
     active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0
     if chosen == "block":

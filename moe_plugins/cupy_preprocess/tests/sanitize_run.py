@@ -1,6 +1,6 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-Runs every kernel of the cupy preprocess (single-block path, the single-launch grid_fused with one and
+Runs every kernel of the cupy preprocess (one-warp and single-block paths, the single-launch grid_fused with one and
 with two grid barriers, the three split grid kernels for many local experts, map in shared memory, in
 global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
 (so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's
@@ -24,6 +24,8 @@ from preprocess_testlib import assert_matches, context, make_case, reference  # 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
 
 CASES = [
+    (256, 8, 1, "non_local", 6, 8, torch.int32, {}),  # warp_preprocess (384 slots), map in shared memory
+    (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # warp_preprocess, global map, invalid ids
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
     (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block path, map in shared memory
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block path, invalid ids counted
@@ -61,7 +63,7 @@ def main() -> int:
             except AssertionError as exc:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
-    missing = {"block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
+    missing = {"warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
                "grid_place"} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")

@@ -23,7 +23,7 @@ from hostcore.registry import coerce_options
 from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
-from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
+from moe_plugin_cupy_preprocess.plan import (WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
                                              MAX_WINDOW, SMEM_MAP_AUTO_MAX, TILE, MapChoice, check_block_m, choose_map,
                                              moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
@@ -145,8 +145,20 @@ def test_path_choice_and_items_per_thread() -> None:
     assert plan(0, "grid").tiles == 1, "an empty batch still launches one tile (it writes the fills)"
     with pytest.raises(ConfigError, match=r"path=block handles at most 16384 slots.*got 16385 x 1 = 16385"):
         plan(BLOCK_MAX_SLOTS + 1, "block")
-    with pytest.raises(ConfigError, match="path must be one of auto, block, grid"):
-        plan(5, "warp")
+    with pytest.raises(ConfigError, match="path must be one of auto, warp, block, grid"):
+        plan(5, "bogus")
+    # auto: one warp up to WARP_PATH_AUTO_MAX slots and WARP_MAX_LOCAL local experts, 1/4/16 slots per lane
+    assert WARP_PATH_AUTO_MAX == WARP_MAX_SLOTS == 512 and WARP_MAX_LOCAL == 128
+    assert [(plan(n).path, plan(n).ipt) for n in (0, 1, 32, 33, 128, 129, 512)] == \
+        [("warp", 1), ("warp", 1), ("warp", 1), ("warp", 4), ("warp", 4), ("warp", 16), ("warp", 16)]
+    assert plan(513).path == "block" and plan(8, "block").path == "block"
+    warp = plan(100)
+    assert warp.block_threads == 32 and warp.kernel_names == ("warp_preprocess",)
+    assert warp.smem_block_bytes == (256 + 4 * 32 + 2 * 32) * 4
+    assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0)).path == "block"
+    assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL, MapChoice(MAP_NONE, 0)).path == "warp"
+    with pytest.raises(ConfigError, match="path=warp handles at most 512 slots"):
+        plan(513, "warp")
 
 
 def test_expert_windows_and_shared_memory_fit() -> None:
@@ -301,4 +313,8 @@ def test_source_compiles_for_sm90_without_spills(tmp_path: Path) -> None:
     assert len(entries) == len(jit.name_expressions()), entries
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(s == ("0", "0") for s in spills), report
-    assert all(int(r) <= 64 for r in re.findall(r"Used (\d+) registers", report)), "1024-thread blocks need <= 64"
+    used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", report, re.S)
+    assert len(used) == len(entries)
+    # 1024-thread blocks need <= 64 registers; warp_preprocess runs 32 threads (__launch_bounds__(32)).
+    assert all(int(r) <= 64 for name, r in used if "warp_preprocess" not in name), used
+    assert all(int(r) <= 255 for _, r in used), used

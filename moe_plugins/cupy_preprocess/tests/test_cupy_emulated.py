@@ -16,7 +16,8 @@ from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matche
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import TILE, TWO_PHASE_LIMIT, Plan, choose_map, plan_for
+from moe_plugin_cupy_preprocess.plan import (TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, Plan, choose_map,
+                                             plan_for)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,13 @@ def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "
 
 
 @pytest.mark.parametrize("sentinel", ["non_local", "guard_slot", "out_of_range", "negative"])
-@pytest.mark.parametrize("path", ["block", "grid"])
+@pytest.mark.parametrize("path", ["warp", "block", "grid"])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_every_sentinel_on_both_paths(kernels: EmulatedKernels, sentinel: str, path: str, map_in: str) -> None:
     if sentinel == "out_of_range" and map_in == "global":
         pytest.skip("no map to place")
-    case = make_case(64, 4, 1, sentinel, rows_per_rank=40, top_k=4, seed=hash((sentinel, path, map_in)) % 1000)
+    rows = 30 if path == "warp" else 40  # the warp kernel takes at most 512 slots
+    case = make_case(64, 4, 1, sentinel, rows_per_rank=rows, top_k=4, seed=hash((sentinel, path, map_in)) % 1000)
     for block_m in (None, 1, 16):
         got, plan = run(kernels, case, block_m, map_in=map_in, path=path)
         assert plan.path == path
@@ -193,7 +195,7 @@ def test_more_local_experts_than_a_window(kernels: EmulatedKernels, path: str) -
     assert_matches(got, reference(case, 2), 2)
 
 
-@pytest.mark.parametrize("path", ["block", "grid"])
+@pytest.mark.parametrize("path", ["warp", "block", "grid"])
 def test_rank_without_local_experts_and_empty_batches(kernels: EmulatedKernels, path: str) -> None:
     case = make_case(4, 8, 6, "negative", rows_per_rank=3, top_k=2, seed=6)  # ranks 4..7 own no expert
     assert case.local.count == 0
@@ -205,10 +207,10 @@ def test_rank_without_local_experts_and_empty_batches(kernels: EmulatedKernels, 
     assert got.aligned.sorted_slot_ids.numel() == 0 and int(got.aligned.num_slots_post_padded) == 0
 
 
-@pytest.mark.parametrize("path", ["block", "grid"])
+@pytest.mark.parametrize("path", ["warp", "block", "grid"])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, map_in: str) -> None:
-    case = make_case(32, 4, 0, "negative", rows_per_rank=50, top_k=4, seed=8)
+    case = make_case(32, 4, 0, "negative", rows_per_rank=30 if path == "warp" else 50, top_k=4, seed=8)
     padding = case.ids == -1
     assert bool(padding.any())
     safe, _ = run(kernels, case, 16, path=path, map_in=map_in)
@@ -221,3 +223,63 @@ def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKe
     assert torch.equal(faithful.local_ids[~padding], safe.local_ids[~padding])
     assert int(faithful.expert_counts[0]) == int(safe.expert_counts[0]) + int(padding.sum())
     assert_layout_valid(faithful, 16)
+
+
+# --- the one-warp decode kernel -----------------------------------------------------------------------------
+
+# N*K at and around the warp kernel's slots-per-lane steps (32, 128) and its bound (512), and 0.
+WARP_SIZES = [0, 1, 7, 31, 32, 33, 127, 128, 129, 300, 511, 512]
+
+
+@pytest.mark.parametrize("nk", WARP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_warp_kernel_sizes_sentinels_and_maps(kernels: EmulatedKernels, nk: int, dtype: torch.dtype) -> None:
+    """path=auto takes warp_preprocess up to 512 slots; every sentinel, the map in shared/global memory or
+    absent, several block_m, random ids, poisoned and guarded outputs, against the torch reference."""
+    for j, sentinel in enumerate(("non_local", "guard_slot", "out_of_range", "negative")):
+        num_experts = 256 if sentinel != "out_of_range" else 40
+        ep = 8 if sentinel != "out_of_range" else 1
+        placement, local, value = make_local(num_experts, ep, ep - 1, sentinel)
+        gen = torch.Generator().manual_seed(nk * 31 + j * 7 + (dtype == torch.int64))
+        ids, real = make_ids(num_experts, 1, nk, 1, value, gen, dtype)  # nk slots, one row each
+        case = Case(placement, ep - 1, local, value, ids.reshape(-1, 1), real)
+        for map_in in ("shared", "global") if local.expert_map is not None else ("auto",):
+            for block_m in (None, 1, 16, 48):
+                got, plan = run(kernels, case, block_m, map_in=map_in)
+                assert plan.path == "warp" and plan.kernel_names == ("warp_preprocess",)
+                assert kernels.launches[-1][0].startswith("warp_preprocess<") and kernels.launches[-1][2] == 32
+                what = f"nk={nk} {dtype} {sentinel} {map_in} block_m={block_m}"
+                assert_matches(got, reference(case, block_m), block_m, what)
+                if block_m:
+                    assert_layout_valid(got, block_m)
+                if sentinel == "negative" and block_m is None:
+                    assert int(got.invalid_count) == int((case.ids == -1).sum()), what
+
+
+@pytest.mark.parametrize("num_local", [1, 31, 33, 64, WARP_MAX_LOCAL])
+def test_warp_kernel_expert_ownership_per_lane(kernels: EmulatedKernels, num_local: int) -> None:
+    """1..4 experts per lane (ceil(num_local / 32)), no map, every slot local: counts, starts, block ids."""
+    case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=WARP_MAX_SLOTS // 4, top_k=4, seed=num_local)
+    for block_m in (1, 16, 64):
+        got, plan = run(kernels, case, block_m)
+        assert plan.path == "warp" and plan.ipt == 16
+        assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} block_m={block_m}")
+        assert_layout_valid(got, block_m)
+
+
+def test_warp_kernel_bounds_fall_back_to_the_block(kernels: EmulatedKernels) -> None:
+    case = make_case(WARP_MAX_LOCAL + 1, 1, 0, "out_of_range", rows_per_rank=10, top_k=4, seed=30)
+    got, plan = run(kernels, case, 16)
+    assert plan.path == "block"
+    assert_matches(got, reference(case, 16), 16)
+    case = make_case(256, 8, 0, "non_local", rows_per_rank=WARP_MAX_SLOTS // 64 + 1, top_k=8, seed=31)  # 576 slots
+    got, plan = run(kernels, case, 16)
+    assert plan.path == "block"
+    assert_matches(got, reference(case, 16), 16)
+
+
+def test_warp_kernel_replays_into_the_same_buffers(kernels: EmulatedKernels) -> None:
+    case = make_case(256, 8, 2, "negative", rows_per_rank=6, top_k=8, seed=32, dtype=torch.int64)
+    got, plan = run(kernels, case, 16, launches=3)
+    assert plan.path == "warp"
+    assert_matches(got, reference(case, 16), 16)

@@ -28,7 +28,7 @@ from hostcore.conformance import PreprocessContract
 from hostcore.errors import ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
-from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS
+from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS, WARP_MAX_LOCAL, WARP_MAX_SLOTS
 
 EMULATE = os.environ.get("HOSTCORE_CUPY_EMULATE") == "1"
 REASON = plugin.availability_reason()
@@ -118,6 +118,8 @@ def test_every_sentinel_and_ep_size_matches_the_reference(stage: Callable[..., C
                                    seed=seed(sentinel, ep_size, rank, "ids"),
                                    round_robin=rank % 2 == 1 and sentinel != "out_of_range"))
         paths = ["block", "grid"] if case.ids.numel() <= BLOCK_MAX_SLOTS else ["grid"]
+        if case.ids.numel() <= WARP_MAX_SLOTS and case.local.count <= WARP_MAX_LOCAL:
+            paths.insert(0, "warp")
         for path in paths:
             backend = stage(case, path=path)
             for block_m in (None, 16, 64):
@@ -207,7 +209,7 @@ def test_int64_ids_far_outside_the_map_are_skipped_and_counted(stage: Callable[.
 # --- graphs, streams, zero-copy, cache ---------------------------------------------------------------
 
 @real_gpu_only
-@pytest.mark.parametrize("rows, num_experts, ep_size", [(300, 256, 8), (4000, 256, 8), (3000, 3000, 1)])
+@pytest.mark.parametrize("rows, num_experts, ep_size", [(40, 256, 8), (300, 256, 8), (4000, 256, 8), (3000, 3000, 1)])
 def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyPreprocess], rows: int,
                                                       num_experts: int, ep_size: int) -> None:
     case = on_device(make_case(num_experts, ep_size, 0, "guard_slot", rows_per_rank=rows // ep_size, top_k=8,
@@ -347,11 +349,12 @@ class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
 # --- last: an unchecked read below the table (if a GPU faulted on it, only this test would see the broken
 # context) ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["block", "grid"])
+@pytest.mark.parametrize("path", ["warp", "block", "grid"])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,
                                                                  map_in: str, record_property: Any) -> None:
-    case = on_device(make_case(64, 4, 0, "negative", rows_per_rank=300, top_k=8, seed=seed("faithful", path, map_in)))
+    rows = 15 if path == "warp" else 300  # the warp kernel takes at most 512 slots
+    case = on_device(make_case(64, 4, 0, "negative", rows_per_rank=rows, top_k=8, seed=seed("faithful", path, map_in)))
     pad = case.ids == -1
     assert bool(pad.any()) and bool((~pad).any())
     safe = stage(case, path=path, map_in=map_in).preprocess(case.ids, 16)

@@ -1,6 +1,6 @@
 // Fused expert-map preprocess for hostcore: global top-k ids -> local ids, per-expert counts and the
-// aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: block_preprocess
-// (one block) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
+// aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: warp_preprocess
+// (one warp) for decode sizes, block_preprocess (one block) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
 // grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
 // more than 1024 local experts and for devices without cooperative launches.
 //
@@ -361,6 +361,116 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
     }
     __syncthreads();  // every warp's atomicAdd on scratch[33] is done
     if (tid == 0) invalid[0] = scratch[33];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Warp path (decode sizes): ONE warp, SPL slots per lane (nk <= 32 * SPL), num_local <= HC_WARP_MAX_LOCAL.
+// Same contract and outputs as block_preprocess. Why a separate kernel (audit in GPU_RESULTS.md): at
+// N*K <= 512 block_preprocess spends its time on block-level machinery, not on memory: 6+ __syncthreads,
+// a 3-barrier block scan per window, a serial per-expert loop over per-warp counters, a binary search per
+// block id, shared-memory atomics for the invalid count. Here every step is a warp instruction or one pass
+// of independent shared-memory accesses, fenced by __syncwarp only:
+//   1. issue all id loads (and, for a shared map, the map copy) at once: ONE dependent memory round trip
+//      (two with the map in global memory: ids, then each slot's map entry, read directly);
+//   2. per 32-slot chunk c (independent across chunks): key, peers from bits+1 ballots, rank in the chunk;
+//      the group leader stores the chunk's count of its key to ccnt[c][key] (plain stores, one writer);
+//   3. lane L owns experts [L*EPL, (L+1)*EPL): exclusive prefix of ccnt over chunks (independent loads),
+//      counts, padded sizes; warp shuffle scan -> padded group starts; padding, block ids and counts stored;
+//   4. every slot's position = group start + ccnt[c][key] + rank in chunk: sorted written, no atomics;
+//      the tail of sorted/block_ids past the total with 16-byte stores over all lanes.
+// The invalid count is a ballot popcount summed in registers and stored once (no atomic, no read).
+// Dynamic shared memory: [map: map_size if shared][ccnt: SPL * num_local][gs, tot: num_local each] (map first:
+// faithful negative reads land below the allocation, as in block_preprocess).
+// ---------------------------------------------------------------------------------------------------
+#define HC_WARP_MAX_LOCAL 128
+
+template <typename IdT, int SPL>
+__global__ void __launch_bounds__(32)
+warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
+                int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
+                int* __restrict__ invalid, int* __restrict__ sorted, int* __restrict__ block_ids,
+                int* __restrict__ total_out, int block_m, int capacity) {
+    extern __shared__ int smem[];
+    int* smap = smem;
+    int* ccnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [SPL][num_local]
+    int* gs = ccnt + SPL * num_local;                                // [num_local]: padded group starts
+    int* tot = gs + num_local;                                       // [num_local]: slots per expert
+    const int lane = threadIdx.x & 31;
+    const unsigned lower = hc_lanemask_lt();
+
+    IdT raw[SPL];
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        const int i = c * 32 + lane;
+        raw[c] = i < nk ? ids[i] : (IdT)0;
+    }
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
+    // Zero the chunk counters while the loads are in flight (keys absent from a chunk must read 0).
+    for (int j = lane; j < SPL * num_local; j += 32) ccnt[j] = 0;
+    __syncwarp();  // the map copy and the zeros are visible to the whole warp
+
+    const int bits = key_bits(num_local);
+    int key[SPL], rank[SPL];
+    int bad_total = 0;
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        const int i = c * 32 + lane;
+        int bad = 0, k = -1;
+        if (i < nk) {
+            const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
+            local_ids[i] = local;
+            k = layout_key(local, num_local);
+        }
+        bad_total += __popc(__ballot_sync(HC_FULL_MASK, bad));
+        const unsigned peers = warp_peers(k, bits);
+        key[c] = k;
+        rank[c] = __popc(peers & lower);
+        // The lowest lane of each group of equal keys stores the chunk's count of that key: one writer per
+        // (chunk, key), plain stores, nothing waits on them until the __syncwarp below.
+        if (k >= 0 && rank[c] == 0) ccnt[c * num_local + k] = __popc(peers);
+    }
+    if (lane == 0) invalid[0] = bad_total;  // the same value in every lane: no atomic, no read of the counter
+    __syncwarp();  // chunk counts visible
+
+    // Lane L owns experts [k0, k1) (in lane order, so a warp scan of the lanes' sums orders the groups):
+    // exclusive prefix of each owned expert's chunk counts (SPL independent shared loads), its total.
+    const int epl = (num_local + 31) >> 5;  // <= HC_WARP_MAX_LOCAL / 32
+    const int k0 = min(lane * epl, num_local), k1 = min(k0 + epl, num_local);
+    const bool aligned = block_m > 0;
+    int padded_mine = 0;
+    for (int k = k0; k < k1; ++k) {
+        int v[SPL];
+#pragma unroll
+        for (int c = 0; c < SPL; ++c) v[c] = ccnt[c * num_local + k];
+        int run = 0;
+#pragma unroll
+        for (int c = 0; c < SPL; ++c) {
+            ccnt[c * num_local + k] = run;  // this expert's slots in earlier chunks (same lane reads it back)
+            run += v[c];
+        }
+        counts[k] = run;
+        tot[k] = run;
+        padded_mine += aligned ? hc_round_up(run, block_m) : 0;
+    }
+    if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
+    const int incl = warp_inclusive_scan(padded_mine);
+    const int total = __shfl_sync(HC_FULL_MASK, incl, 31);
+    // Group starts, the < block_m padding entries and the block ids of each owned expert (stores only).
+    int start = incl - padded_mine;
+    for (int k = k0; k < k1; ++k) {
+        const int n = tot[k], end = start + hc_round_up(n, block_m);
+        gs[k] = start;
+        for (int p = start + n; p < end; ++p) sorted[p] = nk;
+        for (int b = start / block_m; b < end / block_m; ++b) block_ids[b] = k;
+        start = end;
+    }
+    __syncwarp();  // group starts and chunk prefixes visible to every lane
+#pragma unroll
+    for (int c = 0; c < SPL; ++c)
+        if (key[c] >= 0) sorted[gs[key[c]] + ccnt[c * num_local + key[c]] + rank[c]] = c * 32 + lane;
+    hc_fill(sorted, total, capacity, nk, lane, 32);
+    hc_fill(block_ids, total / block_m, capacity / block_m, -1, lane, 32);
+    if (lane == 0) total_out[0] = total;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -896,6 +1006,18 @@ template __global__ void block_preprocess<long long, 4>(const long long*, int, c
                                                         int*, int*, int*, int*, int*, int*, int, int, int, int);
 template __global__ void block_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int,
                                                          int*, int*, int*, int*, int*, int*, int, int, int, int);
+template __global__ void warp_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void warp_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void warp_preprocess<int, 16>(const int*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void warp_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void warp_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void warp_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,

@@ -69,7 +69,8 @@ for r in d["rows"]:
 for n, k in d.get("kernel_breakdown_us", {}).items():
     print(f"kernels N*K={n}: " + ", ".join(f"{a} {b:.2f} us" for a, b in k.items()))
 for c in d["path_compare"]:
-    print(f"path compare N*K={c['num_slots']}: block {c['block_us']:.2f} us, grid {c['grid_us']:.2f} us")
+    print(f"path compare N*K={c['num_slots']}: " + ", ".join(f"{p} {c[p + '_us']:.2f} us (graph {c[p + '_graph_us'] or 0:.2f})"
+                                                            for p in ("warp", "block", "grid") if p + "_us" in c))
 print("goals:", d["goals"])
 EOF
 fi

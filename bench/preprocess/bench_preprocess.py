@@ -41,12 +41,13 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.launch import Step, launch
-from moe_plugin_cupy_preprocess.plan import design_bytes, moved_bytes
+from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_bytes
 
 E, EP, RANK, TOP_K, BLOCK_M = 256, 8, 0, 8, 16
 SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
-PATH_COMPARE = [2048, 4096, 8192, 16384]
-BREAKDOWN = [16384, 65536, 1 << 20, 1 << 23]
+PATH_COMPARE = [8, 64, 512, 2048, 4096, 8192, 16384]
+# warp_preprocess (<= 512 slots) is compared with block_preprocess where it runs; block vs grid above that.
+BREAKDOWN = [8, 512, 16384, 65536, 1 << 20, 1 << 23]
 DECODE_MAX, BANDWIDTH_MIN = 16384, 1 << 20
 
 
@@ -175,7 +176,7 @@ def main() -> int:
     ctx = BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
                        hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
                        sentinel=sentinel)
-    ours = {path: CupyPreprocess(ctx, path=path) for path in ("auto", "block", "grid")}
+    ours = {path: CupyPreprocess(ctx, path=path) for path in ("auto", "warp", "block", "grid")}
     peer = TorchPreprocess(ctx, mode="safe")
     kernels = ours["auto"].kernels
 
@@ -229,14 +230,15 @@ def main() -> int:
             print("    kernels: " + ", ".join(f"{k} {v:.2f} us" for k, v in breakdown[str(nk)].items()))
         if nk in PATH_COMPARE:
             entry = {"num_slots": nk}
-            for path in ("block", "grid"):
+            paths = ("warp", "block") if nk <= WARP_MAX_SLOTS else ("block", "grid")
+            for path in paths:
                 b = ours[path].make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
                 check(ours[path].preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
                 entry[f"{path}_us"] = median_us(lambda: ours[path].preprocess_into(ids, b))
                 entry[f"{path}_graph_us"] = graph_us(lambda: ours[path].preprocess_into(ids, b))
             compare.append(entry)
-            print(f"    path block {entry['block_us']:.2f} us (graph {entry['block_graph_us']:.2f}), "
-                  f"grid {entry['grid_us']:.2f} us (graph {entry['grid_graph_us']:.2f})")
+            print("    path " + ", ".join(f"{p} {entry[p + '_us']:.2f} us (graph {entry[p + '_graph_us']:.2f})"
+                                       for p in paths))
         del ids, buffers
 
     decode = [r for r in rows_out if r["num_slots"] <= DECODE_MAX]

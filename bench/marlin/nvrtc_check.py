@@ -2,7 +2,7 @@
 """Compile every kernel instantiation a stage can ask for through NVRTC, without a GPU or CuPy.
 
 Uses libnvrtc directly (ctypes; ``--lib`` or ``$NVRTC_LIB``) with the options jit.py gives CuPy
-(``-std=c++17``, the name expressions of `jit.KernelSet` for both kernel flavours, base and lean) for ``--arch``
+(``-std=c++17``, the name expressions of `jit.KernelSet` for bf16/fp16 x grouped/per-channel) for ``--arch``
 (default sm_90), then prints each kernel's registers and spills
 (ptxas -v through the NVRTC log). Exit status 1 when NVRTC rejects the source. An offline check only:
 the GPU run compiles the same source through CuPy.
@@ -78,8 +78,7 @@ def main() -> None:
     names = [jit.ALIGN_NAME]
     for bf16 in (True, False):
         for grouped in (True, False):
-            names += [jit.gemm_name(bf16, c, grouped, g2, lean) for lean in (False, True)
-                      for c in jit.TILE_CONFIGS for g2 in (False, True)]
+            names += [jit.gemm_name(bf16, c, grouped, g2) for c in jit.TILE_CONFIGS for g2 in (False, True)]
         names.append(jit.sum_name(bf16))
     cubin, log = compile_names(args.lib, jit.SOURCE_PATH.read_text(), names, args.arch, ["-std=c++17", "-Xptxas=-v"])
     print(f"NVRTC {args.arch}: {len(names)} kernels, cubin {len(cubin)} bytes")

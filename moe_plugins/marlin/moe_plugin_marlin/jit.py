@@ -73,11 +73,16 @@ class TileConfig:
     def tk(self) -> int:
         return 16 * self.k_warps * self.kw
 
-    def stage_bytes(self, group_size: int | None = 16) -> int:
-        """Shared memory of one pipeline stage: B tile + A tile + scale rows (worst case g = 16)."""
+    def stage_bytes(self, grouped: bool) -> int:
+        """Shared memory of one pipeline stage: B tile + A tile + (``grouped``) scale rows.
+
+        The scale area is the worst case, ``tk / 16`` rows (group size 16), for every group size: the
+        kernel's stage offsets are compile-time constants that way (``S_BYTES`` in csrc/marlin_moe.cu, a
+        run-time multiply per stage address otherwise). Costs at most ``tk * tn / 8`` bytes per stage.
+        """
         b = self.tk * self.tn // 2
         a = self.bm * self.tk * 2
-        s = 0 if group_size is None else max(1, self.tk // group_size) * self.tn * 2
+        s = (self.tk // 16) * self.tn * 2 if grouped else 0
         return a + b + s
 
     def resolved(self) -> TileConfig:
@@ -85,7 +90,7 @@ class TileConfig:
         if self.stages:
             return self
         forced = int(os.environ.get("MOE_MARLIN_STAGES") or 0)
-        n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA[self.m_tiles] // self.stage_bytes()))
+        n = forced or max(2, min(MAX_STAGES, SMEM_PER_CTA[self.m_tiles] // self.stage_bytes(True)))
         return TileConfig(self.m_tiles, self.n_warps, self.kw, n)
 
     @property
@@ -93,10 +98,11 @@ class TileConfig:
         """Shared memory of the cross-warp (K_WARPS) reduction of one tile's fp32 sums."""
         return (self.k_warps - 1) * self.n_warps * self.m_tiles * 32 * 32 * 4
 
-    def smem_bytes(self, group_size: int | None) -> int:
-        """Dynamic shared memory of `moe_marlin_gemm`: the pipeline, or the cross-warp reduction if larger."""
+    def smem_bytes(self, grouped: bool) -> int:
+        """Dynamic shared memory of `moe_marlin_gemm` with (``grouped``) or without group scales: the
+        pipeline, or the cross-warp reduction if larger."""
         stages = self.stages or self.resolved().stages
-        return max(stages * self.stage_bytes(group_size), self.red_bytes)
+        return max(stages * self.stage_bytes(grouped), self.red_bytes)
 
 
 TILE_CONFIGS: tuple[TileConfig, ...] = tuple(c.resolved() for c in (
@@ -130,17 +136,11 @@ def import_cupy() -> Any:
     return cupy
 
 
-def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool, lean: bool = False) -> str:
-    """Name expression of one `moe_marlin_gemm` instantiation (``lean``: the LEAN hot loop)."""
+def gemm_name(bf16: bool, cfg: TileConfig, grouped: bool, gemm2: bool) -> str:
+    """Name expression of one `moe_marlin_gemm` instantiation."""
     b = lambda v: "true" if v else "false"  # noqa: E731
     return (f"marlin::moe_marlin_gemm<{b(bf16)},{cfg.m_tiles},{cfg.n_warps},{cfg.kw},{cfg.stages},{b(grouped)},"
-            f"{b(gemm2)},{b(lean)}>")
-
-
-def smem_group_size(group_size: int | None, lean: bool) -> int | None:
-    """Group size the shared-memory layout is sized for: the LEAN kernel reserves the worst case (16) for
-    every grouped layout, so its stage offsets are compile-time constants."""
-    return 16 if lean and group_size is not None else group_size
+            f"{b(gemm2)}>")
 
 
 def sum_name(bf16: bool) -> str:
@@ -154,20 +154,19 @@ class KernelSet:
     """The compiled kernels of one (device, dtype, scale layout), ready to launch.
 
     ``gemm[(cfg, gemm2)]`` are CuPy ``RawKernel`` objects with their dynamic
-    shared-memory limit raised for ``group_size``; ``align`` and ``topk_sum``
+    shared-memory limit raised for the scale layout; ``align`` and ``topk_sum``
     likewise; ``smem[cfg]`` is the dynamic shared memory a GEMM launch of ``cfg``
-    passes. ``lean``: the GEMMs are the LEAN flavour of the kernel (`kernels.VARIANTS`).
+    passes (one size for every group size, see `TileConfig.stage_bytes`).
     Built once per process and cached (`kernel_set`).
     """
 
-    def __init__(self, device_index: int, bf16: bool, group_size: int | None, lean: bool = False) -> None:
+    def __init__(self, device_index: int, bf16: bool, group_size: int | None) -> None:
         cupy = import_cupy()
         self.device_index = device_index
         self.bf16 = bf16
         self.group_size = group_size
-        self.lean = lean
         grouped = group_size is not None
-        names = [gemm_name(bf16, c, grouped, g2, lean) for c in TILE_CONFIGS for g2 in (False, True)]
+        names = [gemm_name(bf16, c, grouped, g2) for c in TILE_CONFIGS for g2 in (False, True)]
         names += [sum_name(bf16)]
         backend = os.environ.get("MOE_MARLIN_JIT_BACKEND", "nvrtc")
         with cupy.cuda.Device(device_index):
@@ -184,9 +183,9 @@ class KernelSet:
             self.gemm: dict[tuple[TileConfig, bool], Any] = {}
             self.smem: dict[TileConfig, int] = {}
             for cfg in TILE_CONFIGS:
-                self.smem[cfg] = cfg.smem_bytes(smem_group_size(group_size, lean))
+                self.smem[cfg] = cfg.smem_bytes(grouped)
                 for g2 in (False, True):
-                    fn = self.module.get_function(gemm_name(bf16, cfg, grouped, g2, lean))
+                    fn = self.module.get_function(gemm_name(bf16, cfg, grouped, g2))
                     fn.max_dynamic_shared_size_bytes = self.smem[cfg]
                     self.gemm[(cfg, g2)] = fn
             self.topk_sum = self.module.get_function(sum_name(bf16))
@@ -215,7 +214,6 @@ def _compile(cupy: Any, backend: str, names: list[str]) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_set(device_index: int, bf16: bool, group_size: int | None, lean: bool = False) -> KernelSet:
-    """The compiled `KernelSet` for this device, dtype, scale layout and kernel flavour (compiles on first
-    use; each flavour is its own module, so a stage compiles only the one it runs)."""
-    return KernelSet(device_index, bf16, group_size, lean)
+def kernel_set(device_index: int, bf16: bool, group_size: int | None) -> KernelSet:
+    """The compiled `KernelSet` for this device, dtype and scale layout (compiles on first use)."""
+    return KernelSet(device_index, bf16, group_size)

@@ -8,7 +8,6 @@ dtypes are the caller's contract (`moe_plugin_marlin.stage` validates them once)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,28 +16,6 @@ import torch
 from hostcore.contract import aligned_capacity
 
 from .jit import ALIGN_THREADS, THREADS, TILE_CONFIGS, KernelSet, TileConfig
-
-VARIANTS: dict[str, bool] = {
-    "base": False,
-    "lean": True,
-}
-"""Kernel flavours (name -> LEAN template flag of ``moe_marlin_gemm``), same tiles and plans:
-
-* ``base``: the run-6 kernel (the default until a GPU run has compared the two);
-* ``lean``: the same tiles, layout, pipeline and epilogue with a shorter hot loop (one-LOP3 dequant,
-  group scales through a half-broadcast HMUL2 operand, source pointers advanced by a fixed stride, no
-  branches around copies): 24.6 instead of 35.5 SASS instructions per 32-bit weight word (bf16, g128,
-  bm16/tn256/tk64), see bench/marlin/NOTES.md "Run 7 prep". Not measured on a GPU yet.
-
-Selected by ``MOE_MARLIN_VARIANT`` (read when a stage is built) or `MarlinExperts.set_variant`."""
-
-
-def default_variant() -> str:
-    """``MOE_MARLIN_VARIANT`` or ``base``; raises ValueError naming the choices for an unknown name."""
-    v = os.environ.get("MOE_MARLIN_VARIANT") or "base"
-    if v not in VARIANTS:
-        raise ValueError(f"MOE_MARLIN_VARIANT={v!r} is not one of {sorted(VARIANTS)}")
-    return v
 
 
 @dataclass(frozen=True)

@@ -96,20 +96,8 @@ class MarlinExperts:
         """Benchmark hook: ``{"gemm1"|"gemm2": (n_warps, k_splits)}`` forces a tile choice."""
         self._rows = 0
         self._slots = 0
-        self.variant = "base"
-        self.set_variant(kernels.default_variant(), reserve=False)
+        self.kernels = kernel_set(self.device.index, self.dtype == torch.bfloat16, self.group_size)
         self.reserve(max(1, ctx.max_tokens_per_rank) * max(1, ctx.ep_size), ctx.top_k)
-
-    def set_variant(self, variant: str, reserve: bool = True) -> None:
-        """Switch the kernel flavour (`kernels.VARIANTS`, default ``base``); same plans and workspaces.
-
-        Compiles that flavour's kernels on first use (so call it before capturing a graph). Raises
-        ValueError for an unknown name. ``reserve`` is accepted for compatibility and has no effect."""
-        if variant not in kernels.VARIANTS:
-            raise ValueError(f"unknown marlin variant {variant!r}: one of {sorted(kernels.VARIANTS)}")
-        self.variant = variant
-        self.kernels = kernel_set(self.device.index, self.dtype == torch.bfloat16, self.group_size,
-                                  kernels.VARIANTS[variant])
 
     # -- workspaces ------------------------------------------------------------------------------
     def reserve(self, rows: int, top_k: int) -> None:
@@ -232,4 +220,4 @@ def describe_tiles(stage: MarlinExperts, rows: int, top_k: int) -> dict[str, obj
         c: TileConfig = p.cfg
         return f"bm{c.bm}/tn{c.tn}/tk{c.tk}" + (f"/split{p.k_splits}" if p.k_splits > 1 else "")
 
-    return {"block_m": bm, "gemm1": fmt(p1), "gemm2": fmt(p2), "variant": stage.variant}
+    return {"block_m": bm, "gemm1": fmt(p1), "gemm2": fmt(p2)}

@@ -78,7 +78,8 @@ def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, stages: int
     B_STAGE = (TK // 16) * (TN // 2)
     A_STAGE = BM * A_CHUNKS
     s_rows = max(1, TK >> g_log2) if grouped else 0
-    S_STAGE = s_rows * (TN // 8)
+    S_STAGE = s_rows * (TN // 8)  # V4 copied per stage
+    S_AREA = (TK // 16) * (TN // 8)  # V4 reserved per stage: the g = 16 worst case, for every group size
     a_bytes = a_bits.view(np.uint8)
     b_bytes = b_words.view(np.uint8)
     s_u16 = s_bits
@@ -126,7 +127,7 @@ def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, stages: int
                 for c in range(S_STAGE):
                     r, col = divmod(c, TN // 8)
                     src = (s_base + (g0 + r) * N + nt * TN + col * 8) * 2
-                    sm.put16(sS + (stage * S_STAGE + c) * 16, s_u16.view(np.uint8)[src:src + 16])
+                    sm.put16(sS + (stage * S_AREA + c) * 16, s_u16.view(np.uint8)[src:src + 16])
 
         acc = np.zeros((8, 32, m_tiles, 8, 4))  # [warp][lane][mt][t][i]
 
@@ -148,7 +149,7 @@ def emulate_gemm(*, bf16: bool, m_tiles: int, n_warps: int, kw: int, stages: int
                     bw = sm.gather(sB + (stage * B_STAGE + kk * (TN // 2) + wn * 32 + lanes) * 16, 16).view(np.uint32)
                     if grouped:
                         row = (kk * 16) >> g_log2
-                        sc = sm.gather(sS + (stage * S_STAGE + row * (TN // 8) + wn * 8 + (lanes >> 2)) * 16,
+                        sc = sm.gather(sS + (stage * S_AREA + row * (TN // 8) + wn * 8 + (lanes >> 2)) * 16,
                                        16).view(np.uint16)  # [32][8]
                     for j in range(4):
                         q = bw[:, j].astype(np.int64)

@@ -61,7 +61,7 @@ def run_emulated(cfg1: TileConfig, cfg2: TileConfig, k_splits: int, group_size: 
                  a_bits=a_bits, a_row_div=TOPK, K=H, N=2 * I, b_words=mw.w13.numpy().reshape(-1), s_bits=s13,
                  g_log2=g_log2, num_experts=E, sorted_ids=sorted_ids, block_ids=block_ids, npp=npp,
                  num_mblocks=nblocks, num_slots=slots, k_splits=1, topk_weights=None, out=inter,
-                 smem_bytes=cfg1.smem_bytes(group_size), rng=rng)
+                 smem_bytes=cfg1.smem_bytes(grouped), rng=rng)
     slot_out = np.full(slots * H, np.nan)
     if k_splits > 1:
         slot_out[:] = 0.0
@@ -69,7 +69,7 @@ def run_emulated(cfg1: TileConfig, cfg2: TileConfig, k_splits: int, group_size: 
                  a_bits=inter, a_row_div=1, K=I, N=H, b_words=mw.w2.numpy().reshape(-1), s_bits=s2,
                  g_log2=g_log2, num_experts=E, sorted_ids=sorted_ids, block_ids=block_ids, npp=npp,
                  num_mblocks=nblocks, num_slots=slots, k_splits=k_splits, topk_weights=topw.numpy().reshape(-1),
-                 out=slot_out, smem_bytes=cfg2.smem_bytes(group_size), rng=rng)
+                 out=slot_out, smem_bytes=cfg2.smem_bytes(grouped), rng=rng)
     out = emulate_topk_sum(slot_out, local.numpy(), TOPK, H, E, bf16)
     ref = moe_reference(hidden, topw, local, w, torch.float64).to(torch.float64).numpy()
     assert np.isfinite(out).all(), "emulated output has NaN: an unwritten or padding value was read"
@@ -111,10 +111,10 @@ def _halves(bits32: np.ndarray, bf16: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
-def test_lean_dequant_constants(bf16):
-    """`dequant8_lean` in csrc/marlin_moe.cu, bit by bit: lop3 (a & MASK) | MAGIC read as a packed pair, then
+def test_dequant_constants(bf16):
+    """`dequant8` in csrc/marlin_moe.cu, bit by bit: lop3 (a & MASK) | MAGIC read as a packed pair, then
     fma with the kernel's constants, must give nibble - 8 exactly in register i from nibble positions i and
-    i + 4 (the layout contract of `dequant8`), for every nibble value at every position."""
+    i + 4 (the order layout.py packs for), for every nibble value at every position."""
     rng = np.random.default_rng(0)
     q = np.concatenate([np.arange(16, dtype=np.uint64) * 0x11111111,
                         rng.integers(0, 2**32, 4096, dtype=np.uint64)]).astype(np.uint32)

@@ -96,23 +96,6 @@ DEVI u32 fma2(u32 a, u32 b, u32 c) {
   return d;
 }
 
-// 8 nibbles -> 4 registers of 2 weights (q - 8), exact. Register i takes nibble
-// positions i (low half) and i + 4 (high half): OR-ing a nibble into the mantissa
-// of MAGIC (128.0 in bf16, 1024.0 in fp16, whose last mantissa bit is worth 1)
-// gives MAGIC + q; one fma subtracts MAGIC + 8. (SASS: SHF + TWO LOP3s + HFMA2 per register,
-// a LOP3 takes one immediate; `dequant8_lean` below needs one LOP3.)
-template <bool BF16>
-DEVI void dequant8(u32 q, u32 (&w)[4]) {
-  constexpr u32 MAGIC = BF16 ? 0x43004300u : 0x64006400u;
-  constexpr u32 ONE = BF16 ? 0x3F803F80u : 0x3C003C00u;
-  constexpr u32 NEG_BIAS = BF16 ? 0xC308C308u : 0xE408E408u;  // -(MAGIC + 8)
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const u32 t = ((q >> (4 * i)) & 0x000F000Fu) | MAGIC;
-    w[i] = fma2<BF16>(t, ONE, NEG_BIAS);
-  }
-}
-
 template <bool BF16>
 DEVI float half_to_float(u32 h16) {
   if constexpr (BF16) {
@@ -139,8 +122,7 @@ DEVI u32 pack2(float lo, float hi) {
 
 DEVI float silu(float x) { return x / (1.0f + __expf(-x)); }
 
-
-// ---- helpers of the LEAN kernel flavour (see "SASS audit" in bench/marlin/NOTES.md) ----------
+// ---- hot-loop helpers, each written for its SASS (see "Run 7 prep: SASS audit" in bench/marlin/NOTES.md) ----
 
 // cp.async that is issued only where `pred` holds: a predicated instruction, not a branch around it.
 DEVI void cp_async16_if(u32 dst, const void* src, int src_bytes, bool pred) {
@@ -160,13 +142,18 @@ DEVI u32 mask_or(u32 a) {
   return d;
 }
 
-// The same 8 nibbles -> 4 registers of (q - 8) as `dequant8`, in fewer instructions.
+// 8 nibbles -> 4 registers of 2 weights (q - 8), exact. Register i takes nibble positions i (low
+// half) and i + 4 (high half); layout.py packs the nibbles for this order. OR-ing a nibble into the
+// mantissa of MAGIC (128.0 in bf16, 1024.0 in fp16, whose last mantissa bit is worth 1) gives
+// MAGIC + q; one fma subtracts MAGIC + 8 (the uint4b8 zero point folded in). The AND + OR is one
+// `mask_or` LOP3: written in C, `((q >> 4i) & 0x000F000F) | MAGIC` costs two LOP3s per register
+// (the SASS audit's 8 -> 4 LOP3 per weight word).
 // bf16 (7 mantissa bits: a nibble fits only at bits 0..3 of each half): 3 SHF + 4 LOP3 + 4 HFMA2.
 // fp16 (10 mantissa bits): nibble positions i and i + 1 come from one word, the upper one as
 // MAGIC + 16 q (bits 4..7), scaled back by the fma: (1024 + 16 q) / 16 - 72 = q - 8 exactly;
 // one SHF (q >> 8) + 4 LOP3 + 4 HFMA2.
 template <bool BF16>
-DEVI void dequant8_lean(u32 q, u32 (&w)[4]) {
+DEVI void dequant8(u32 q, u32 (&w)[4]) {
   if constexpr (BF16) {
     constexpr u32 MAGIC = 0x43004300u, ONE = 0x3F803F80u, NEG_BIAS = 0xC308C308u;  // 128, 1, -(128 + 8)
     w[0] = fma2<true>(mask_or<0x000F000Fu, MAGIC>(q), ONE, NEG_BIAS);
@@ -220,14 +207,14 @@ DEVI u32 mul_bcast(u32 w, u32 s) {
 // any weight. Rows whose slot id is >= num_slots (alignment padding) are zero-filled, never
 // read, never written.
 //
-// LEAN = true: the same tiles, data layout, pipeline and epilogue with a shorter hot loop (SASS audit,
-// bench/marlin/NOTES.md "Run 7 prep"): one-LOP3 dequant (`dequant8_lean`), group scales applied
-// by HMUL2 with a half-broadcast operand instead of PRMT + HMUL2, and global source pointers that
-// advance by a loop-invariant stride per stage (no 64-bit index arithmetic, no branch around the
-// A / scale copies: predicated cp.async). LEAN = false is the run-6 `base` kernel, kept until a GPU
-// run has compared the two.
+// The hot loop is written for instruction issue (SASS audit, bench/marlin/NOTES.md "Run 7 prep":
+// 24.6 instead of 35.5 SASS instructions per 32-bit weight word, bf16 g128 bm16/tn256; measured in
+// run 7): one-LOP3 dequant (`dequant8`), group scales applied by HMUL2 with a half-broadcast operand
+// (`mul_bcast`, no PRMT), global source pointers that advance by a loop-invariant stride per stage (no
+// 64-bit index arithmetic per copy), predicated cp.async for the A / scale copies (no branch around
+// them), and compile-time shared-memory stage offsets (the scale area is reserved for g = 16).
 // ---------------------------------------------------------------------------------------------
-template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2, bool LEAN>
+template <bool BF16, int M_TILES, int N_WARPS, int KW, int STAGES, bool GROUPED, bool GEMM2>
 __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 : MARLIN_M1_MINB))
     moe_marlin_gemm(const u16* __restrict__ A,  // activations, rows of K elements
                     int a_row_div,              // A row = slot / a_row_div (topk for GEMM1, 1 for GEMM2)
@@ -287,8 +274,11 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
   const u16* Se = S + (size_t)e * groups * N;
   __syncthreads();  // s_slot / s_arow visible
 
-  // Per-thread copy descriptors, fixed for the whole K loop (only the K offset moves): keeps the
-  // steady-state loop free of index arithmetic, so instruction issue goes to the dequant.
+  // Per-thread copy descriptors, fixed for the whole K loop: the element offsets of this thread's
+  // 16-byte chunks (below turned into 64-bit source pointers that advance by a loop-invariant stride
+  // after each stage is issued), so the steady-state loop has no index arithmetic and no 64-bit
+  // multiply per copy; instruction issue goes to the dequant. (The offsets-then-pointers order is the
+  // one whose SASS run 7 measured; ptxas allocates registers differently when they are merged.)
   constexpr int B_ITERS = B_STAGE / THREADS;
   constexpr int A_ITERS = (A_STAGE + THREADS - 1) / THREADS;
   int b_off[B_ITERS];
@@ -309,24 +299,26 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
   }
   const bool a_active = A_STAGE % THREADS == 0 || tid < A_STAGE - (A_ITERS - 1) * THREADS;
   const int s_rows = GROUPED ? ((TK >> g_log2) > 0 ? (TK >> g_log2) : 1) : 0;  // scale rows per stage
-  const int S_STAGE = s_rows * (TN / 8);                                     // V4 per stage (<= THREADS)
+  const int S_STAGE = s_rows * (TN / 8);                                     // V4 copied per stage (<= THREADS)
   const int s_off = GROUPED ? (tid / (TN / 8)) * N + nt * TN + (tid % (TN / 8)) * 8 : 0;
 
   constexpr u32 B_BYTES = B_STAGE * 16, A_BYTES = A_STAGE * 16;
-  // Scale area of one stage. LEAN reserves the worst case (g = 16: TK/16 rows) so every stage offset
-  // is a compile-time constant (the host sizes shared memory for g = 16, jit.TileConfig.smem_bytes);
-  // base sizes it for the actual group size (a run-time multiply per stage address).
-  const u32 S_BYTES = LEAN ? (u32)((TK / 16) * (TN / 8) * 16) : (u32)S_STAGE * 16u;
+  // Scale area of one stage: reserved for the worst case (g = 16: TK/16 rows) whatever the group size,
+  // so every stage offset is a compile-time constant (sizing it for the actual g cost a run-time
+  // multiply per stage address). The host sizes shared memory the same way (jit.TileConfig.stage_bytes).
+  const u32 S_BYTES = (u32)((TK / 16) * (TN / 8) * 16);
   const u32 sB = smem_u32(smem);
   const u32 sA = sB + STAGES * B_BYTES;
   const u32 sS = sA + STAGES * A_BYTES;
 
-  // LEAN copy state: where the next stage's copies read (advanced by `advance_lean` after each stage).
+  // Copy state: where the next stage's copies read (advanced by `load_stage` after each stage).
   const V4* b_src[B_ITERS];
 #pragma unroll
   for (int i = 0; i < B_ITERS; ++i) b_src[i] = Bt + b_off[i];
   const int b_step = (TK / 16) * b_row;  // V4 per stage (< 2^31: K * N / 32 per expert)
-  const u16* a_src[A_ITERS];  // zero-filled rows keep pointing at A (never read: src_bytes = 0)
+  // Zero-filled A chunks (padding slots, rows past the block) keep pointing at A with step 0 and
+  // src_bytes 0: never read, and the copy needs no branch.
+  const u16* a_src[A_ITERS];
   int a_step[A_ITERS], a_bytes[A_ITERS];
 #pragma unroll
   for (int i = 0; i < A_ITERS; ++i) {
@@ -343,7 +335,7 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
   asm volatile("" : "+r"(s_lim));
   const bool s_copy = tid < s_lim;
 
-  auto load_stage_lean = [&](int stage) {  // copies the next K step into `stage`, then advances
+  auto load_stage = [&](int stage) {  // copies the next K step into `stage`, then advances the sources
 #pragma unroll
     for (int i = 0; i < B_ITERS; ++i) {
       cp_async16(sB + stage * B_BYTES + (tid + i * THREADS) * 16, b_src[i], 16);
@@ -357,24 +349,6 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
     if constexpr (GROUPED) {
       cp_async16_if(sS + stage * S_BYTES + tid * 16, s_src + (s_k >> g_log2) * (u32)N, 16, s_copy);
       s_k += TK;
-    }
-  };
-
-  auto load_stage = [&](int stage, int j) {  // j: K step relative to it0
-    const V4* bsrc = Bt + (size_t)j * (TK / 16) * b_row;
-#pragma unroll
-    for (int i = 0; i < B_ITERS; ++i)
-      cp_async16(sB + stage * B_BYTES + (tid + i * THREADS) * 16, bsrc + b_off[i], 16);
-#pragma unroll
-    for (int i = 0; i < A_ITERS; ++i) {
-      if (i < A_ITERS - 1 || a_active) {
-        const bool ok = a_off[i] >= 0;
-        cp_async16(sA + stage * A_BYTES + a_dst[i], ok ? A + a_off[i] + j * TK : A, ok ? 16 : 0);
-      }
-    }
-    if constexpr (GROUPED) {
-      if (tid < S_STAGE)
-        cp_async16(sS + stage * S_BYTES + tid * 16, Se + (size_t)(((it0 + j) * TK) >> g_log2) * N + s_off, 16);
     }
   };
 
@@ -417,24 +391,12 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         u32 w[4];
-        if constexpr (LEAN) {
-          dequant8_lean<BF16>(q[j], w);
-          if constexpr (GROUPED) {  // low half: scale of column n0, high half: column n1
-            w[0] = mul_bcast<BF16, false>(w[0], sw[j]);
-            w[1] = mul_bcast<BF16, false>(w[1], sw[j]);
-            w[2] = mul_bcast<BF16, true>(w[2], sw[j]);
-            w[3] = mul_bcast<BF16, true>(w[3], sw[j]);
-          }
-        } else {
-          dequant8<BF16>(q[j], w);
-          if constexpr (GROUPED) {
-            const u32 s0 = __byte_perm(sw[j], 0, 0x1010);  // scale of column n0, in both halves
-            const u32 s1 = __byte_perm(sw[j], 0, 0x3232);  // scale of column n1
-            w[0] = fma2<BF16>(w[0], s0, 0x80008000u);
-            w[1] = fma2<BF16>(w[1], s0, 0x80008000u);
-            w[2] = fma2<BF16>(w[2], s1, 0x80008000u);
-            w[3] = fma2<BF16>(w[3], s1, 0x80008000u);
-          }
+        dequant8<BF16>(q[j], w);
+        if constexpr (GROUPED) {  // sw[j]: low half the scale of column n0, high half of column n1
+          w[0] = mul_bcast<BF16, false>(w[0], sw[j]);
+          w[1] = mul_bcast<BF16, false>(w[1], sw[j]);
+          w[2] = mul_bcast<BF16, true>(w[2], sw[j]);
+          w[3] = mul_bcast<BF16, true>(w[3], sw[j]);
         }
 #pragma unroll
         for (int mt = 0; mt < M_TILES; ++mt) {
@@ -447,18 +409,14 @@ __global__ void __launch_bounds__(THREADS, (M_TILES >= 4 ? 1 : M_TILES == 2 ? 2 
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < n_iters) {
-      if constexpr (LEAN) load_stage_lean(s); else load_stage(s, s);
-    }
+    if (s < n_iters) load_stage(s);
     cp_async_commit();
   }
   int rd = 0, wr = STAGES - 1;  // stage computed / stage refilled (rotating, no modulo)
   for (int it = 0; it < n_iters; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage `rd` landed for everyone; stage `wr` (computed last iteration) is free
-    if (it + STAGES - 1 < n_iters) {
-      if constexpr (LEAN) load_stage_lean(wr); else load_stage(wr, it + STAGES - 1);
-    }
+    if (it + STAGES - 1 < n_iters) load_stage(wr);
     cp_async_commit();
     compute_stage(rd);
     rd = rd + 1 == STAGES ? 0 : rd + 1;
@@ -664,26 +622,23 @@ extern "C" __global__ void __launch_bounds__(1024)
 // Explicit instantiations for an offline `nvcc -Xptxas -v` resource check and SASS audit (NVRTC
 // instantiates the same templates through name expressions at run time); stage counts as
 // jit.TILE_CONFIGS resolves them.
-#define MARLIN_INST1(BF, MT, NW, ST, GR, G2, LN)                                                         \
-  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, 2, ST, GR, G2, LN>(                       \
+#define MARLIN_INST1(BF, MT, NW, ST, GR, G2)                                                             \
+  template __global__ void marlin::moe_marlin_gemm<BF, MT, NW, 2, ST, GR, G2>(                             \
       const u16*, int, int, int, const V4*, const u16*, int, int, const int*, const int*, const int*, int, \
       int, int, const float*, void*);
-#define MARLIN_INST_CFGS(BF, GR, G2, LN) \
-  MARLIN_INST1(BF, 1, 4, 6, GR, G2, LN)  \
-  MARLIN_INST1(BF, 1, 2, 5, GR, G2, LN)  \
-  MARLIN_INST1(BF, 1, 1, 4, GR, G2, LN)  \
-  MARLIN_INST1(BF, 2, 4, 7, GR, G2, LN)  \
-  MARLIN_INST1(BF, 2, 2, 6, GR, G2, LN)  \
-  MARLIN_INST1(BF, 4, 4, 6, GR, G2, LN)
-#define MARLIN_INST_ALL(LN)                \
-  MARLIN_INST_CFGS(true, true, false, LN)  \
-  MARLIN_INST_CFGS(true, true, true, LN)   \
-  MARLIN_INST_CFGS(true, false, false, LN) \
-  MARLIN_INST_CFGS(true, false, true, LN)  \
-  MARLIN_INST_CFGS(false, true, false, LN) \
-  MARLIN_INST_CFGS(false, true, true, LN)
-MARLIN_INST_ALL(false)
-MARLIN_INST_ALL(true)
+#define MARLIN_INST_CFGS(BF, GR, G2) \
+  MARLIN_INST1(BF, 1, 4, 6, GR, G2)  \
+  MARLIN_INST1(BF, 1, 2, 5, GR, G2)  \
+  MARLIN_INST1(BF, 1, 1, 4, GR, G2)  \
+  MARLIN_INST1(BF, 2, 4, 7, GR, G2)  \
+  MARLIN_INST1(BF, 2, 2, 6, GR, G2)  \
+  MARLIN_INST1(BF, 4, 4, 6, GR, G2)
+MARLIN_INST_CFGS(true, true, false)
+MARLIN_INST_CFGS(true, true, true)
+MARLIN_INST_CFGS(true, false, false)
+MARLIN_INST_CFGS(true, false, true)
+MARLIN_INST_CFGS(false, true, false)
+MARLIN_INST_CFGS(false, true, true)
 template __global__ void marlin::moe_marlin_topk_sum<true>(const float*, const int*, int, int, int, u16*);
 template __global__ void marlin::moe_marlin_topk_sum<false>(const float*, const int*, int, int, int, u16*);
 #endif

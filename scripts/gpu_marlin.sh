@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark of the marlin experts backend, in one script for one lent-GPU call.
 #
-#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [bench] [benchquick] [variants]
+#   scripts/gpu_marlin.sh [setup] [test] [quicktest] [sanitize] [ncu] [stagecmp] [diag] [bench] [benchquick]
 #
-# variants: the GPU tests of the non-default kernel flavour (MOE_MARLIN_VARIANT=lean: variant sweep, lean vs base
-# on every tile), then bench/marlin/bench_variants.py (base and lean vs the peer, correctness-checked first) ->
-# $OUT/marlin-variants.json. Any phase can run a variant: e.g. MOE_MARLIN_VARIANT=lean scripts/gpu_marlin.sh quicktest.
+# The full check (the default phases): `setup test sanitize bench` = install + compile, every GPU test (the full
+# float64 sweep, every tile config), memcheck + racecheck, then the official benchmark (ours vs the vLLM peer vs
+# bf16 torch, each case checked against a float32 reference before and after timing). The peer is
+# .peer/_moe_C_stable_libtorch.abi3.so (an ignored path: carry it); BENCH_ARGS="--peer ''" benchmarks without it.
 #
 # Writes logs under $OUT (default ./out): log.txt (everything), pytest.log, sweep.jsonl, GPU_RESULTS.md,
-# sanitizer.log, marlin-h100.json, marlin-h100.png. Prints a short summary table last.
+# sanitizer.log, marlin-h100.json, marlin-h100.png. Prints a short summary table last (with each phase's seconds).
 # Env: BENCH_ARGS (extra args for bench/marlin/bench_marlin.py), MARLIN_SWEEP_MS (M values of the sweep).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -17,8 +18,8 @@ export PYTHONUNBUFFERED=1 CUDA_CACHE_MAXSIZE=4294967296
 LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 summary=()
-phase() { echo; echo "=== $1 ($(date +%T)) ==="; }
-record() { summary+=("$(printf '%-10s %-6s %s' "$1" "$2" "$3")"); }
+phase() { echo; echo "=== $1 ($(date +%T)) ==="; t_phase=$SECONDS; }
+record() { summary+=("$(printf '%-10s %-6s %4ss  %s' "$1" "$2" "$((SECONDS - t_phase))" "$3")"); }
 
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(setup test sanitize bench)
@@ -50,10 +51,6 @@ ks = jit.kernel_set(0, True, 128)
 for (cfg, g2), fn in ks.gemm.items():
     a = fn.attributes
     print(f"  {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={ks.smem[cfg]}")
-t = time.perf_counter(); ks = jit.kernel_set(0, True, 128, True); print(f"compile bf16/g128 lean: {time.perf_counter()-t:.1f} s")
-for (cfg, g2), fn in ks.gemm.items():
-    a = fn.attributes
-    print(f"  lean {cfg} gemm2={g2}: regs={a['num_regs']} local={a['local_size_bytes']} smem_dyn={ks.smem[cfg]}")
 PY
     rc=$?; record setup "$([ $rc = 0 ] && echo ok || echo FAIL)" "install, registry, compile"
     ;;
@@ -74,6 +71,7 @@ PY
       python3 bench/marlin/sanitize_case.py > "$OUT/sanitizer.log" 2>&1
     rc=$?; tail -8 "$OUT/sanitizer.log"
     record memcheck "$([ $rc = 0 ] && echo ok || echo "FAIL($rc)")" "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+    t_phase=$SECONDS
     timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
       python3 bench/marlin/sanitize_case.py >> "$OUT/sanitizer.log" 2>&1
     rc=$?; tail -4 "$OUT/sanitizer.log"
@@ -115,18 +113,7 @@ PY
     grep -E "Illegal|Invalid|at .*marlin_moe.cu|ERROR SUMMARY|err" "$OUT/diag_sanitizer.txt" | head -20
     record diag done "$OUT/diag.txt"
     ;;
-  variants)
-    phase variants
-    timeout 160 python3 -m pytest moe_plugins/marlin -m gpu -q -x -p no:cacheprovider -k "variant or lean" \
-      --durations=5 2>&1 | tee "$OUT/pytest-variants.log" | tail -15
-    rc=${PIPESTATUS[0]}
-    record vtests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUT/pytest-variants.log")"
-    timeout 200 python3 bench/marlin/bench_variants.py --out "$OUT/marlin-variants.json" ${VARIANT_ARGS:-} 2>&1 \
-      | tee "$OUT/variants.log" | grep -v '^{'
-    rc=${PIPESTATUS[0]}
-    record vbench "$([ $rc = 0 ] && echo ok || echo FAIL)" "$OUT/marlin-variants.json"
-    ;;
-  *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp bench benchquick variants)"; exit 2;;
+  *) echo "unknown phase $p (setup test quicktest sanitize ncu stagecmp diag bench benchquick)"; exit 2;;
   esac
 done
 

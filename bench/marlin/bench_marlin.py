@@ -20,6 +20,12 @@ repeats of the mean replay time. The roofline is the bytes of the distinct
 experts' weights a call must read (int4 + scales, or bf16) over the measured
 device-to-device copy bandwidth (bytes read + written).
 
+Ours is checked on every case before it is timed (one eager call with
+NaN-poisoned workspaces against a float32 ``moe_reference``) and again after its
+graphs were replayed (the workspaces must clean themselves up between calls);
+a wrong case is reported (``ok`` / ``ok_after`` / ``rel_err`` per row), not
+timed, and makes the exit status 1.
+
 Also measures the first call in a fresh process (kernel compile, empty CuPy
 cache) and with a warm cache (``--first-call-probe`` in a subprocess).
 """
@@ -40,11 +46,14 @@ from pathlib import Path
 import torch
 
 from hostcore import BuildContext, ExpertPlacement, LocalRouting
+from hostcore.backends.experts_torch import moe_reference
 from hostcore.quant import QuantizedExperts, dequantize
 from hostcore.workload import SHAPES
 
 PEER_NAME = "vllm-0.26.0 marlin moe"
 INPUT_SETS = 8
+RTOL = 1e-2
+"""Relative error (Frobenius) against the float32 reference above which a case counts as wrong."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -222,6 +231,18 @@ class TorchBF16:
 
 
 # ---------------------------------------------------------------------------------------------- first call
+def rel_err_ours(stage, hidden: torch.Tensor, ids: torch.Tensor, topw: torch.Tensor, zeros: torch.Tensor,
+                 ref: torch.Tensor) -> float:
+    """Relative error of one eager `compute` (workspaces NaN-poisoned first, so a value read before it is
+    written shows up) against ``ref``; ``inf`` when the output is not finite."""
+    for buf in (stage.inter, stage.slot_out, stage.out):
+        buf.fill_(float("nan"))
+    out = stage.compute(hidden, topw, LocalRouting(ids, zeros)).float()
+    if not bool(out.isfinite().all()):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def first_call_probe(shape_name: str) -> None:
     """In a fresh process: time the stage build (weight packing + kernel compile) and the first compute."""
     t_import = time.perf_counter()
@@ -276,19 +297,30 @@ def bench_shape(shape_name: str, ms: list[int], peer: Peer | None, copy_gbps: fl
     for m in ms:
         sets = [make_inputs(shape, m, dtype, 100 * m + s) for s in range(INPUT_SETS)]
         zeros = torch.zeros(shape.num_experts, dtype=torch.int32, device="cuda")
-        ours_graphs = [capture(lambda h=h, i=i, w=w: stage.compute(h, w, LocalRouting(i, zeros))) for h, i, w in sets]
-        ours_us = time_graphs(ours_graphs)
-        tiles = describe_tiles(stage, m, shape.top_k)
+        hid0, ids0, tw0 = sets[0]
+        ref0 = moe_reference(hid0, tw0, ids0, weights, torch.float32).float()
+        err = rel_err_ours(stage, hid0, ids0, tw0, zeros, ref0)
+        ok = err < RTOL
+        ours_us = float("nan")
         sweep = {}
-        if tile_sweep:
-            sweep = sweep_tiles(stage, shape, sets, zeros, m)
-        del ours_graphs
+        if ok:  # a wrong kernel's time means nothing
+            ours_graphs = [capture(lambda h=h, i=i, w=w: stage.compute(h, w, LocalRouting(i, zeros)))
+                           for h, i, w in sets]
+            ours_us = time_graphs(ours_graphs)
+            if tile_sweep:
+                sweep = sweep_tiles(stage, shape, sets, zeros, m)
+            del ours_graphs
+        ok_after = ok and rel_err_ours(stage, hid0, ids0, tw0, zeros, ref0) < RTOL
+        del ref0
+        tiles = describe_tiles(stage, m, shape.top_k)
         int4_bytes = weight_bytes(shape, [i for _, i, _ in sets], 0.5, scale_bytes)
         bf16_bytes = weight_bytes(shape, [i for _, i, _ in sets], 2.0, 0)
         roof_us = int4_bytes / (copy_gbps * 1e3)
-        row = {"case": f"{shape_name} M={m}", "shape": shape_name, "M": m, "ours_us": round(ours_us, 2),
+        row = {"case": f"{shape_name} M={m}", "shape": shape_name, "M": m, "ok": ok, "ok_after": ok_after,
+               "rel_err": float(f"{err:.3g}"), "ours_us": round(ours_us, 2) if ok else None,
                "peer": PEER_NAME, "peer_us": None, "speedup": None, "roofline_us": round(roof_us, 2),
-               "roofline_frac": round(roof_us / ours_us, 3), "weight_mb": round(int4_bytes / 1e6, 1), "tiles": tiles}
+               "roofline_frac": round(roof_us / ours_us, 3) if ok else None, "weight_mb": round(int4_bytes / 1e6, 1),
+               "tiles": tiles}
         if peer is not None:
             try:
                 runs = [peer.make(shape, stage.weights.w13, stage.weights.w13_scales, stage.weights.w2,
@@ -299,7 +331,7 @@ def bench_shape(shape_name: str, ms: list[int], peer: Peer | None, copy_gbps: fl
                     row["peer_first_capture_s"] = round(time.perf_counter() - t0, 1)  # includes its PTX JIT
                     peer.warm = True
                 row["peer_us"] = round(time_graphs(peer_graphs), 2)
-                row["speedup"] = round(row["peer_us"] / ours_us, 3)
+                row["speedup"] = round(row["peer_us"] / ours_us, 3) if ok else None
                 row["peer_roofline_frac"] = round(roof_us / row["peer_us"], 3)
                 del peer_graphs, runs
             except Exception as exc:  # noqa: BLE001  (a broken peer call must not lose our numbers)
@@ -360,7 +392,7 @@ def plot(rows: list[dict], path: str, copy_gbps: float) -> None:
     for ax, s in zip(axes[0], shapes):
         rs = [r for r in rows if r["shape"] == s]
         ms = [r["M"] for r in rs]
-        ax.plot(ms, [r["ours_us"] for r in rs], "o-", label="ours (marlin plugin)")
+        ax.plot(ms, [r["ours_us"] or float("nan") for r in rs], "o-", label="ours (marlin plugin)")
         if any(r.get("peer_us") for r in rs):
             ax.plot(ms, [r.get("peer_us") or float("nan") for r in rs], "s-", label="vLLM 0.26.0 Marlin MoE")
         if any(r.get("torch_bf16_us") for r in rs):
@@ -417,10 +449,15 @@ def main() -> None:
         plot(result["rows"], args.png, copy_gbps)
     print(f"\n{'case':28s} {'ours us':>9s} {'peer us':>9s} {'speedup':>8s} {'roof us':>8s} {'roof %':>7s} "
           f"{'bf16 us':>9s}  tiles")
+    nan = float("nan")
     for r in result["rows"]:
-        print(f"{r['case']:28s} {r['ours_us']:9.1f} {r['peer_us'] or float('nan'):9.1f} "
-              f"{r['speedup'] or float('nan'):8.2f} {r['roofline_us']:8.1f} {100 * r['roofline_frac']:6.0f}% "
-              f"{r.get('torch_bf16_us') or float('nan'):9.1f}  {r['tiles']}")
+        print(f"{r['case']:28s} {r['ours_us'] or nan:9.1f} {r['peer_us'] or nan:9.1f} "
+              f"{r['speedup'] or nan:8.2f} {r['roofline_us']:8.1f} {100 * (r['roofline_frac'] or nan):6.0f}% "
+              f"{r.get('torch_bf16_us') or nan:9.1f}  {r['tiles']}")
+    wrong = [(r["case"], r["rel_err"]) for r in result["rows"] if not (r["ok"] and r["ok_after"])]
+    print(f"ours against the float32 reference (rel err < {RTOL}): {'all ok' if not wrong else f'WRONG {wrong}'}")
+    if wrong:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

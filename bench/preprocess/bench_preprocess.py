@@ -45,7 +45,7 @@ from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_
 
 E, EP, RANK, TOP_K, BLOCK_M = 256, 8, 0, 8, 16
 SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
-PATH_COMPARE = [8, 64, 512, 2048, 4096, 8192, 16384]
+PATH_COMPARE = [8, 64, 128, 256, 512, 2048, 4096, 8192, 16384]
 # warp_preprocess (<= 512 slots) is compared with block_preprocess where it runs; block vs grid above that.
 BREAKDOWN = [8, 512, 16384, 65536, 1 << 20, 1 << 23]
 DECODE_MAX, BANDWIDTH_MIN = 16384, 1 << 20

@@ -81,11 +81,12 @@ WARP_MAX_SLOTS = 32 * WARP_IPTS[-1]
 WARP_MAX_LOCAL = 128
 """warp_preprocess's bound on local experts (HC_WARP_MAX_LOCAL): each lane owns ceil(num_local / 32)
 experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints."""
-WARP_PATH_AUTO_MAX = WARP_MAX_SLOTS
+WARP_PATH_AUTO_MAX = 128
 """``path=auto`` takes the one-warp kernel up to this many slots (when ``num_local <= WARP_MAX_LOCAL``).
-Not measured yet (GPU_RESULTS.md): chosen from the audit. Up to 512 slots one warp does 16 chunks of
-ballots, all independent, against block_preprocess's block-wide barriers and scans; past that the warp's
-serial work grows linearly while the block spreads it over more warps."""
+Measured on an H100 (GPU run 4, commit afebe7f, GPU_RESULTS.md), in a CUDA graph: warp 3.15 / 4.11 / 7.22 us
+against block_preprocess 4.72 / 5.01 / 5.57 us at 8 / 64 / 512 slots. The warp's time grows about 7 ns per slot
+(its chunks run one after another on one warp), the block's about 1.3 ns: the lines cross near 220 slots, so the
+switch sits at 128, inside the range where the warp measured faster."""
 MAP_PLACES = ("auto", "shared", "global")
 BLOCK_PATH_AUTO_MAX = 8192
 """``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU run 2, commit

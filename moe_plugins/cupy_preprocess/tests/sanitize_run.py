@@ -24,9 +24,9 @@ from preprocess_testlib import assert_matches, context, make_case, reference  # 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
 
 CASES = [
-    (256, 8, 1, "non_local", 6, 8, torch.int32, {}),  # warp_preprocess (384 slots), map in shared memory
-    (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # warp_preprocess, global map, invalid ids
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
+    (256, 8, 1, "non_local", 6, 8, torch.int32, {"path": "warp"}),  # warp_preprocess (384 slots), shared map
+    (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # warp_preprocess (auto, 128 slots), global map
     (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block path, map in shared memory
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block path, invalid ids counted
     (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block path, no map

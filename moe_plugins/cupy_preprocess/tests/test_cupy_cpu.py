@@ -148,10 +148,11 @@ def test_path_choice_and_items_per_thread() -> None:
     with pytest.raises(ConfigError, match="path must be one of auto, warp, block, grid"):
         plan(5, "bogus")
     # auto: one warp up to WARP_PATH_AUTO_MAX slots and WARP_MAX_LOCAL local experts, 1/4/16 slots per lane
-    assert WARP_PATH_AUTO_MAX == WARP_MAX_SLOTS == 512 and WARP_MAX_LOCAL == 128
-    assert [(plan(n).path, plan(n).ipt) for n in (0, 1, 32, 33, 128, 129, 512)] == \
-        [("warp", 1), ("warp", 1), ("warp", 1), ("warp", 4), ("warp", 4), ("warp", 16), ("warp", 16)]
-    assert plan(513).path == "block" and plan(8, "block").path == "block"
+    assert WARP_PATH_AUTO_MAX == 128 and WARP_MAX_SLOTS == 512 and WARP_MAX_LOCAL == 128
+    assert [(plan(n).path, plan(n).ipt) for n in (0, 1, 32, 33, 128)] == \
+        [("warp", 1), ("warp", 1), ("warp", 1), ("warp", 4), ("warp", 4)]
+    assert plan(129).path == "block" and plan(512).path == "block" and plan(8, "block").path == "block"
+    assert [(plan(n, "warp").path, plan(n, "warp").ipt) for n in (129, 512)] == [("warp", 16), ("warp", 16)]
     warp = plan(100)
     assert warp.block_threads == 32 and warp.kernel_names == ("warp_preprocess",)
     assert warp.smem_block_bytes == (256 + 4 * 32 + 2 * 32) * 4

@@ -234,7 +234,7 @@ WARP_SIZES = [0, 1, 7, 31, 32, 33, 127, 128, 129, 300, 511, 512]
 @pytest.mark.parametrize("nk", WARP_SIZES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_warp_kernel_sizes_sentinels_and_maps(kernels: EmulatedKernels, nk: int, dtype: torch.dtype) -> None:
-    """path=auto takes warp_preprocess up to 512 slots; every sentinel, the map in shared/global memory or
+    """warp_preprocess (path=warp) up to its 512-slot bound; every sentinel, the map in shared/global memory or
     absent, several block_m, random ids, poisoned and guarded outputs, against the torch reference."""
     for j, sentinel in enumerate(("non_local", "guard_slot", "out_of_range", "negative")):
         num_experts = 256 if sentinel != "out_of_range" else 40
@@ -245,7 +245,7 @@ def test_warp_kernel_sizes_sentinels_and_maps(kernels: EmulatedKernels, nk: int,
         case = Case(placement, ep - 1, local, value, ids.reshape(-1, 1), real)
         for map_in in ("shared", "global") if local.expert_map is not None else ("auto",):
             for block_m in (None, 1, 16, 48):
-                got, plan = run(kernels, case, block_m, map_in=map_in)
+                got, plan = run(kernels, case, block_m, map_in=map_in, path="warp")
                 assert plan.path == "warp" and plan.kernel_names == ("warp_preprocess",)
                 assert kernels.launches[-1][0].startswith("warp_preprocess<") and kernels.launches[-1][2] == 32
                 what = f"nk={nk} {dtype} {sentinel} {map_in} block_m={block_m}"
@@ -261,7 +261,7 @@ def test_warp_kernel_expert_ownership_per_lane(kernels: EmulatedKernels, num_loc
     """1..4 experts per lane (ceil(num_local / 32)), no map, every slot local: counts, starts, block ids."""
     case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=WARP_MAX_SLOTS // 4, top_k=4, seed=num_local)
     for block_m in (1, 16, 64):
-        got, plan = run(kernels, case, block_m)
+        got, plan = run(kernels, case, block_m, path="warp")
         assert plan.path == "warp" and plan.ipt == 16
         assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} block_m={block_m}")
         assert_layout_valid(got, block_m)
@@ -280,6 +280,6 @@ def test_warp_kernel_bounds_fall_back_to_the_block(kernels: EmulatedKernels) -> 
 
 def test_warp_kernel_replays_into_the_same_buffers(kernels: EmulatedKernels) -> None:
     case = make_case(256, 8, 2, "negative", rows_per_rank=6, top_k=8, seed=32, dtype=torch.int64)
-    got, plan = run(kernels, case, 16, launches=3)
+    got, plan = run(kernels, case, 16, launches=3, path="warp")
     assert plan.path == "warp"
     assert_matches(got, reference(case, 16), 16)

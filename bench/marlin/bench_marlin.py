@@ -364,7 +364,7 @@ def sweep_tiles(stage, shape, sets, zeros, m: int) -> dict:
     slots = m * shape.top_k
     bm = kernels.choose_block_m(slots, stage.num_local)
     res = {}
-    for which, n_out, k, splits in (("gemm1", 2 * i, h, (1,)), ("gemm2", h, i, (1, 2, 4, 8))):
+    for which, n_out, k, splits in (("gemm1", 2 * i, h, (1,)), ("gemm2", h, i, (1, 2, 3, 4, 5, 6, 8))):
         for nw in (4, 2, 1):
             for sp in splits:
                 try:

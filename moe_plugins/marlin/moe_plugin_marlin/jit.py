@@ -35,6 +35,9 @@ THREADS = 256
 SMEM_PER_CTA = {1: 72 * 1024, 2: 110 * 1024, 4: 110 * 1024}
 """Shared-memory budget of one GEMM CTA by ``m_tiles``: the kernel's launch bounds give 3 CTAs per SM for
 16-row tiles (<= 80 registers) and 2 for 32 rows (228 KiB of shared memory per SM on Hopper)."""
+RESIDENT_CTAS_PER_SM = {1: 3, 2: 2, 4: 1}
+"""GEMM CTAs that run at once on one SM by ``m_tiles``: the minimum blocks of the kernel's launch bounds
+(registers) within `SMEM_PER_CTA`; the tile planner counts waves with it."""
 MAX_STAGES = 8
 ALIGN_THREADS = 1024
 MAX_LOCAL_EXPERTS = 4096

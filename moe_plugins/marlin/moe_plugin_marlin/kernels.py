@@ -8,6 +8,8 @@ dtypes are the caller's contract (`moe_plugin_marlin.stage` validates them once)
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 
 from hostcore.contract import aligned_capacity
 
-from .jit import ALIGN_THREADS, THREADS, TILE_CONFIGS, KernelSet, TileConfig
+from .jit import ALIGN_THREADS, RESIDENT_CTAS_PER_SM, THREADS, TILE_CONFIGS, KernelSet, TileConfig
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,51 @@ def choose_block_m(num_slots: int, num_local: int) -> int:
     return 64
 
 
+MIN_SINGLE_WAVE = 0.45
+"""A GEMM1 tile width whose CTAs fit in one wave is taken if they fill at least this fraction of it (fewer CTAs
+leave SMs idle: Qwen3 M=4's 0.43 of a wave of 256-wide tiles ran 6% slower than 0.86 of 128-wide ones)."""
+MIN_LAST_WAVE_FILL = 0.8
+"""Past one wave, a GEMM1 tile width is taken if ``waves / ceil(waves)`` reaches this (run 9 tile sweep on an
+H100: 1.23, 1.48 and 2.22 waves lost to 2.45, 2.97 and 4.45 waves of half-width tiles by 3-6%)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def expected_blocks(num_slots: int, num_local: int, block_m: int) -> float:
+    """Expected number of ``block_m`` blocks of the aligned layout when ``num_slots`` slots are routed
+    uniformly over ``num_local`` experts: ``num_local * E[ceil(c / block_m)]`` with each expert's share ``c``
+    Poisson-distributed, i.e. ``num_local * sum_j P(c > j * block_m)`` (the ``j = 0`` term counts the experts hit).
+    """
+    n = max(1, num_local)
+    if num_slots <= 0:
+        return 1.0
+    lam = num_slots / n
+    if lam > 500:  # exp(-lam) underflows; the share is then about normal and ceil adds half a block on average
+        return n * (lam / block_m + 0.5)
+    term = cdf = math.exp(-lam)  # P(c = 0), P(c <= 0)
+    total = 1.0 - cdf
+    for i in range(1, int(lam + 12 * math.sqrt(lam) + block_m) + 1):
+        term *= lam / i
+        cdf += term
+        if i % block_m == 0:
+            total += max(0.0, 1.0 - cdf)
+    return max(1.0, n * total)
+
+
 def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, sm_count: int,
               allow_split: bool, override: tuple[int, int] | None = None) -> GemmPlan:
     """Pick the tile and K splits for one GEMM from static shapes only (no device sync).
 
-    GEMM1 (``allow_split=False``): the widest tile that still
-    fills one wave of 2 CTAs per SM with the expected number of blocks, else the
-    narrowest. GEMM2: the widest tile, split along K (fp32 atomics) until about
-    4 CTAs per SM are busy, keeping >= 4 pipeline steps per split. Chosen from a
-    tile sweep on an H100 (bench/marlin). ``override = (n_warps, k_splits)``
-    forces a choice.
+    Both rules count CTAs against one wave, the CTAs the GPU runs at once
+    (``RESIDENT_CTAS_PER_SM * sm_count``), for the expected number of blocks
+    (`expected_blocks`). GEMM1 (``allow_split=False``): the widest tile whose
+    CTAs fill at least `MIN_SINGLE_WAVE` of a single wave, or, past one wave,
+    leave the last wave at least `MIN_LAST_WAVE_FILL` full; else the narrowest.
+    GEMM2: the widest tile, split along K (fp32 atomics) as many times as the
+    split CTAs still fit one wave, or, when one split already overflows a wave,
+    the fewest splits whose last wave is `MIN_LAST_WAVE_FILL` full; at most 8
+    splits with >= 4 pipeline steps each. Fitted to the run-9 tile sweep on an
+    H100 (bench/marlin/NOTES.md).
+    ``override = (n_warps, k_splits)`` forces a choice.
     """
     m_tiles = block_m // 16
     fits = [c for c in TILE_CONFIGS if c.m_tiles == m_tiles and n_out % c.tn == 0 and k % c.tk == 0]
@@ -71,15 +108,19 @@ def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, 
         if not chosen:
             raise ValueError(f"tile override n_warps={n_warps} does not fit N={n_out}, K={k}, block_m={block_m}")
         return GemmPlan(chosen[0], max(1, min(splits, k // chosen[0].tk)) if allow_split else 1)
-    active = max(1, min(num_local, num_slots))
-    blocks = active + num_slots // block_m
+    wave = RESIDENT_CTAS_PER_SM[m_tiles] * sm_count
+    blocks = expected_blocks(num_slots, num_local, block_m)
     if allow_split:
         c = fits[0]
         ctas = blocks * (n_out // c.tn)
-        splits = max(1, min(-(-4 * sm_count // ctas), (k // c.tk) // 4, 8))
-        return GemmPlan(c, splits)
+        cap = max(1, min((k // c.tk) // 4, 8))
+        if ctas <= wave:
+            return GemmPlan(c, min(int(wave // ctas), cap))
+        filled = (s for s in range(1, cap + 1) if s * ctas / wave / math.ceil(s * ctas / wave) >= MIN_LAST_WAVE_FILL)
+        return GemmPlan(c, next(filled, 1))
     for c in fits:
-        if blocks * (n_out // c.tn) >= 2 * sm_count:
+        waves = blocks * (n_out // c.tn) / wave
+        if MIN_SINGLE_WAVE <= waves <= 1.0 or (waves > 1.0 and waves / math.ceil(waves) >= MIN_LAST_WAVE_FILL):
             return GemmPlan(c)
     return GemmPlan(fits[-1])
 

@@ -123,3 +123,26 @@ def test_block_m_and_plans():
     assert p.cfg.tn == 256 and p.cfg.bm == 64
     with pytest.raises(ValueError, match="override"):
         kernels.plan_gemm(1536, 2048, 8, 128, 16, 132, False, override=(3, 1))
+
+
+@pytest.mark.parametrize(("n_out", "k", "slots", "num_local", "split", "tn", "k_splits"), [
+    # the winners of the run-9 tile sweep on an H100 (bench/marlin/NOTES.md), bf16, 16-row blocks
+    (2 * 14336, 4096, 2, 8, False, 256, 1),  # mixtral M=1 GEMM1: 0.53 of a wave of 256-wide tiles
+    (2 * 14336, 4096, 8, 8, False, 128, 1),  # mixtral M=4 GEMM1: 2.97 waves of 128-wide beat 1.48 of 256
+    (2 * 14336, 4096, 32, 8, False, 128, 1),  # mixtral M=16 GEMM1
+    (4096, 14336, 32, 8, True, 256, 3),  # mixtral M=16 GEMM2
+    (2 * 768, 2048, 128, 128, False, 128, 1),  # qwen3 M=16 GEMM1: 2.45 waves beat 1.23
+    (2048, 768, 32, 128, True, 256, 1),  # qwen3 M=4 GEMM2: no split
+])
+def test_plans_follow_the_measured_tile_sweep(n_out, k, slots, num_local, split, tn, k_splits):
+    p = kernels.plan_gemm(n_out, k, slots, num_local, 16, 132, allow_split=split)
+    assert (p.cfg.tn, p.k_splits) == (tn, k_splits)
+
+
+def test_expected_blocks_against_sampled_routing():
+    assert kernels.expected_blocks(0, 8, 16) == 1.0
+    gen = torch.Generator().manual_seed(0)
+    for slots, experts, bm in ((2, 8, 16), (8, 8, 16), (128, 8, 16), (32, 128, 16), (512, 8, 64), (4096, 8, 64)):
+        counts = torch.randint(0, experts, (400, slots), generator=gen)
+        sampled = sum(float(((torch.bincount(row, minlength=experts) + bm - 1) // bm).sum()) for row in counts) / 400
+        assert kernels.expected_blocks(slots, experts, bm) == pytest.approx(sampled, rel=0.08), (slots, experts, bm)

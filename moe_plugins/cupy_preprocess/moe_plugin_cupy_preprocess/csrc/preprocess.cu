@@ -514,8 +514,7 @@ grid_count(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             const int i = seg + c * 32 + lane;
             raw[c] = i < nk ? ids[i] : (IdT)0;
         }
-        if (map_in_smem)
-            for (int e = tid; e < map_size; e += blockDim.x) smap[e] = __ldg(gmap + e);
+        if (map_in_smem) hc_copy_map(smap, gmap, map_size);
         for (int k = tid; k < wl; k += blockDim.x) hist[k] = 0;
         if (tid == 0) scratch[0] = 0;
         __syncthreads();

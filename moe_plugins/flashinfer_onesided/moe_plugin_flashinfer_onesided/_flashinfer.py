@@ -286,27 +286,19 @@ class _MoeAlltoAllPath(OneSidedAllToAll):
                                     workspace_size_per_rank=self.workspace_size_per_rank,
                                     mnnvl_config=MnnvlConfig(comm_backend=_torch_backend(group)))
         self.recv_counts = _recv_counts_view(self._a2a, g.ep_size, g.ep_rank)
-        self._orders: dict[tuple[tuple[int, int], ...], list[int]] = {}
-        # Without scales the payloads are always (hidden [H] in the layer dtype, ids [K] int32, weights [K] fp32):
-        # their order is fixed per layer, so the per-forward path only permutes three tensors.
-        itemsize = torch.empty((), dtype=g.dtype).element_size()
-        self._plain_order = payload_order([itemsize, 4, 4], [itemsize * g.hidden_size, 4 * g.top_k, 4 * g.top_k])
-        self._plain_ids_index = self._plain_order.index(1)
+        # Payload order per scales layout (None: no scales); hidden's width, ids and weights are fixed per
+        # layer, so the order is computed once per key and a forward does one dict lookup.
+        self._orders: dict[tuple[torch.dtype, torch.dtype, int] | None, tuple[list[int], int]] = {}
 
     def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  scales: torch.Tensor | None, rows_per_rank: int) -> list[torch.Tensor | None]:
-        if scales is None:
-            tensors = (hidden, topk_ids, topk_weights)
-            order, ids_index = self._plain_order, self._plain_ids_index
-        else:
-            tensors = (hidden, topk_ids, topk_weights, scales)
-            key = tuple((t.element_size(), t.shape[1]) for t in tensors)
-            order = self._orders.get(key)
-            if order is None:  # a handful of distinct scale layouts per layer: computed once each
-                order = payload_order([t.element_size() for t in tensors],
-                                      [t.element_size() * t.shape[1] for t in tensors])
-                self._orders[key] = order
-            ids_index = order.index(1)
+        tensors = (hidden, topk_ids, topk_weights) if scales is None else (hidden, topk_ids, topk_weights, scales)
+        key = None if scales is None else (hidden.dtype, scales.dtype, scales.shape[1])
+        entry = self._orders.get(key)
+        if entry is None:
+            order = payload_order([t.element_size() for t in tensors], [t.element_size() * t.shape[1] for t in tensors])
+            entry = self._orders[key] = (order, order.index(1))
+        order, ids_index = entry
         recv = self._a2a.dispatch(topk_ids, [tensors[i] for i in order], rows_per_rank,
                                   invalid_token_expert_id=self.sentinel, expert_id_payload_index=ids_index)
         out: list[torch.Tensor | None] = [None, None, None, None]

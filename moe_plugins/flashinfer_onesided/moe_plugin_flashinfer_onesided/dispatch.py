@@ -97,8 +97,7 @@ class FlashInferOneSidedDispatch:
         t = hidden.shape[0]
         agreed = rows_per_rank is None
         rows = self._agree_rows(t) if agreed else int(rows_per_rank)
-        if not 0 < rows <= self.geometry.max_tokens_per_rank or t > rows:  # the common case skips the call
-            layout.check_rows_per_rank(rows, t, self.geometry.max_tokens_per_rank, agreed)
+        layout.check_rows_per_rank(rows, t, self.geometry.max_tokens_per_rank, agreed)
         if rows == 0:
             self._pending = _Pending(0, 0)
             return self._empty(scales)

@@ -59,7 +59,6 @@ MIN_LAST_WAVE_FILL = 0.8
 H100: 1.23, 1.48 and 2.22 waves lost to 2.45, 2.97 and 4.45 waves of half-width tiles by 3-6%)."""
 
 
-@functools.lru_cache(maxsize=4096)
 def expected_blocks(num_slots: int, num_local: int, block_m: int) -> float:
     """Expected number of ``block_m`` blocks of the aligned layout when ``num_slots`` slots are routed
     uniformly over ``num_local`` experts: ``num_local * E[ceil(c / block_m)]`` with each expert's share ``c``
@@ -81,6 +80,7 @@ def expected_blocks(num_slots: int, num_local: int, block_m: int) -> float:
     return max(1.0, n * total)
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, sm_count: int,
               allow_split: bool, override: tuple[int, int] | None = None) -> GemmPlan:
     """Pick the tile and K splits for one GEMM from static shapes only (no device sync).
@@ -95,7 +95,7 @@ def plan_gemm(n_out: int, k: int, num_slots: int, num_local: int, block_m: int, 
     the fewest splits whose last wave is `MIN_LAST_WAVE_FILL` full; at most 8
     splits with >= 4 pipeline steps each. Fitted to the run-9 tile sweep on an
     H100 (bench/marlin/NOTES.md).
-    ``override = (n_warps, k_splits)`` forces a choice.
+    ``override = (n_warps, k_splits)`` forces a choice. Cached: every forward asks for the same few plans.
     """
     m_tiles = block_m // 16
     fits = [c for c in TILE_CONFIGS if c.m_tiles == m_tiles and n_out % c.tn == 0 and k % c.tk == 0]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU run of the cupy preprocess plugin: install, GPU tests, benchmark, compute-sanitizer.
-# Usage (on the GPU host, repository root): scripts/gpu_preprocess.sh [all|tests|bench|sanitize]...
+# Usage (on the GPU host, repository root): scripts/gpu_preprocess.sh [all|tests|bench|sanitize|profile]...
+# (`profile`, not part of `all`: Nsight Compute's full section set on each kernel at a few sizes, ncu.txt.)
 # Logs and the benchmark JSON go to $OUT (default ./out); the last lines printed are a summary table.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -32,6 +33,13 @@ if want bench; then
   STATUS[bench]="rc=$?"
 fi
 
+if [[ " $STEPS " == *" profile "* ]]; then
+  PROFILE_SIZES="${PROFILE_SIZES:-8 512 2048 16384 1048576 8388608}"
+  timeout 240 ncu --clock-control none --set full -k 'regex:preprocess|grid_' --launch-skip 0 \
+    python3 bench/preprocess/profile_preprocess.py --sizes $PROFILE_SIZES --calls 1 > "$OUT/ncu.txt" 2>&1
+  STATUS[profile]="rc=$? $(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled"
+fi
+
 if want sanitize; then
   # Kernels are in the disk cache by now; the three tools run side by side (they are CPU-bound).
   SAN="moe_plugins/cupy_preprocess/tests/sanitize_run.py"
@@ -50,20 +58,20 @@ fi
 
 echo
 echo "==================== summary ($(head -2 "$ENV" | tail -1)) ===================="
-for k in tests bench memcheck racecheck initcheck; do
+for k in tests bench profile memcheck racecheck initcheck; do
   [[ -n "${STATUS[$k]:-}" ]] && printf '%-10s %s\n' "$k" "${STATUS[$k]}"
 done
 if [[ -f "$OUT/preprocess-h100.json" ]]; then
   python3 - "$OUT/preprocess-h100.json" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(f"copy {d['copy_gbps']:.0f} GB/s   empty launch {d['launch_us']:.2f} us (graph {d['launch_graph_us'] or 0:.2f}, "
+print(f"copy {d['copy_gbps']:.0f} GB/s   empty launch {d['launch_us']:.2f} us (hot {d.get('launch_hot_us', 0):.2f}, graph {d['launch_graph_us'] or 0:.2f}, "
       f"wall {d['launch_wall_us']:.2f})")
-print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'torch us':>10} {'x':>7} {'GB/s':>7} {'%copy':>6} {'%design':>7} "
+print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'hot us':>8} {'torch us':>10} {'x':>7} {'GB/s':>7} {'%copy':>6} {'%design':>7} "
       f"{'graph us':>9} {'wall us':>8} {'blocks':>6}")
 for r in d["rows"]:
     kind = "fused" if r.get("kernels") == ["grid_fused"] else r["path"]
-    print(f"{r['num_slots']:>9} {kind:>5} {r['ours_us']:9.2f} {r['peer_us']:10.2f} {r['speedup']:7.1f} "
+    print(f"{r['num_slots']:>9} {kind:>5} {r['ours_us']:9.2f} {r.get('ours_hot_us', 0):8.2f} {r['peer_us']:10.2f} {r['speedup']:7.1f} "
           f"{r['gbps']:7.1f} {r['roofline_frac']:6.1%} {r.get('design_frac', 0):7.1%} {r['ours_graph_us'] or 0:9.2f} "
           f"{r['ours_wall_us']:8.1f} {r.get('grid_blocks', 0):>6}")
 for n, k in d.get("kernel_breakdown_us", {}).items():

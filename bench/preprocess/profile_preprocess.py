@@ -1,0 +1,53 @@
+"""Run preprocess=cupy a few times per size, for a profiler (`ncu`) to look inside the kernels.
+
+Same routing as `bench_preprocess.py` (E = 256, top-8, EP 8, rank 0 with 32 local experts through a
+shared-memory map, block_m = 16, int32 ids, a quarter of each source slice padding). Every size is
+checked against the torch reference first. Typical use on the GPU host:
+
+    ncu --clock-control none --set full -k regex:'preprocess|grid_' \
+        python3 bench/preprocess/profile_preprocess.py --sizes 8 2048 1048576 8388608
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from bench_preprocess import BLOCK_M, E, EP, RANK, TOP_K, check, routed_ids
+from hostcore.backends.preprocess_torch import TorchPreprocess
+from hostcore.hookspecs import BuildContext
+from hostcore.placement import ExpertPlacement
+from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
+    parser.add_argument("--calls", type=int, default=2, help="preprocess calls per size after the check")
+    args = parser.parse_args()
+
+    placement = ExpertPlacement.contiguous(E, EP)
+    local = placement.local_experts(RANK, use_map=True, device="cuda")
+    sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])
+    ctx = BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
+                       hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
+                       sentinel=sentinel)
+    stage, peer = CupyPreprocess(ctx), TorchPreprocess(ctx, mode="safe")
+    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
+    for nk in args.sizes:
+        ids = routed_ids(nk, sentinel, gen)
+        buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
+        check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
+        for _ in range(args.calls):
+            stage.preprocess_into(ids, buffers)
+        torch.cuda.synchronize()
+        print(f"N*K={nk}: path {buffers.plan.path}, kernels {list(buffers.plan.kernel_names)}, "
+              f"blocks {buffers.plan.grid_blocks}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

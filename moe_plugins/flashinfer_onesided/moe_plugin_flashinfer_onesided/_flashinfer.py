@@ -13,6 +13,13 @@ Two FlashInfer entry points run the same NVLink one-sided kernels:
     ``flashinfer.comm.MoeAlltoAll`` (0.6.16+; deprecated in 0.7.1 but still the
     implementation underneath). Takes any padding id per dispatch.
 
+Both allocate the workspace (a ``MoeAlltoAll``; ``moe_ep`` wraps one). Per
+forward, whichever allocated it, the adapter calls FlashInfer's all-to-all ops
+(``moe_a2a_dispatch``, ``moe_a2a_sanitize_expert_ids``,
+``moe_a2a_combine_into``: the ops both classes call underneath) on that
+workspace directly, skipping the classes' per-call Python (`_OpCalls`); with a
+FlashInfer whose ops have other signatures it calls ``MoeAlltoAll``'s methods.
+
 `choose_api` picks one for the whole EP group (every rank must make the same
 collective calls, so the choice cannot differ between ranks): ``moe_ep`` when
 every rank has it and every rank's sentinel is outside ``[0, E)``, else
@@ -36,7 +43,11 @@ payload_in_workspace=)`` returning a new ``[T, H]``;
 ``moe_a2a_get_workspace_size_per_rank(ep, max_tokens, dispatch_bytes,
 combine_bytes)``; the metainfo index ``RECV_COUNTERS_OFFSET_INDEX`` (int32
 per source rank in this rank's workspace); ``flashinfer.jit.comm.
-gen_moe_alltoall_module`` for the JIT build. ``tests/test_fi_fake_fidelity.py``
+gen_moe_alltoall_module`` for the JIT build; ``trtllm_moe_alltoall.
+get_moe_alltoall_module()`` returning the ops with the parameters in
+`_OP_PARAMS`, ``moe_a2a_dispatch`` returning ``(recv_offsets, recv_sizes,
+combine_payload_offset, ...)`` with offsets fixed by ``R`` and the payload row
+sizes, and ``moe_a2a_wrap_payload_tensor_in_workspace``. ``tests/test_fi_fake_fidelity.py``
 checks these signatures against an installed FlashInfer.
 """
 
@@ -44,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import re
 import warnings
 from collections.abc import Sequence
@@ -183,32 +195,6 @@ def workspace_size_per_rank(geometry: Geometry) -> int:
                                                    geometry.bytes.dispatch, geometry.bytes.combine))
 
 
-class OneSidedAllToAll:
-    """Dispatch/combine of one EP group through one FlashInfer API; see the module docstring.
-
-    ``dispatch`` returns workspace views ``[ep_size, R, *]`` that stay valid
-    until `combine`. ``recv_counts`` is an ``int32[ep_size]`` view of the
-    per-source counts FlashInfer keeps in this rank's workspace, or ``None``.
-    """
-
-    api: str
-    workspace_size_per_rank: int
-    recv_counts: torch.Tensor | None
-
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 scales: torch.Tensor | None, rows_per_rank: int) -> list[torch.Tensor | None]:
-        raise NotImplementedError
-
-    def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
-                output: torch.Tensor) -> torch.Tensor:
-        """Sum each local token's rows back into ``output`` (``[T, H]``, allocated by the caller with torch, so
-        its memory comes from torch's allocator: the CUDA-graph pool while capturing) and return it."""
-        raise NotImplementedError
-
-
 def _recv_counts_view(a2a: Any, ep_size: int, ep_rank: int) -> torch.Tensor | None:
     """This rank's ``recv_counters`` in the workspace (written by each source during dispatch), if locatable."""
     try:
@@ -264,28 +250,140 @@ def _torch_backend(group: Any) -> Any:
     return _GroupComm(group)
 
 
-class _MoeAlltoAllPath(OneSidedAllToAll):
-    api = "moe_alltoall"
+class _MethodCalls:
+    """Per-forward calls through ``MoeAlltoAll``'s methods: FlashInfer versions whose ops differ from 0.7.2's."""
 
-    def __init__(self, geometry: Geometry, group: Any, sentinel: int) -> None:
-        from flashinfer.comm import Mapping, MoeAlltoAll
-        from flashinfer.comm.mnnvl import MnnvlConfig
+    def __init__(self, a2a: Any, sentinel: int, hidden_size: int, dtype: torch.dtype) -> None:
+        self._a2a, self._sentinel, self._hidden_size, self._dtype = a2a, sentinel, hidden_size, dtype
 
-        g = geometry
-        self.sentinel = sentinel
-        self.hidden_size, self.dtype = g.hidden_size, g.dtype
-        self.workspace_size_per_rank = workspace_size_per_rank(g)
-        mapping = Mapping(world_size=g.ep_size, rank=g.ep_rank, gpus_per_node=g.ep_size, tp_size=g.ep_size,
-                          moe_ep_size=g.ep_size)
-        with warnings.catch_warnings():
-            # MoeAlltoAll warns that it is deprecated in favour of moe_ep; we only land here when moe_ep cannot
-            # serve this group (see choose_api), so the warning would only confuse users.
-            warnings.filterwarnings("ignore", message=".*MoeAlltoAll is deprecated.*")
-            self._a2a = MoeAlltoAll(mapping, max_num_tokens=g.max_tokens_per_rank, top_k=g.top_k,
-                                    num_experts=g.global_num_experts,
-                                    workspace_size_per_rank=self.workspace_size_per_rank,
-                                    mnnvl_config=MnnvlConfig(comm_backend=_torch_backend(group)))
-        self.recv_counts = _recv_counts_view(self._a2a, g.ep_size, g.ep_rank)
+    def dispatch(self, ids: torch.Tensor, payloads: list[torch.Tensor], rows: int, ids_index: int,
+                 layout_key: Any) -> list[torch.Tensor]:
+        return self._a2a.dispatch(ids, payloads, rows, invalid_token_expert_id=self._sentinel,
+                                  expert_id_payload_index=ids_index)
+
+    def combine_buffer(self, rows: int) -> torch.Tensor:
+        return self._a2a.get_combine_payload_tensor_in_workspace(rows, self._hidden_size, self._dtype)
+
+    def combine(self, payload: torch.Tensor, rows: int, in_workspace: bool, output: torch.Tensor) -> torch.Tensor:
+        return self._a2a.combine(payload, rows, payload_in_workspace=in_workspace, output=output)
+
+
+_OP_PARAMS = {
+    "moe_a2a_dispatch": ("token_selected_experts", "input_payloads", "workspace", "metainfo",
+                         "runtime_max_tokens_per_rank", "ep_rank", "ep_size", "top_k", "num_experts", "enable_pdl",
+                         "eplb_local_stats", "enable_rank_mask", "active_rank_mask"),
+    "moe_a2a_sanitize_expert_ids": ("expert_ids", "workspace", "metainfo", "ep_rank", "invalid_expert_id",
+                                    "enable_pdl"),
+    "moe_a2a_combine_into": ("payload", "local_num_tokens", "workspace", "metainfo", "runtime_max_tokens_per_rank",
+                             "ep_rank", "ep_size", "top_k", "combine_payload_offset", "payload_in_workspace",
+                             "output_dtype", "output_scales", "output_scalar_scale", "sf_layout",
+                             "use_low_precision", "enable_pdl", "enable_rank_mask", "active_rank_mask", "output"),
+}
+"""The parameters of FlashInfer 0.7.2's all-to-all ops, in order, as `_OpCalls` passes them positionally."""
+
+
+def _alltoall_ops() -> Any:
+    """The namespace of FlashInfer's all-to-all ops (the loaded JIT module, cached by FlashInfer)."""
+    from flashinfer.comm import trtllm_moe_alltoall as m
+
+    try:
+        return m.get_moe_alltoall_module("trtllm")
+    except TypeError:  # 0.6.x: one module, no backend argument
+        return m.get_moe_alltoall_module()
+
+
+def _ops_match(ops: Any) -> bool:
+    """Whether every op `_OpCalls` uses exists with exactly 0.7.2's parameters."""
+    for name, params in _OP_PARAMS.items():
+        fn = getattr(ops, name, None)
+        try:
+            if fn is None or tuple(inspect.signature(fn).parameters) != params:
+                return False
+        except (TypeError, ValueError):  # no introspectable signature
+            return False
+    return True
+
+
+class _OpCalls:
+    """Per-forward calls straight to FlashInfer's all-to-all ops on the workspace ``MoeAlltoAll`` allocated.
+
+    The same kernels with the same arguments as ``MoeAlltoAll.dispatch``/``combine``, without their Python:
+    phase asserts, API-logging wrappers, a PDL query per call and, above all, turning the offsets each
+    dispatch returns into fresh views (an iteration over TVM-FFI arrays). Those offsets depend only on
+    ``R`` and the payloads' row sizes (``moeA2ADispatchOp`` in FlashInfer's ``trtllm_moe_alltoall.cu``), so
+    the views are built once per ``(R, payload layout)`` and reused: the result of later calls is not read.
+    """
+
+    def __init__(self, a2a: Any, ops: Any, sentinel: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        from flashinfer.comm.trtllm_moe_alltoall import moe_a2a_wrap_payload_tensor_in_workspace
+        from flashinfer.utils import device_support_pdl
+
+        self._wrap = moe_a2a_wrap_payload_tensor_in_workspace
+        self._dispatch_op, self._sanitize_op = ops.moe_a2a_dispatch, ops.moe_a2a_sanitize_expert_ids
+        self._combine_op = ops.moe_a2a_combine_into
+        self._workspace, self._metainfo = a2a.workspace, a2a.metainfo
+        self._rank, self._ep, self._top_k, self._experts = a2a.ep_rank, a2a.ep_size, a2a.top_k, a2a.num_experts
+        self._sentinel, self._hidden_size, self._dtype = sentinel, hidden_size, dtype
+        self._pdl = bool(device_support_pdl(device))  # what MoeAlltoAll passes (None -> detected per call)
+        self._views: dict[tuple[int, Any], list[torch.Tensor]] = {}
+        self._combine_offset: dict[int, int] = {}
+        self._combine_views: dict[int, torch.Tensor] = {}
+
+    def dispatch(self, ids: torch.Tensor, payloads: list[torch.Tensor], rows: int, ids_index: int,
+                 layout_key: Any) -> list[torch.Tensor]:
+        result = self._dispatch_op(ids, payloads, self._workspace, self._metainfo, rows, self._rank, self._ep,
+                                   self._top_k, self._experts, self._pdl, None, False, None)
+        views = self._views.get((rows, layout_key))
+        if views is None:
+            offsets, sizes, combine_offset = result[0], result[1], int(result[2])
+            views = [self._wrap(self._workspace, [self._ep, rows], int(o), int(o) + int(n), p.dtype)
+                     for p, o, n in zip(payloads, offsets, sizes, strict=True)]
+            self._views[(rows, layout_key)] = views
+            self._combine_offset[rows] = combine_offset
+        self._sanitize_op(views[ids_index], self._workspace, self._metainfo, self._rank, self._sentinel, self._pdl)
+        return views
+
+    def combine_buffer(self, rows: int) -> torch.Tensor:
+        view = self._combine_views.get(rows)
+        if view is None:
+            start = self._combine_offset[rows]
+            nbytes = self._ep * rows * self._hidden_size * self._dtype.itemsize
+            view = self._combine_views[rows] = self._wrap(self._workspace[self._rank, :], [self._ep, rows], start,
+                                                          start + nbytes, self._dtype)
+        return view
+
+    def combine(self, payload: torch.Tensor, rows: int, in_workspace: bool, output: torch.Tensor) -> torch.Tensor:
+        self._combine_op(payload, output.shape[0], self._workspace, self._metainfo, rows, self._rank, self._ep,
+                         self._top_k, self._combine_offset[rows], in_workspace, None, None, 1.0, None, False,
+                         self._pdl, False, None, output)
+        return output
+
+
+class OneSidedAllToAll:
+    """Dispatch/combine of one EP group on the workspace of one FlashInfer ``MoeAlltoAll``.
+
+    ``api`` says which FlashInfer entry point allocated that workspace (``owner``;
+    ``moe_ep`` wraps a ``MoeAlltoAll`` too, passed as ``a2a``); per forward both go through the same calls:
+    `_OpCalls` where FlashInfer's ops have 0.7.2's signatures, else `_MethodCalls`
+    (``calls`` names which). ``dispatch`` returns workspace views ``[ep_size, R, *]``
+    in the order (hidden, ids, weights, scales) that stay valid until `combine`.
+    ``recv_counts`` is an ``int32[ep_size]`` view of the per-source counts
+    FlashInfer keeps in this rank's workspace, or ``None``.
+    """
+
+    def __init__(self, api: str, owner: Any, a2a: Any, sentinel: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.api = api
+        self._owner = owner  # the FlashInfer object that owns the workspace: it must outlive every call
+        self.workspace_size_per_rank = int(a2a.workspace_size_per_rank)
+        self.recv_counts = _recv_counts_view(a2a, a2a.ep_size, a2a.ep_rank)
+        ops = _alltoall_ops()
+        if _ops_match(ops):
+            self._calls: _OpCalls | _MethodCalls = _OpCalls(a2a, ops, sentinel, hidden_size, dtype, device)
+        else:
+            self._calls = _MethodCalls(a2a, sentinel, hidden_size, dtype)
+        self.calls = "ops" if isinstance(self._calls, _OpCalls) else "methods"
         # Payload order per scales layout (None: no scales); hidden's width, ids and weights are fixed per
         # layer, so the order is computed once per key and a forward does one dict lookup.
         self._orders: dict[tuple[torch.dtype, torch.dtype, int] | None, tuple[list[int], int]] = {}
@@ -299,64 +397,49 @@ class _MoeAlltoAllPath(OneSidedAllToAll):
             order = payload_order([t.element_size() for t in tensors], [t.element_size() * t.shape[1] for t in tensors])
             entry = self._orders[key] = (order, order.index(1))
         order, ids_index = entry
-        recv = self._a2a.dispatch(topk_ids, [tensors[i] for i in order], rows_per_rank,
-                                  invalid_token_expert_id=self.sentinel, expert_id_payload_index=ids_index)
+        recv = self._calls.dispatch(topk_ids, [tensors[i] for i in order], rows_per_rank, ids_index, key)
         out: list[torch.Tensor | None] = [None, None, None, None]
         for position, i in enumerate(order):
             out[i] = recv[position]
         return out
 
     def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
-        return self._a2a.get_combine_payload_tensor_in_workspace(rows_per_rank, self.hidden_size, self.dtype)
+        """The ``[ep_size, R, H]`` combine region of the workspace (valid between a dispatch and its combine)."""
+        return self._calls.combine_buffer(rows_per_rank)
 
     def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
                 output: torch.Tensor) -> torch.Tensor:
-        return self._a2a.combine(payload, rows_per_rank, payload_in_workspace=in_workspace, output=output)
+        """Sum each local token's rows back into ``output`` (``[T, H]``, allocated by the caller with torch, so
+        its memory comes from torch's allocator: the CUDA-graph pool while capturing) and return it."""
+        return self._calls.combine(payload, rows_per_rank, in_workspace, output)
 
 
-class _MoeEpPath(OneSidedAllToAll):
-    api = "moe_ep"
+def _open_moe_alltoall(g: Geometry, group: Any) -> Any:
+    from flashinfer.comm import Mapping, MoeAlltoAll
+    from flashinfer.comm.mnnvl import MnnvlConfig
 
-    def __init__(self, geometry: Geometry, group: Any, sentinel: int, device: torch.device) -> None:
-        from flashinfer.moe_ep import (
-            BootstrapConfig,
-            MoEEpCommParams,
-            NVLinkOneSidedAlltoAll,
-            NVLinkOneSidedConfig,
-        )
+    mapping = Mapping(world_size=g.ep_size, rank=g.ep_rank, gpus_per_node=g.ep_size, tp_size=g.ep_size,
+                      moe_ep_size=g.ep_size)
+    with warnings.catch_warnings():
+        # MoeAlltoAll warns that it is deprecated in favour of moe_ep; we only land here when moe_ep cannot
+        # serve this group (see choose_api), so the warning would only confuse users.
+        warnings.filterwarnings("ignore", message=".*MoeAlltoAll is deprecated.*")
+        return MoeAlltoAll(mapping, max_num_tokens=g.max_tokens_per_rank, top_k=g.top_k,
+                           num_experts=g.global_num_experts, workspace_size_per_rank=workspace_size_per_rank(g),
+                           mnnvl_config=MnnvlConfig(comm_backend=_torch_backend(group)))
 
-        g = geometry
-        self.ep_size = g.ep_size
-        boot_args: dict[str, Any] = {"world_size": g.ep_size, "rank": g.ep_rank, "process_group": group}
-        if "device" in {f.name for f in dataclasses.fields(BootstrapConfig)} and device.index is not None:
-            boot_args["device"] = device.index
-        params = MoEEpCommParams(num_experts=g.global_num_experts, top_k=g.top_k,
-                                 max_tokens_per_rank=g.max_tokens_per_rank, hidden_size=g.hidden_size,
-                                 dtype=g.dtype, invalid_expert_id=sentinel)
-        config = NVLinkOneSidedConfig(extra_payload_bytes_per_token=g.bytes.extra,
-                                      comm_backend=_torch_backend(group))
-        self._comm = NVLinkOneSidedAlltoAll(BootstrapConfig(**boot_args), params, config)
-        a2a = self._comm.alltoall  # the MoeAlltoAll it wraps: workspace size and counters
-        self.workspace_size_per_rank = int(a2a.workspace_size_per_rank)
-        self.recv_counts = _recv_counts_view(a2a, g.ep_size, g.ep_rank)
-        self.dtype = g.dtype
 
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 scales: torch.Tensor | None, rows_per_rank: int) -> list[torch.Tensor | None]:
-        res = self._comm.dispatch(hidden, topk_ids, topk_weights, hidden_states_scale=scales,
-                                  max_tokens_per_rank=rows_per_rank)
-        shape = (self.ep_size, rows_per_rank, -1)
-        sc = res.hidden_states_scale
-        return [res.hidden_states.view(shape), res.topk_ids.view(shape), res.topk_weights.view(shape),
-                None if sc is None else sc.view(shape)]
+def _open_moe_ep(g: Geometry, group: Any, sentinel: int, device: torch.device) -> Any:
+    """``NVLinkOneSidedAlltoAll`` (its NVML check, then the allocation of the ``MoeAlltoAll`` it wraps)."""
+    from flashinfer.moe_ep import BootstrapConfig, MoEEpCommParams, NVLinkOneSidedAlltoAll, NVLinkOneSidedConfig
 
-    def combine_input_buffer(self, rows_per_rank: int) -> torch.Tensor:
-        return self._comm.get_combine_input_buffer(self.dtype).view(self.ep_size, rows_per_rank, -1)
-
-    def combine(self, payload: torch.Tensor, rows_per_rank: int, in_workspace: bool,
-                output: torch.Tensor) -> torch.Tensor:
-        # NVLinkOneSidedAlltoAll finds out itself whether payload is its combine buffer (by data pointer).
-        return self._comm.combine(payload, output=output)
+    boot_args: dict[str, Any] = {"world_size": g.ep_size, "rank": g.ep_rank, "process_group": group}
+    if "device" in {f.name for f in dataclasses.fields(BootstrapConfig)} and device.index is not None:
+        boot_args["device"] = device.index
+    params = MoEEpCommParams(num_experts=g.global_num_experts, top_k=g.top_k, max_tokens_per_rank=g.max_tokens_per_rank,
+                             hidden_size=g.hidden_size, dtype=g.dtype, invalid_expert_id=sentinel)
+    config = NVLinkOneSidedConfig(extra_payload_bytes_per_token=g.bytes.extra, comm_backend=_torch_backend(group))
+    return NVLinkOneSidedAlltoAll(BootstrapConfig(**boot_args), params, config)
 
 
 NVLINK_REFUSAL = "NVLink backends are not supported on EP ranks"
@@ -372,10 +455,13 @@ def open_alltoall(api: str, geometry: Geometry, group: Any, sentinel: int,
     before allocating anything; callers may then fall back to ``moe_alltoall``.
     """
     if api == "moe_ep":
-        return _MoeEpPath(geometry, group, sentinel, device)
-    if api == "moe_alltoall":
-        return _MoeAlltoAllPath(geometry, group, sentinel)
-    raise ContractError(f"unknown FlashInfer API {api!r}; expected moe_ep or moe_alltoall")
+        owner = _open_moe_ep(geometry, group, sentinel, device)
+        a2a = owner.alltoall
+    elif api == "moe_alltoall":
+        owner = a2a = _open_moe_alltoall(geometry, group)
+    else:
+        raise ContractError(f"unknown FlashInfer API {api!r}; expected moe_ep or moe_alltoall")
+    return OneSidedAllToAll(api, owner, a2a, sentinel, geometry.hidden_size, geometry.dtype, device)
 
 
 # --- JIT module (first-use nvcc build) -------------------------------------------------------------

@@ -20,12 +20,16 @@ CALLABLES = [
     ("flashinfer.comm", "Mapping.__init__"),
     ("flashinfer.comm.mnnvl", "TorchDistBackend.__init__"),
     ("flashinfer.comm.trtllm_moe_alltoall", "get_moe_alltoall_module"),
+    ("flashinfer.comm.trtllm_moe_alltoall", "moe_a2a_wrap_payload_tensor_in_workspace"),
+    ("flashinfer.utils", "device_support_pdl"),
     ("flashinfer.jit.comm", "gen_moe_alltoall_module"),
     ("flashinfer.moe_ep", "NVLinkOneSidedAlltoAll.__init__"),
     ("flashinfer.moe_ep", "NVLinkOneSidedAlltoAll.dispatch"),
     ("flashinfer.moe_ep", "NVLinkOneSidedAlltoAll.combine"),
     ("flashinfer.moe_ep", "NVLinkOneSidedAlltoAll.get_combine_input_buffer"),
 ]
+OPS = ["moe_a2a_dispatch", "moe_a2a_sanitize_expert_ids", "moe_a2a_combine_into"]
+"""Ops of ``get_moe_alltoall_module()`` (loads the JIT module: checked where it is built, i.e. on GPU hosts)."""
 RECORDS = [
     ("flashinfer.comm.mnnvl", "MnnvlConfig"),
     ("flashinfer.moe_ep", "BootstrapConfig"),
@@ -62,6 +66,16 @@ def main() -> None:
             out["callables"][f"{module}:{path}"] = _params(_get(module, path))
         except Exception as exc:
             out["callables"][f"{module}:{path}"] = f"missing: {type(exc).__name__}: {exc}"
+    try:
+        from flashinfer.comm.trtllm_moe_alltoall import get_moe_alltoall_module
+
+        ops = get_moe_alltoall_module()
+    except Exception as exc:  # no built module on this machine: the ops cannot be listed
+        ops = None
+        missing = f"missing: {type(exc).__name__}: {exc}"
+    for name in OPS:
+        key = f"flashinfer.comm.trtllm_moe_alltoall:get_moe_alltoall_module().{name}"
+        out["callables"][key] = _params(getattr(ops, name)) if ops is not None else missing
     for module, path in RECORDS:
         try:
             out["records"][f"{module}:{path}"] = [f.name for f in dataclasses.fields(_get(module, path))]

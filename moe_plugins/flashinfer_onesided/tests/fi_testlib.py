@@ -270,8 +270,26 @@ def _sentinel(strategy: str, rank: int, ep: int, experts: int) -> int:
     return non_local_sentinel(rank, ep, experts) if strategy == "non_local" else experts  # guard_slot: E
 
 
-def scenario_transport(rank: int, world: int, api: str, strategy: str, dtype_name: str) -> dict[str, Any]:
-    """Round trips through the factory-built stage vs exact expectations and torch_a2a on the same group."""
+def scenario_transport(rank: int, world: int, api: str, strategy: str, dtype_name: str,
+                       calls: str = "ops") -> dict[str, Any]:
+    """Round trips through the factory-built stage vs exact expectations and torch_a2a on the same group.
+
+    ``calls="methods"`` makes the adapter see FlashInfer ops with unknown signatures, so it goes through
+    ``MoeAlltoAll``'s methods instead (its path for other FlashInfer versions). The round trips reuse
+    ``R`` values (agreed 9, then 16, 11, 3 and 9 again), so cached workspace views are read again too.
+    """
+    from moe_plugin_flashinfer_onesided import _flashinfer
+
+    real_match = _flashinfer._ops_match
+    if calls == "methods":
+        _flashinfer._ops_match = lambda ops: False
+    try:
+        return _transport(rank, world, api, strategy, dtype_name)
+    finally:
+        _flashinfer._ops_match = real_match
+
+
+def _transport(rank: int, world: int, api: str, strategy: str, dtype_name: str) -> dict[str, Any]:
     from hostcore.backends.dispatch_torch import TorchAllToAllDispatch
     from hostcore.errors import ContractError
 
@@ -283,7 +301,7 @@ def scenario_transport(rank: int, world: int, api: str, strategy: str, dtype_nam
     stage = cpu_stage(ctx, api=api)
     ref = TorchAllToAllDispatch(ctx)
     out: dict[str, Any] = {"api": stage.api, "reason": stage.api_reason, "sentinel": stage.sentinel,
-                           "workspace": stage.workspace_bytes}
+                           "workspace": stage.workspace_bytes, "calls": stage._a2a.calls}
     args = (HIDDEN, TOP_K, experts, dtype)
     out["agreed"] = round_trip(stage, ref, rank, ep, counts, None, *args)
     out["given"] = round_trip(stage, ref, rank, ep, counts, MAX_TOKENS, *args, seed=1)

@@ -25,8 +25,9 @@ from fi_testlib import (
     run_suite,
 )
 
-TRANSPORT = {2: [("moe_alltoall", "non_local", "bfloat16"), ("moe_ep", "guard_slot", "bfloat16")],
-             4: [("auto", "non_local", "float32"), ("auto", "guard_slot", "bfloat16")]}
+TRANSPORT = {2: [("moe_alltoall", "non_local", "bfloat16", "ops"), ("moe_ep", "guard_slot", "bfloat16", "ops"),
+                 ("moe_alltoall", "non_local", "bfloat16", "methods"), ("moe_ep", "guard_slot", "float32", "methods")],
+             4: [("auto", "non_local", "float32", "ops"), ("auto", "guard_slot", "bfloat16", "ops")]}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,11 @@ def world4() -> list[dict[str, Any]]:
     return run_ranks(4, run_suite, jobs)
 
 
-@pytest.mark.parametrize("world,api,strategy,dtype", [(w, *a) for w in TRANSPORT for a in TRANSPORT[w]])
+@pytest.mark.parametrize("world,api,strategy,dtype,calls", [(w, *a) for w in TRANSPORT for a in TRANSPORT[w]])
 def test_round_trips_match_exact_expectations_and_torch_a2a(world: int, api: str, strategy: str, dtype: str,
-                                                            request: pytest.FixtureRequest) -> None:
-    results = [r[f"scenario_transport{(api, strategy, dtype)}"] for r in request.getfixturevalue(f"world{world}")]
+                                                            calls: str, request: pytest.FixtureRequest) -> None:
+    results = [r[f"scenario_transport{(api, strategy, dtype, calls)}"]
+               for r in request.getfixturevalue(f"world{world}")]
     experts = EXPERTS_PER_RANK * world
     item = 2 if dtype == "bfloat16" else 4
     workspace = expected_workspace_bytes(world, MAX_TOKENS, HIDDEN * item + TOP_K * 8, HIDDEN * item)
@@ -57,6 +59,8 @@ def test_round_trips_match_exact_expectations_and_torch_a2a(world: int, api: str
         expected_api = {"moe_alltoall": "moe_alltoall", "moe_ep": "moe_ep"}.get(
             api, "moe_ep" if strategy == "guard_slot" else "moe_alltoall")
         assert res["api"] == expected_api, res["reason"]
+        # FlashInfer's ops straight on the workspace, unless their signatures are unknown (then the methods)
+        assert res["calls"] == calls
         # R agreed by one all-reduce when not given; none when the caller passes it
         assert res["agreed"]["all_reduce"] == 1 and res["agreed"]["rows"] == max(COUNTS[:world])
         assert res["given"]["all_reduce"] == 0 and res["given"]["rows"] == MAX_TOKENS

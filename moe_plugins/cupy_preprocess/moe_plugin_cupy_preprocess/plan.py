@@ -215,9 +215,17 @@ def _place_smem_ints(window: int) -> int:
     return GRID_WARPS * window + window + 2 * TILE + SCRATCH_INTS
 
 
-def _fused_smem_ints(map_entries: int, num_local: int) -> int:
-    """grid_fused's dynamic shared memory without the key buffer (see the .cu for the layout)."""
-    return map_entries + GRID_WARPS * num_local + 4 * num_local + 1 + 2 * TILE + SCRATCH_INTS
+FUSED_GRID_PER_SM_BOUND = 2048 // GRID_THREADS
+"""At most this many grid_fused blocks can be resident on an SM (2048 threads per SM): the bound of its
+``col`` buffer, one int per block of the grid."""
+
+
+def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int) -> int:
+    """grid_fused's dynamic shared memory without the key buffer (see the .cu for the layout): map, per-warp
+    counts, tot/run/gs, one column of per-block counts (sized for the largest co-resident grid), scratch,
+    and up to 3 ints of padding that align the keys to 16 bytes."""
+    return (map_entries + GRID_WARPS * num_local + 3 * num_local + 1 + FUSED_GRID_PER_SM_BOUND * num_sms
+            + SCRATCH_INTS + 3)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:
@@ -236,7 +244,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     """
     if num_local > MAX_WINDOW:
         return None
-    base = _fused_smem_ints(map_smem, num_local) * 4
+    base = _fused_smem_ints(map_smem, num_local, num_sms) * 4
     if base > smem_optin:
         return None
     per_sm = occupancy(base)

@@ -143,8 +143,9 @@ def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> 
     got, plan = run(kernels, case, 4, path="grid", map_in="global", launches=2)
     assert plan.fused and not plan.two_phase
     assert_matches(got, reference(case, 4), 4, "one barrier, 2 launches")
-    # A map forced into shared memory that leaves no room for grid_fused: the three-launch path (planning only).
-    big = plan_for(16_000, 8, torch.int32, 16, 250, choose_map(50_000, "shared"), "grid", num_sms=kernels.num_sms,
+    # A map forced into shared memory that leaves no room for grid_fused (55 000 entries + 16 x 250 per-warp
+    # counters > 227 KiB): the three-launch path (planning only).
+    big = plan_for(16_000, 8, torch.int32, 16, 250, choose_map(55_000, "shared"), "grid", num_sms=kernels.num_sms,
                    fused_occupancy=kernels.fused_occupancy("int32"))
     assert not big.fused and big.kernel_names == ("grid_count", "grid_scan", "grid_place")
 

@@ -194,6 +194,21 @@ __device__ __forceinline__ void hc_fill(int* __restrict__ a, long long lo, long 
     for (long long p = rest + t; p < hi; p += nt) a[p] = value;
 }
 
+// hc_fill for one warp and int bounds (0 <= lo, hi < 2^31): the lanes of the calling warp fill a[lo, hi),
+// with evict-first stores (nothing reads them in the kernel).
+__device__ __forceinline__ void hc_fill_warp(int* __restrict__ a, int lo, int hi, int value) {
+    if (lo >= hi) return;
+    const int lane = threadIdx.x & 31;
+    const int head = min(hi - lo, (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(a + lo) & 15u)) & 15u) >> 2));
+    const int mid = lo + head, nvec = (hi - mid) >> 2, rest = mid + (nvec << 2);
+    if (lane < head) a[lo + lane] = value;
+    int4* a4 = reinterpret_cast<int4*>(a + mid);
+    const int4 w = make_int4(value, value, value, value);
+    for (int v = lane; v < nvec; v += 32) __stcs(a4 + v, w);  // streaming 16-byte stores (a plain `a4[v] = w`
+                                                              // here came out of NVVM as four 4-byte stores)
+    if (rest + lane < hi) a[rest + lane] = value;
+}
+
 // First index in a[0..n) whose value is > x (a sorted ascending).
 __device__ __forceinline__ int upper_bound(const int* a, int n, int x) {
     int lo = 0, hi = n;
@@ -214,8 +229,8 @@ __device__ __forceinline__ int key_bits(int wl) {
 // The lanes of this warp whose window key equals this lane's (keys in [0, 2^bits), or -1), built from
 // bits + 1 ballots, a fixed cost whatever the keys are. (The first version used __match_any_sync; see
 // GPU_RESULTS.md for the timings of both on the H100.)
-__device__ __forceinline__ unsigned warp_peers(int k, int bits) {
-    const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+// `valid` is the ballot of k >= 0, when the caller has it already.
+__device__ __forceinline__ unsigned warp_peers_of(unsigned valid, int k, int bits) {
     unsigned peers = k >= 0 ? valid : ~valid;
     for (int b = 0; b < bits; ++b) {
         const bool set = (k >> b) & 1;
@@ -223,6 +238,9 @@ __device__ __forceinline__ unsigned warp_peers(int k, int bits) {
         peers &= set ? mask : ~mask;
     }
     return peers;
+}
+__device__ __forceinline__ unsigned warp_peers(int k, int bits) {
+    return warp_peers_of(__ballot_sync(HC_FULL_MASK, k >= 0), k, bits);
 }
 
 // Per-warp counts of the window keys of this thread's IPT slots: row `row` of `cnt` (window ints) gets
@@ -690,36 +708,47 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // counts, computes the aligned group starts and places, with one or two grid-wide barriers in between.
 // Used for num_local <= 1024 (one expert window); more local experts take the three-launch path above.
 //
-// Block g owns the slots [g * chunk, min((g + 1) * chunk, nk)), chunk a multiple of HC_TILE, and walks
-// them in tiles of HC_TILE in increasing order, so the stable order is (see the top of the file)
-//   (group start) + (expert's slots in lower blocks) + (in earlier tiles of this block) + (warp, chunk,
-//   lane terms as in grid_place),
+// Block g owns the slots [g * chunk, min((g + 1) * chunk, nk)), chunk a multiple of HC_TILE. Warp w of the
+// block owns the contiguous segment [c0 + w * seg, c0 + (w + 1) * seg) of it (seg = chunk / 16, a multiple
+// of 256 slots), in phase 1 and phase 3 alike, and walks it 32 slots at a time in increasing order, so the
+// stable order is
+//   (group start) + (expert's slots in lower blocks) + (in lower warps of this block)
+//   + (in earlier chunks of this warp's segment) + (in lower lanes of the chunk),
 // i.e. slots of one expert in increasing slot index: the same layout as block_preprocess, the three-launch
 // path and the torch reference.
 //
 // Phases:
-//   1. map every slot of the chunk (16-byte vector loads of the ids when aligned), write local_ids, keep
-//      the layout key of every slot in shared memory (keys_in_smem; else phase 3 re-reads local_ids, which
-//      this block just wrote: L1/L2 hits), count per warp; publish the block's per-expert counts
-//      (cta_hist[k * G + g]) and invalid count (cta_invalid[g]).
+//   1. every warp maps its segment (HC_LOADS_IN_FLIGHT 16-byte id loads per lane issued before any use,
+//      16-byte local_ids stores), keeps the layout key of every slot in shared memory (keys_in_smem,
+//      uint16, 0xffff = none, 8 bytes per 16-byte id load; else phase 3 re-reads local_ids, which the same
+//      warp just wrote: L1/L2 hits) and counts its slots per expert into its own row of cnt (shared
+//      atomics on the warp's own row); the block publishes its per-expert counts (cta_hist[k * G + g]) and
+//      invalid count (cta_invalid[g]).
 //   barrier
 //   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the whole cta_hist (coalesced, from L2) and
 //      derives both the expert totals and its own prefix over lower blocks; block 0 writes counts.
-//      two_phase == 1: block g scans the columns k = g, g + G, ... in place and writes counts[k];
+//      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; the grid writes padding
-//      entries, block ids and the tail past the total; block 0 writes the total and the invalid count.
-//   3. (block_m > 0) place the chunk tile by tile as grid_place does, with the block's running
-//      per-expert offsets.
+//      entries and block ids; block 0 writes the total and the invalid count.
+//   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
+//      __syncthreads), then every warp places its own segment with no further block barrier: per 32-slot
+//      chunk, bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's
+//      row (a __syncwarp per chunk orders it), every slot is stored straight to `sorted`. Between batches
+//      of HC_PLACE_BATCH chunks the warp writes a piece of its share of the tail of `sorted` past the
+//      total (16-byte stores that stream while it ranks).
+//   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
+//   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M.)
 //
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], barrier [2]
 // (unsigned; zero at allocation, left consistent by every launch, see grid_barrier).
-// Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][delta: wl]
-// [stage_slot: HC_TILE][stage_key: HC_TILE][scratch: HC_SCRATCH][keys: chunk uint16 if keys_in_smem].
+// Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
+// [scratch: HC_SCRATCH][pad to 16 bytes][keys: chunk uint16 if keys_in_smem].
 // ---------------------------------------------------------------------------------------------------
-#define HC_NO_KEY16 0xffff     // shared key of a slot that is not local
-#define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per thread issued before any is used
+#define HC_NO_KEY16 0xffff     // shared key of a slot that is not local ((unsigned short)-1)
+#define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
+#define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks whose keys a warp loads before ranking
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -748,7 +777,8 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
 }
 
-// 16-byte vector access to the ids: 4 int32 or 2 int64 ids per load, their local ids stored as int4/int2.
+// 16-byte vector access to the ids: 4 int32 or 2 int64 ids per load, their local ids stored as int4/int2
+// and their uint16 keys as one 8- or 4-byte shared store.
 template <typename IdT> struct hc_vec;
 template <> struct hc_vec<int> {
     static constexpr int n = 4;
@@ -757,6 +787,11 @@ template <> struct hc_vec<int> {
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
     }
     __device__ static void store(int* p, const int (&l)[4]) { *reinterpret_cast<int4*>(p) = make_int4(l[0], l[1], l[2], l[3]); }
+    __device__ static void store_keys(unsigned short* p, const int (&k)[4]) {
+        *reinterpret_cast<unsigned long long*>(p) =
+            (unsigned long long)(k[0] & 0xffff) | ((unsigned long long)(k[1] & 0xffff) << 16) |
+            ((unsigned long long)(k[2] & 0xffff) << 32) | ((unsigned long long)(k[3] & 0xffff) << 48);
+    }
 };
 template <> struct hc_vec<long long> {
     static constexpr int n = 2;
@@ -765,7 +800,86 @@ template <> struct hc_vec<long long> {
         v[0] = x.x; v[1] = x.y;
     }
     __device__ static void store(int* p, const int (&l)[2]) { *reinterpret_cast<int2*>(p) = make_int2(l[0], l[1]); }
+    __device__ static void store_keys(unsigned short* p, const int (&k)[2]) {
+        *reinterpret_cast<unsigned*>(p) = (unsigned)(k[0] & 0xffff) | ((unsigned)(k[1] & 0xffff) << 16);
+    }
 };
+
+// Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), row[k]
+// the position of the warp's next slot of expert k (only this warp touches its row). The lowest lane of
+// each group of equal keys reads and advances row[k] and hands the start to its group by a shuffle; the
+// __syncwarp orders this chunk's row update before the next chunk's read (leaders can differ).
+__device__ __forceinline__ void warp_place(int k, int slot, int bits, unsigned lower, int* row,
+                                           int* __restrict__ sorted) {
+    const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+    if (valid == 0) return;  // warp-uniform: no local slot in the chunk
+    const unsigned peers = warp_peers_of(valid, k, bits);
+    const unsigned below = peers & lower;
+    int pos = 0;
+    if (k >= 0 && below == 0) {
+        pos = row[k];
+        row[k] = pos + __popc(peers);
+    }
+    pos = __shfl_sync(HC_FULL_MASK, pos, __ffs(peers) - 1);
+    if (k >= 0) sorted[pos + __popc(below)] = slot;
+    __syncwarp();
+}
+
+// grid_fused phase 1 for one warp's segment [ws, we) of the block's chunk (which starts at c0): map every
+// slot, store local_ids (16-byte stores when vec_ok) and, when skeys is given, the slot's uint16 key, and
+// count the slot in the warp's row (shared atomics on this warp's row only). Returns this lane's count of
+// ids that break the sentinel contract. MODE and FAITHFUL are constants so the per-slot code has no branch
+// on them.
+template <typename IdT, int MODE, int FAITHFUL>
+__device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, int ws, int we, int c0, bool vec_ok,
+                                                 const int* smap, const int* __restrict__ gmap, int map_size,
+                                                 int first, int num_local, int* __restrict__ local_ids, int* row,
+                                                 unsigned short* skeys) {
+    const int lane = threadIdx.x & 31;
+    int bad_here = 0;
+    auto take = [&](IdT raw, int& key) -> int {
+        int bad;
+        const int local = map_one(raw, MODE, FAITHFUL, smap, gmap, map_size, first, num_local, bad);
+        bad_here += bad;
+        key = layout_key(local, num_local);
+        if (key >= 0) atomicAdd(&row[key], 1);
+        return local;
+    };
+    constexpr int V = hc_vec<IdT>::n;
+    int i_scalar = ws;
+    if (vec_ok) {  // ws is a multiple of 256: 16-byte aligned when the bases are
+        const int nvec = (we - ws) / V;
+        // HC_LOADS_IN_FLIGHT independent 16-byte loads per lane before any use: 64 B per thread, 64 KiB
+        // per SM with two blocks, about what Little's law asks of an SM for full HBM bandwidth.
+        for (int v0 = 0; v0 < nvec; v0 += HC_LOADS_IN_FLIGHT * 32) {
+            IdT a[HC_LOADS_IN_FLIGHT][V];
+#pragma unroll
+            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
+                const int v = v0 + u * 32 + lane;
+                if (v < nvec) hc_vec<IdT>::load(ids + ws + v * V, a[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
+                const int v = v0 + u * 32 + lane;
+                if (v < nvec) {
+                    const int i = ws + v * V;
+                    int l[V], k[V];
+#pragma unroll
+                    for (int q = 0; q < V; ++q) l[q] = take(a[u][q], k[q]);
+                    hc_vec<IdT>::store(local_ids + i, l);
+                    if (skeys) hc_vec<IdT>::store_keys(skeys + (i - c0), k);
+                }
+            }
+        }
+        i_scalar = ws + nvec * V;
+    }
+    for (int i = i_scalar + lane; i < we; i += 32) {
+        int k;
+        local_ids[i] = take(ids[i], k);
+        if (skeys) skeys[i - c0] = (unsigned short)(k & 0xffff);
+    }
+    return bad_here;
+}
 
 template <typename IdT>
 __global__ void __launch_bounds__(HC_GRID_THREADS, 2)
@@ -776,75 +890,46 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
            int chunk, int keys_in_smem, int two_phase) {
     extern __shared__ int smem[];
     const int wl = num_local;  // <= 1024, checked by plan.py
-    const int nwarps = HC_GRID_THREADS / 32;
+    constexpr int nwarps = HC_GRID_THREADS / 32;
+    const int G = gridDim.x, me = blockIdx.x;
     int* smap = smem;
-    int* cnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);
+    int* cnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][wl]
     int* tot = cnt + nwarps * wl;
     int* run = tot + wl;
     int* gs = run + wl;
-    int* delta = gs + wl + 1;
-    int* stage_slot = delta + wl;
-    int* stage_key = stage_slot + HC_TILE;
-    int* scratch = stage_key + HC_TILE;  // [0, 33): scans; [33]: invalid count
-    unsigned short* skeys = reinterpret_cast<unsigned short*>(scratch + HC_SCRATCH);
+    int* col = gs + wl + 1;  // [G]: one column of cta_hist (two_phase)
+    int* scratch = col + G;  // [0, 33): scans; [33]: invalid count
+    unsigned short* skeys = reinterpret_cast<unsigned short*>(smem + ((scratch + HC_SCRATCH - smem + 3) & ~3));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int G = gridDim.x, me = blockIdx.x;
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
+    const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
+    const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
     const bool aligned = block_m > 0;
 
-    // ---- phase 1: map, local_ids, per-warp counts -------------------------------------------------
+    // ---- phase 1: map, local_ids, keys, per-warp counts -------------------------------------------
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
-    int* my_cnt = cnt + warp * wl;
-    int bad_here = 0;
-    // Map slot i, store its key, count it. (No lane-order requirement here: counts are order-free.)
-    auto take = [&](int i, IdT raw) -> int {
-        int bad;
-        const int local = map_one(raw, map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-        bad_here += bad;
-        const int key = layout_key(local, num_local);
-        if (key >= 0) atomicAdd(&my_cnt[key], 1);
-        if (keys_in_smem) skeys[i - c0] = (unsigned short)(key < 0 ? HC_NO_KEY16 : key);
-        return local;
-    };
-    constexpr int V = hc_vec<IdT>::n;
+    int* row = cnt + warp * wl;
+    // The map mode and faithful flag are template constants of the per-slot loop (a runtime mode cost
+    // four branches per slot).
     const bool vec_ok = ((reinterpret_cast<unsigned long long>(ids) | reinterpret_cast<unsigned long long>(local_ids))
                          & 15ull) == 0;
-    int i_scalar = c0;
-    if (vec_ok) {  // c0 is a multiple of HC_TILE: 16-byte aligned when the bases are
-        const int nvec = (c1 - c0) / V;
-        // HC_LOADS_IN_FLIGHT independent 16-byte loads per thread before any use: 64 B per thread, 64 KiB
-        // per SM with two blocks, about what Little's law asks of an SM for full HBM bandwidth at the
-        // loaded latency (the first version had 2, i.e. half of that).
-        for (int v0 = 0; v0 < nvec; v0 += HC_LOADS_IN_FLIGHT * HC_GRID_THREADS) {
-            IdT a[HC_LOADS_IN_FLIGHT][V];
-#pragma unroll
-            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
-                const int v = v0 + u * HC_GRID_THREADS + tid;
-                if (v < nvec) hc_vec<IdT>::load(ids + c0 + v * V, a[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
-                const int v = v0 + u * HC_GRID_THREADS + tid;
-                if (v < nvec) {
-                    const int i = c0 + v * V;
-                    int l[V];
-#pragma unroll
-                    for (int q = 0; q < V; ++q) l[q] = take(i + q, a[u][q]);
-                    hc_vec<IdT>::store(local_ids + i, l);
-                }
-            }
-        }
-        i_scalar = c0 + nvec * V;
-    }
-    for (int i = i_scalar + tid; i < c1; i += blockDim.x) local_ids[i] = take(i, ids[i]);
+#define HC_PHASE1(MODE, FAITHFUL) \
+    fused_map_segment<IdT, MODE, FAITHFUL>(ids, ws, we, c0, vec_ok, smap, gmap, map_size, first, num_local, local_ids, \
+                                           row, keys_in_smem ? skeys : nullptr)
+    int bad_here;
+    if (map_mode == HC_MAP_SHARED) bad_here = faithful ? HC_PHASE1(HC_MAP_SHARED, 1) : HC_PHASE1(HC_MAP_SHARED, 0);
+    else if (map_mode == HC_MAP_GLOBAL) bad_here = faithful ? HC_PHASE1(HC_MAP_GLOBAL, 1) : HC_PHASE1(HC_MAP_GLOBAL, 0);
+    else bad_here = HC_PHASE1(HC_MAP_NONE, 0);
+#undef HC_PHASE1
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
     __syncthreads();
     for (int k = tid; k < wl; k += blockDim.x) {
         int t = 0;
+#pragma unroll
         for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
         cta_hist[k * G + me] = t;
     }
@@ -888,7 +973,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         if (me == 0)
             for (int k = tid; k < wl; k += blockDim.x) counts[k] = tot[k];
     } else {
-        int* col = stage_slot;  // G <= HC_TILE (plan.py)
         for (int k = me; k < wl; k += G) {
             for (int g = tid; g < G; g += blockDim.x) col[g] = __ldcg(cta_hist + k * G + g);
             __syncthreads();
@@ -921,69 +1005,56 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 
-    // ---- phase 3: place the chunk, tile by tile ---------------------------------------------------
-    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
-    // benchmark moves at N*K = 8M) is cut into one contiguous slice per block, and each block writes its
-    // slice in pieces between its placement tiles: the stores stream to memory while the SM ranks the next
-    // tile in shared memory, instead of all of them before the first tile. The tail never overlaps a
-    // placement or padding write (those are below the total).
-    const long long tail_len = (long long)capacity - total;
-    const long long share = ((tail_len + G - 1) / G + 3) & ~3ll;  // multiple of 4: slices stay 16-byte aligned
-    const long long tlo = min((long long)capacity, total + share * me), thi = min((long long)capacity, tlo + share);
-    const int ntiles = (c1 - c0 + HC_TILE - 1) / HC_TILE;
-    const int pieces = max(ntiles, 1);
-    const long long piece = ((thi - tlo + pieces - 1) / pieces + 3) & ~3ll;
-    for (int t = 0; t < pieces; ++t) {
-        const long long p0 = tlo + piece * t;
-        hc_fill(sorted, p0, min(thi, p0 + piece), nk, tid, blockDim.x);
-        if (t >= ntiles) break;
-        const int t0 = c0 + t * HC_TILE;
-        const int seg = t0 + warp * 32 * HC_GRID_IPT;
-        int key[HC_GRID_IPT];
+    // ---- phase 3: every warp places its segment ---------------------------------------------------
+    // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
+    // this block's lower-block prefix + lower warps' counts.
+    for (int k = tid; k < wl; k += blockDim.x) {
+        int c[nwarps];
 #pragma unroll
-        for (int c = 0; c < HC_GRID_IPT; ++c) {
-            const int i = seg + c * 32 + lane;
-            if (i >= c1) {
+        for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
+        int r = gs[k] + run[k];
+#pragma unroll
+        for (int w = 0; w < nwarps; ++w) {
+            cnt[w * wl + k] = r;
+            r += c[w];
+        }
+    }
+    __syncthreads();  // the last block barrier: from here on every warp works alone
+    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
+    // benchmark moves at N*K = 8M) is cut into one contiguous slice per block and per warp, and each warp
+    // writes its slice in pieces between its placement batches, so the stores stream to memory while it
+    // ranks. The tail never overlaps a placement or padding write (those are below the total).
+    const long long tail_len = (long long)capacity - total;
+    const long long share = ((tail_len + G - 1) / G + 3) & ~3ll;  // multiples of 4: 16-byte aligned slices
+    const long long tlo = min((long long)capacity, total + share * me), thi = min((long long)capacity, tlo + share);
+    const long long wshare = ((thi - tlo + nwarps - 1) / nwarps + 3) & ~3ll;
+    // This warp's slice [wlo, whi) of the tail (capacity < 2^31, checked by plan.py: ints from here on).
+    const int wlo = (int)min(thi, tlo + wshare * warp), whi = (int)min(thi, wlo + wshare);
+    const int nbatch = (we - ws + 32 * HC_PLACE_BATCH - 1) / (32 * HC_PLACE_BATCH);
+    const int pieces = max(nbatch, 1);
+    const unsigned piece = (((unsigned)(whi - wlo) + pieces - 1) / pieces + 3) & ~3u;
+    const int bits = key_bits(wl);
+    const unsigned lower = hc_lanemask_lt();
+    for (int t = 0; t < pieces; ++t) {
+        const int p0 = (int)min((unsigned)whi, (unsigned)wlo + piece * t);
+        hc_fill_warp(sorted, p0, (int)min((unsigned)whi, (unsigned)p0 + piece), nk);
+        if (t >= nbatch) break;
+        const int b0 = ws + t * 32 * HC_PLACE_BATCH;
+        int key[HC_PLACE_BATCH];
+#pragma unroll
+        for (int c = 0; c < HC_PLACE_BATCH; ++c) {  // independent loads, then the ranking
+            const int i = b0 + c * 32 + lane;
+            if (i >= we) {
                 key[c] = -1;
             } else if (keys_in_smem) {
                 const int k16 = skeys[i - c0];
                 key[c] = k16 == HC_NO_KEY16 ? -1 : k16;
             } else {
-                key[c] = layout_key(local_ids[i], num_local);  // written by this block in phase 1
+                key[c] = layout_key(local_ids[i], num_local);  // written by this warp in phase 1
             }
         }
-        for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
-        __syncthreads();
-        warp_count<HC_GRID_IPT>(key, 0, wl, my_cnt);
-        __syncthreads();
-        for (int k = tid; k < wl; k += blockDim.x) {
-            int t = 0;
-            for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
-            delta[k] = t;
-        }
-        __syncthreads();
-        const int tile_n = block_exclusive_scan(delta, wl, scratch);  // delta[k]: tile-local group start
-        for (int k = tid; k < wl; k += blockDim.x) {
-            const int start = delta[k];
-            int r = start;
-            for (int w = 0; w < nwarps; ++w) {
-                const int t = cnt[w * wl + k];
-                cnt[w * wl + k] = r;
-                r += t;
-            }
-            // global position = tile-local position + (group start + this block's earlier slots of k
-            // - tile-local group start)
-            delta[k] = gs[k] + run[k] - start;
-            run[k] += r - start;
-        }
-        __syncthreads();
-        warp_rank<HC_GRID_IPT>(key, 0, wl, my_cnt, [&](int c, int k, int pos) {
-            stage_slot[pos] = seg + c * 32 + lane;
-            stage_key[pos] = k;
-        });
-        __syncthreads();
-        for (int p = tid; p < tile_n; p += blockDim.x) sorted[p + delta[stage_key[p]]] = stage_slot[p];
-        __syncthreads();  // stage, cnt and delta are rewritten by the next tile
+#pragma unroll
+        for (int c = 0; c < HC_PLACE_BATCH; ++c) warp_place(key[c], b0 + c * 32 + lane, bits, lower, row, sorted);
     }
 }
 

@@ -65,6 +65,8 @@ inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 template <typename T>
 inline T __ldcs(const T* p) { return *p; }
+template <typename T>
+inline void __stcs(T* p, T v) { *p = v; }
 
 struct alignas(16) int4 { int x, y, z, w; };
 struct alignas(8) int2 { int x, y; };

@@ -220,12 +220,17 @@ FUSED_GRID_PER_SM_BOUND = 2048 // GRID_THREADS
 ``col`` buffer, one int per block of the grid."""
 
 
+PLACE_QUEUE = 32 * 8 + 32
+"""grid_fused phase 3: entries of a warp's queue of local slots (HC_PLACE_BUF: a batch of 8 chunks of 32
+slots plus a carried remainder), an int slot and a uint16 key each."""
+
+
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int) -> int:
     """grid_fused's dynamic shared memory without the key buffer (see the .cu for the layout): map, per-warp
     counts, tot/run/gs, one column of per-block counts (sized for the largest co-resident grid), scratch,
-    and up to 3 ints of padding that align the keys to 16 bytes."""
+    up to 3 ints of padding to 16 bytes, and the per-warp phase-3 queues."""
     return (map_entries + GRID_WARPS * num_local + 3 * num_local + 1 + FUSED_GRID_PER_SM_BOUND * num_sms
-            + SCRATCH_INTS + 3)
+            + SCRATCH_INTS + 3 + GRID_WARPS * PLACE_QUEUE * 3 // 2)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:

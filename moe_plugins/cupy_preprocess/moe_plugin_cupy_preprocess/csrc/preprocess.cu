@@ -732,23 +732,27 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      Each block then builds the padded group starts in shared memory; the grid writes padding
 //      entries and block ids; block 0 writes the total and the invalid count.
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
-//      __syncthreads), then every warp places its own segment with no further block barrier: per 32-slot
-//      chunk, bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's
-//      row (a __syncwarp per chunk orders it), every slot is stored straight to `sorted`. Between batches
-//      of HC_PLACE_BATCH chunks the warp writes a piece of its share of the tail of `sorted` past the
-//      total (16-byte stores that stream while it ranks).
+//      __syncthreads), then every warp places its own segment with no further block barrier. Per batch of
+//      HC_PLACE_BATCH chunks of 32 slots it queues its local slots in slot order (one ballot per chunk:
+//      the queue is a compaction), then ranks the queue 32 entries at a time: bits + 1 ballots give the
+//      lanes of equal key, the group leader reads and advances the warp's row (a __syncwarp per round
+//      orders it), every slot is stored straight to `sorted`; a remainder of < 32 waits for the next
+//      batch. Between batches the warp writes a piece of its share of the tail of `sorted` past the total
+//      (16-byte streaming stores).
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M.)
 //
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], barrier [2]
 // (unsigned; zero at allocation, left consistent by every launch, see grid_barrier).
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
-// [scratch: HC_SCRATCH][pad to 16 bytes][keys: chunk uint16 if keys_in_smem].
+// [scratch: HC_SCRATCH][pad to 16 bytes][queue slots: 16 * HC_PLACE_BUF int][queue keys: 16 * HC_PLACE_BUF
+// uint16][keys: chunk uint16 if keys_in_smem].
 // ---------------------------------------------------------------------------------------------------
 #define HC_NO_KEY16 0xffff     // shared key of a slot that is not local ((unsigned short)-1)
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
-#define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks whose keys a warp loads before ranking
+#define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks a warp compacts between ranking rounds
+#define HC_PLACE_BUF (32 * HC_PLACE_BATCH + 32)  // a warp's queue of local slots: a batch + a carried remainder
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -899,7 +903,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* gs = run + wl;
     int* col = gs + wl + 1;  // [G]: one column of cta_hist (two_phase)
     int* scratch = col + G;  // [0, 33): scans; [33]: invalid count
-    unsigned short* skeys = reinterpret_cast<unsigned short*>(smem + ((scratch + HC_SCRATCH - smem + 3) & ~3));
+    int* cslot = smem + ((scratch + HC_SCRATCH - smem + 3) & ~3);  // [nwarps][HC_PLACE_BUF]: phase 3 queues
+    unsigned short* ckey = reinterpret_cast<unsigned short*>(cslot + nwarps * HC_PLACE_BUF);
+    unsigned short* skeys = ckey + nwarps * HC_PLACE_BUF;  // 16-byte aligned (HC_PLACE_BUF % 8 == 0)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
@@ -1035,6 +1041,13 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const unsigned piece = (((unsigned)(whi - wlo) + pieces - 1) / pieces + 3) & ~3u;
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
+    // The warp's local slots are queued in slot order (compaction: one ballot per 32 slots) and ranked 32
+    // at a time, so the bits + 1 ballots of a ranking round are spent on 32 local slots, not on 32 slots
+    // of which (in the benchmark, 1/8 local) ~4 are local. Full rounds are ranked after every batch; the
+    // remainder (< 32) moves to the front of the queue and is ranked with the next batch or at the end.
+    int* qslot = cslot + warp * HC_PLACE_BUF;
+    unsigned short* qkey = ckey + warp * HC_PLACE_BUF;
+    int queued = 0;  // warp-uniform
     for (int t = 0; t < pieces; ++t) {
         const int p0 = (int)min((unsigned)whi, (unsigned)wlo + piece * t);
         hc_fill_warp(sorted, p0, (int)min((unsigned)whi, (unsigned)p0 + piece), nk);
@@ -1042,7 +1055,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const int b0 = ws + t * 32 * HC_PLACE_BATCH;
         int key[HC_PLACE_BATCH];
 #pragma unroll
-        for (int c = 0; c < HC_PLACE_BATCH; ++c) {  // independent loads, then the ranking
+        for (int c = 0; c < HC_PLACE_BATCH; ++c) {  // independent loads first
             const int i = b0 + c * 32 + lane;
             if (i >= we) {
                 key[c] = -1;
@@ -1054,7 +1067,37 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             }
         }
 #pragma unroll
-        for (int c = 0; c < HC_PLACE_BATCH; ++c) warp_place(key[c], b0 + c * 32 + lane, bits, lower, row, sorted);
+        for (int c = 0; c < HC_PLACE_BATCH; ++c) {
+            const unsigned valid = __ballot_sync(HC_FULL_MASK, key[c] >= 0);
+            if (key[c] >= 0) {
+                const int q = queued + __popc(valid & lower);
+                qslot[q] = b0 + c * 32 + lane;
+                qkey[q] = (unsigned short)key[c];
+            }
+            queued += __popc(valid);
+        }
+        __syncwarp();  // the queue is visible to every lane
+        const bool last = t == nbatch - 1;
+        const int ranked = last ? queued : queued & ~31;
+        for (int r = 0; r < ranked; r += 32) {
+            const int e = r + lane;
+            const bool mine = e < queued;
+            warp_place(mine ? (int)qkey[e] : -1, mine ? qslot[e] : 0, bits, lower, row, sorted);
+        }
+        queued -= ranked;
+        if (queued > 0 && ranked > 0) {  // move the remainder (< 32, past the ranked rounds) to the front
+            int s = 0, k = 0;
+            if (lane < queued) {
+                s = qslot[ranked + lane];
+                k = qkey[ranked + lane];
+            }
+            __syncwarp();
+            if (lane < queued) {
+                qslot[lane] = s;
+                qkey[lane] = (unsigned short)k;
+            }
+        }
+        __syncwarp();  // the queue's front is rewritten by the next batch
     }
 }
 

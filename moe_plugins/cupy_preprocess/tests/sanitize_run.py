@@ -1,7 +1,7 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
 Runs every kernel of the cupy preprocess (one-warp and single-block paths, the single-launch grid_fused with one and
-with two grid barriers, the three split grid kernels for many local experts, map in shared memory, in
+with two grid barriers and with each map mode, the three split grid kernels for many local experts, map in shared memory, in
 global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
 (so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's
 own exit code (``--error-exitcode``) reports what it found.
@@ -38,6 +38,7 @@ CASES = [
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # split kernels, two expert windows
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, one block
     (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
+    (64, 1, 0, "out_of_range", 5000, 8, torch.int32, {"path": "grid"}),  # grid_fused, no map (40K slots, 10 blocks)
 ]
 
 
@@ -56,6 +57,8 @@ def main() -> int:
             kernels_run.update(plan.kernel_names)
             if plan.fused and plan.two_phase:
                 kernels_run.add("grid_fused two-phase")
+            if plan.fused and block_m:  # grid_fused's phase-1 loop is instantiated per map mode
+                kernels_run.add(f"grid_fused map mode {plan.map.mode}")
             got = stage.preprocess(ids, block_m)
             torch.cuda.synchronize()
             try:
@@ -64,7 +67,7 @@ def main() -> int:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
     missing = {"warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
-               "grid_place"} - kernels_run
+               "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2"} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")
         return 1

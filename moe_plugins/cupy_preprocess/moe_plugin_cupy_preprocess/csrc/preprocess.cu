@@ -392,10 +392,12 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
 //      (two with the map in global memory: ids, then each slot's map entry, read directly);
 //   2. per 32-slot chunk c (independent across chunks): key, peers from bits+1 ballots, rank in the chunk;
 //      the group leader stores the chunk's count of its key to ccnt[c][key] (plain stores, one writer);
+//   0. (with the loads in flight) every entry of `sorted` is set to nk with 16-byte stores over all lanes:
+//      padding and tail need no other store; slot entries are overwritten in step 4 (__syncwarp orders it);
 //   3. lane L owns experts [L*EPL, (L+1)*EPL): exclusive prefix of ccnt over chunks (independent loads),
-//      counts, padded sizes; warp shuffle scan -> padded group starts; padding, block ids and counts stored;
+//      counts, padded sizes; warp shuffle scan -> padded group starts; block ids and counts stored;
 //   4. every slot's position = group start + ccnt[c][key] + rank in chunk: sorted written, no atomics;
-//      the tail of sorted/block_ids past the total with 16-byte stores over all lanes.
+//      the tail of block_ids past the total with 16-byte stores over all lanes.
 // The invalid count is a ballot popcount summed in registers and stored once (no atomic, no read).
 // Dynamic shared memory: [map: map_size if shared][ccnt: SPL * num_local][gs, tot: num_local each] (map first:
 // faithful negative reads land below the allocation, as in block_preprocess).
@@ -425,6 +427,11 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     // Zero the chunk counters while the loads are in flight (keys absent from a chunk must read 0).
     for (int j = lane; j < SPL * num_local; j += 32) ccnt[j] = 0;
+    // Every entry of `sorted` gets nk now (16-byte stores over the 32 lanes): the padding entries and the
+    // tail past the total keep it, the slot entries are overwritten after the __syncwarps below, which
+    // order this warp's global stores. (It replaces a serial loop of up to block_m - 1 padding stores per
+    // expert per lane and a separate tail fill; the < 1024 entries of the warp path are cheap to write twice.)
+    if (block_m > 0) hc_fill_warp(sorted, 0, capacity, nk);
     __syncwarp();  // the map copy and the zeros are visible to the whole warp
 
     const int bits = key_bits(num_local);
@@ -473,12 +480,11 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
     const int incl = warp_inclusive_scan(padded_mine);
     const int total = __shfl_sync(HC_FULL_MASK, incl, 31);
-    // Group starts, the < block_m padding entries and the block ids of each owned expert (stores only).
+    // Group starts and the block ids of each owned expert (stores only; the padding is already nk).
     int start = incl - padded_mine;
     for (int k = k0; k < k1; ++k) {
-        const int n = tot[k], end = start + hc_round_up(n, block_m);
+        const int end = start + hc_round_up(tot[k], block_m);
         gs[k] = start;
-        for (int p = start + n; p < end; ++p) sorted[p] = nk;
         for (int b = start / block_m; b < end / block_m; ++b) block_ids[b] = k;
         start = end;
     }
@@ -486,8 +492,7 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 #pragma unroll
     for (int c = 0; c < SPL; ++c)
         if (key[c] >= 0) sorted[gs[key[c]] + ccnt[c * num_local + key[c]] + rank[c]] = c * 32 + lane;
-    hc_fill(sorted, total, capacity, nk, lane, 32);
-    hc_fill(block_ids, total / block_m, capacity / block_m, -1, lane, 32);
+    hc_fill_warp(block_ids, total / block_m, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total;
 }
 

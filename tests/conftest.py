@@ -32,6 +32,7 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
         (info / "entry_points.txt").write_text(f"[hostcore.plugins]\n{entry_name or module} = {module}\n")
         modules.append(module)
+        reset_registry()  # a registry cached by an earlier test would not see the new distribution
 
     yield install
     for module in modules:

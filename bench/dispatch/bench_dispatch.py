@@ -306,19 +306,14 @@ def host_profile(label: str, step: Step, device: torch.device, iters: int) -> No
 
 
 def capture(step: Step) -> torch.cuda.CUDAGraph:
-    """One dispatch+combine captured after an eager run on a side stream (as torch's graph docs require)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    """One dispatch+combine captured after an eager run (`hostcore.cuda_graphs.capture`)."""
+    from hostcore import cuda_graphs
+
+    def once() -> None:
         step.dispatch()
         step.combine()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.dispatch()
-        step.combine()
-    return graph
+
+    return cuda_graphs.capture(once)[0]
 
 
 def time_graph(steps: dict[str, Step], device: torch.device, iters: int) -> dict[str, dict[str, Any]]:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from hostcore import BuildContext, ExpertPlacement, LocalRouting
+from hostcore import BuildContext, ExpertPlacement, LocalRouting, cuda_graphs
 from hostcore.backends.experts_torch import moe_reference
 from hostcore.quant import QuantizedExperts, dequantize
 from hostcore.workload import SHAPES
@@ -101,16 +101,7 @@ def copy_bandwidth_gbps() -> float:
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    return cuda_graphs.capture(fn, warmups=2)[0]
 
 
 def time_graphs(graphs: list[torch.cuda.CUDAGraph], repeats: int = 7, rounds: int = 10) -> float:

@@ -37,13 +37,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from hostcore.backends.preprocess_torch import TorchPreprocess
-from hostcore.hookspecs import BuildContext
-from hostcore.placement import ExpertPlacement
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.launch import Step, launch
 from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_bytes
+
+from hostcore import cuda_graphs
+from hostcore.backends.preprocess_torch import TorchPreprocess
+from hostcore.hookspecs import BuildContext
+from hostcore.placement import ExpertPlacement
 
 E, EP, RANK, TOP_K, BLOCK_M = 256, 8, 0, 8, 16
 SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
@@ -88,15 +89,11 @@ def median_us(fn: Callable[[], Any], flush: bool = True) -> float:
 def graph_us(fn: Callable[[], Any], calls: int = 20, replays: int = 15) -> float | None:
     """GPU time per call with ``calls`` calls captured in one CUDA graph (median over replays)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        def many() -> None:
             for _ in range(calls):
                 fn()
+
+        graph, _ = cuda_graphs.capture(many)
         graph.replay()
         torch.cuda.synchronize()
         times = []

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from hostcore import cuda_graphs
 from hostcore.contract import PreparedTokens, ReceivedTokens
 from hostcore.errors import ContractError
 
@@ -43,15 +44,7 @@ class GraphedDispatchCombine:
             raise ContractError(f"a captured step needs rows_per_rank >= 1 (FlashInfer needs R > 0), got "
                                 f"{rows_per_rank}")
         self.stage, self.tokens, self.rows_per_rank, self.expert_fn = stage, tokens, rows_per_rank, expert_fn
-        side = torch.cuda.Stream(device=stage.device)
-        side.wait_stream(torch.cuda.current_stream(stage.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                self._step()
-        torch.cuda.current_stream(stage.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output, self.received = self._step()
+        self.graph, (self.output, self.received) = cuda_graphs.capture(self._step, warmup_steps, stage.device)
 
     def _step(self) -> tuple[torch.Tensor, ReceivedTokens]:
         received = self.stage.dispatch(self.tokens, self.rows_per_rank)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from moe_plugin_marlin.jit import availability
 
-from hostcore import BuildContext, ExpertPlacement, LocalRouting
+from hostcore import BuildContext, ExpertPlacement, LocalRouting, cuda_graphs
 from hostcore.backends.experts_torch import moe_reference
 from hostcore.backends.preprocess_torch import align_blocks, expert_counts
 from hostcore.conformance import ExpertsContract, valid_sentinels
@@ -212,14 +212,7 @@ def test_split_k_and_cuda_graph():
     eager = stage.compute(hidden, topw, routing).clone()
     ref = moe_reference(hidden.float(), topw, local_ids, weights, torch.float64).double()
     assert float((eager.double() - ref).norm() / ref.norm()) < RTOL
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        stage.compute(hidden, topw, routing)  # warm-up on the capture stream
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = stage.compute(hidden, topw, routing)
+    graph, static_out = cuda_graphs.capture(lambda: stage.compute(hidden, topw, routing))
     for trial in range(3):  # new data through the same buffers
         hidden.copy_(torch.randn((rows, h), device="cuda").to(torch.bfloat16))
         topw.copy_(torch.rand((rows, top_k), device="cuda"))
@@ -244,14 +237,7 @@ def test_graph_replay_matches_eager_bitwise():
     local_ids = torch.stack([torch.randperm(128, device="cuda")[:top_k] for _ in range(n)]).to(torch.int32)
     routing = LocalRouting(local_ids, expert_counts(local_ids, 128))
     eager = stage.compute(hidden, topw, routing).clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        stage.compute(hidden, topw, routing)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = stage.compute(hidden, topw, routing)
+    graph, static_out = cuda_graphs.capture(lambda: stage.compute(hidden, topw, routing))
     static_out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

@@ -18,8 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from hostcore import EPMoELayer, ExpertPlacement
-from hostcore.workload import dense_reference, experts_weights, get_shape, synthetic_router_output
+from hostcore import EPMoELayer, ExpertPlacement, cuda_graphs
+from hostcore.workload import (
+    dense_reference,
+    experts_weights,
+    get_shape,
+    synthetic_router_output,
+)
 
 SHAPE = "qwen3-30b-a3b"
 COUNTS = (24, 9, 17, 0, 31, 3, 12, 0)  # rank r has COUNTS[r % 8] tokens; the last rank gets 0 below
@@ -70,15 +75,8 @@ def test_full_layer_graph_replay_matches_eager_and_dense(ranks: Any, cuda_only: 
 
     first = router(100)
     static = [t.to(ranks.device) for t in (first.hidden, first.topk_ids, first.topk_weights)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # eager warm-up: compiles kernels and sizes every workspace for R
-        layer.forward(*static, rows_per_rank=rows)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer.forward(*static, rows_per_rank=rows)
+    # the eager warm-up compiles kernels and sizes every workspace for R
+    graph, static_out = cuda_graphs.capture(lambda: layer.forward(*static, rows_per_rank=rows))
 
     for s in (101, 102, 103):
         fresh = router(s)

@@ -207,8 +207,8 @@ def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
-    """warp_preprocess's dynamic shared memory: map, chunk counters ``[ipt, num_local]``, starts, totals."""
-    return map_entries + ipt * num_local + 2 * num_local
+    """warp_preprocess's dynamic shared memory: map, chunk counters ``[ipt, num_local]``, group starts."""
+    return map_entries + ipt * num_local + num_local
 
 
 def _place_smem_ints(window: int) -> int:

@@ -155,7 +155,7 @@ def test_path_choice_and_items_per_thread() -> None:
     assert [(plan(n, "warp").path, plan(n, "warp").ipt) for n in (129, 512)] == [("warp", 16), ("warp", 16)]
     warp = plan(100)
     assert warp.block_threads == 32 and warp.kernel_names == ("warp_preprocess",)
-    assert warp.smem_block_bytes == (256 + 4 * 32 + 2 * 32) * 4
+    assert warp.smem_block_bytes == (256 + 4 * 32 + 32) * 4  # map, chunk counters, group starts
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0)).path == "block"
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL, MapChoice(MAP_NONE, 0)).path == "warp"
     with pytest.raises(ConfigError, match="path=warp handles at most 512 slots"):

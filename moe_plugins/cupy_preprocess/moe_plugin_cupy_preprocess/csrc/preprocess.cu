@@ -399,7 +399,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
 //   4. every slot's position = group start + ccnt[c][key] + rank in chunk: sorted written, no atomics;
 //      the tail of block_ids past the total with 16-byte stores over all lanes.
 // The invalid count is a ballot popcount summed in registers and stored once (no atomic, no read).
-// Dynamic shared memory: [map: map_size if shared][ccnt: SPL * num_local][gs, tot: num_local each] (map first:
+// Dynamic shared memory: [map: map_size if shared][ccnt: SPL * num_local][gs: num_local] (map first:
 // faithful negative reads land below the allocation, as in block_preprocess).
 // ---------------------------------------------------------------------------------------------------
 #define HC_WARP_MAX_LOCAL 128
@@ -414,7 +414,6 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     int* smap = smem;
     int* ccnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [SPL][num_local]
     int* gs = ccnt + SPL * num_local;                                // [num_local]: padded group starts
-    int* tot = gs + num_local;                                       // [num_local]: slots per expert
     const int lane = threadIdx.x & 31;
     const unsigned lower = hc_lanemask_lt();
 
@@ -458,12 +457,19 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     __syncwarp();  // chunk counts visible
 
     // Lane L owns experts [k0, k1) (in lane order, so a warp scan of the lanes' sums orders the groups):
-    // exclusive prefix of each owned expert's chunk counts (SPL independent shared loads), its total.
+    // exclusive prefix of each owned expert's chunk counts (SPL independent shared loads), its total and
+    // its number of blocks. Group sizes are counted in blocks, so the one integer division per owned
+    // expert is the ceiling of its count (starts, ends and the total are then products, not quotients).
     const int epl = (num_local + 31) >> 5;  // <= HC_WARP_MAX_LOCAL / 32
     const int k0 = min(lane * epl, num_local), k1 = min(k0 + epl, num_local);
     const bool aligned = block_m > 0;
-    int padded_mine = 0;
-    for (int k = k0; k < k1; ++k) {
+    int nblocks[HC_WARP_MAX_LOCAL / 32];
+    int blocks_mine = 0;
+#pragma unroll
+    for (int j = 0; j < HC_WARP_MAX_LOCAL / 32; ++j) {
+        const int k = k0 + j;
+        nblocks[j] = 0;
+        if (k >= k1) continue;
         int v[SPL];
 #pragma unroll
         for (int c = 0; c < SPL; ++c) v[c] = ccnt[c * num_local + k];
@@ -474,26 +480,28 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
             run += v[c];
         }
         counts[k] = run;
-        tot[k] = run;
-        padded_mine += aligned ? hc_round_up(run, block_m) : 0;
+        if (aligned) nblocks[j] = (run + block_m - 1) / block_m;
+        blocks_mine += nblocks[j];
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
-    const int incl = warp_inclusive_scan(padded_mine);
-    const int total = __shfl_sync(HC_FULL_MASK, incl, 31);
+    const int incl = warp_inclusive_scan(blocks_mine);
+    const int total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
     // Group starts and the block ids of each owned expert (stores only; the padding is already nk).
-    int start = incl - padded_mine;
-    for (int k = k0; k < k1; ++k) {
-        const int end = start + hc_round_up(tot[k], block_m);
-        gs[k] = start;
-        for (int b = start / block_m; b < end / block_m; ++b) block_ids[b] = k;
-        start = end;
+    int b = incl - blocks_mine;  // first block of this lane's first expert
+#pragma unroll
+    for (int j = 0; j < HC_WARP_MAX_LOCAL / 32; ++j) {
+        const int k = k0 + j;
+        if (k >= k1) continue;
+        gs[k] = b * block_m;
+        for (int q = 0; q < nblocks[j]; ++q) block_ids[b + q] = k;
+        b += nblocks[j];
     }
     __syncwarp();  // group starts and chunk prefixes visible to every lane
 #pragma unroll
     for (int c = 0; c < SPL; ++c)
         if (key[c] >= 0) sorted[gs[key[c]] + ccnt[c * num_local + key[c]] + rank[c]] = c * 32 + lane;
-    hc_fill_warp(block_ids, total / block_m, capacity / block_m, -1);
-    if (lane == 0) total_out[0] = total;
+    hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
+    if (lane == 0) total_out[0] = total_blocks * block_m;
 }
 
 // ---------------------------------------------------------------------------------------------------

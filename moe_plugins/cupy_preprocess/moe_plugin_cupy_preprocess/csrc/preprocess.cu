@@ -22,8 +22,10 @@
 //   total      [1] out: entries of `sorted` in use (a multiple of block_m)
 // block_m == 0 means "no aligned layout": sorted/block_ids/total are not touched.
 //
-// Stable order: slots are processed in tiles of consecutive slot indices; inside a tile each warp owns a
-// contiguous segment and walks it 32 slots at a time. A slot's position in its expert group is
+// Stable order: slots are processed in tiles of consecutive slot indices (in grid_fused: one chunk per
+// block); inside a tile each warp owns a contiguous segment and walks it 32 slots at a time (grid_fused
+// queues a segment's local slots in slot order and ranks them 32 at a time: the same order). A slot's
+// position in its expert group is
 //   (group start) + (its expert's slots in earlier tiles) + (in earlier warps of its tile)
 //   + (in earlier chunks of its warp) + (in lower lanes of its chunk, from warp ballots),
 // so no atomics decide any position and the result is deterministic.

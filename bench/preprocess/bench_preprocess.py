@@ -63,8 +63,10 @@ def median_us(fn: Callable[[], Any], flush: bool = True) -> float:
 
     ``flush=True`` (the goal's measure): L2 flushed before every call (`triton.testing.do_bench`).
     ``flush=False`` ("hot"): no flush, so the inputs are in L2 as when the dispatch kernel has just
-    written them; a 4 MiB memset before each call keeps the host ahead of the GPU (so host launch cost
-    is not counted either way) without evicting the small inputs.
+    written them; a ~50 us sleep kernel before each call keeps the host ahead of the GPU (so host launch
+    cost is not counted either way) without touching memory. (A short one does not: run 6 measured the
+    empty launch at 14 us "hot" behind a 4 MiB memset, because the GPU finished it before the host had
+    queued the call.)
     """
     if flush:
         try:
@@ -73,10 +75,13 @@ def median_us(fn: Callable[[], Any], flush: bool = True) -> float:
             pass
         else:
             return float(do_bench(fn, warmup=10, rep=50, return_mode="median")) * 1e3
-    busy = torch.empty((64 << 20) if flush else (1 << 20), dtype=torch.int32, device="cuda")
+    flush_buffer = torch.empty(64 << 20, dtype=torch.int32, device="cuda") if flush else None
     times = []
     for i in range(110):
-        busy.zero_()
+        if flush_buffer is not None:
+            flush_buffer.zero_()
+        else:
+            torch.cuda._sleep(100_000)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -124,7 +124,7 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
                     plan.smem_fused_bytes,
                     lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
                               blocks_ptr, total_ptr, plan.block_m, plan.capacity, _ptr(out.tile_hist),
-                              _ptr(out.tile_invalid), _ptr(out.done), plan.chunk, int(plan.keys_in_smem),
+                              _ptr(out.tile_invalid), _ptr(out.done), plan.chunk, plan.list_cap,
                               int(plan.two_phase)],
                     cooperative=True, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)

@@ -72,8 +72,6 @@ FUSED_MAX_BLOCKS_PER_SM = 2
 TWO_PHASE_LIMIT = 8192
 """Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
 the counts distributed over the blocks (two grid barriers) instead of every block reading all of them."""
-KEY_BYTES = 2
-"""grid_fused keeps a uint16 layout key per slot of its chunk in shared memory when it fits."""
 
 PATHS = ("auto", "warp", "block", "grid")
 WARP_IPTS = (1, 4, 16)
@@ -150,7 +148,8 @@ class Plan:
     fused: bool = False  # grid path: one cooperative grid_fused launch instead of count/scan/place
     grid_blocks: int = 0  # fused: blocks of the cooperative grid (all co-resident)
     chunk: int = 0  # fused: consecutive slots per block (a multiple of TILE)
-    keys_in_smem: bool = False  # fused: the chunk's layout keys stay in shared memory between phases
+    keys_in_smem: bool = False  # fused: list_cap >= half a warp's segment (see `_fused_layout`)
+    list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
 
@@ -221,16 +220,18 @@ FUSED_GRID_PER_SM_BOUND = 2048 // GRID_THREADS
 
 
 PLACE_QUEUE = 32 * 8 + 32
-"""grid_fused phase 3: entries of a warp's queue of local slots (HC_PLACE_BUF: a batch of 8 chunks of 32
-slots plus a carried remainder), an int slot and a uint16 key each."""
+"""grid_fused: the least entries of a warp's list of local slots (HC_PLACE_BUF): phase 3 reuses the list as
+the queue of its re-read batches (8 chunks of 32 slots plus a carried remainder)."""
+LIST_OFFSET_LIMIT = 1 << 22
+"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22."""
 
 
-def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int) -> int:
-    """grid_fused's dynamic shared memory without the key buffer (see the .cu for the layout): map, per-warp
-    counts, tot/run/gs, one column of per-block counts (sized for the largest co-resident grid), scratch,
-    up to 3 ints of padding to 16 bytes, and the per-warp phase-3 queues."""
+def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, list_cap: int = PLACE_QUEUE) -> int:
+    """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs,
+    one column of per-block counts (sized for the largest co-resident grid), scratch, and the per-warp
+    lists of local slots (``list_cap`` uint32 entries per warp)."""
     return (map_entries + GRID_WARPS * num_local + 3 * num_local + 1 + FUSED_GRID_PER_SM_BOUND * num_sms
-            + SCRATCH_INTS + 3 + GRID_WARPS * PLACE_QUEUE * 3 // 2)
+            + SCRATCH_INTS + GRID_WARPS * list_cap)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:
@@ -240,12 +241,12 @@ def default_fused_occupancy(smem_bytes: int) -> int:
 
 
 def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: int, num_sms: int,
-                  occupancy: Callable[[int], int]) -> tuple[int, int, bool, int] | None:
-    """``(grid_blocks, chunk, keys_in_smem, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
+                  occupancy: Callable[[int], int]) -> tuple[int, int, int, int] | None:
+    """``(grid_blocks, chunk, list_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
 
-    The grid is as many blocks as can be co-resident (capped by the number of tiles); chunks are whole
-    tiles, balanced to within one tile. The keys stay in shared memory only if that keeps the grid
-    co-resident.
+    The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of
+    tiles); chunks are whole tiles, balanced to within one tile. Each warp's list then gets as many entries
+    as keep that grid co-resident, up to its whole segment (then no slot is ever re-read from local_ids).
     """
     if num_local > MAX_WINDOW:
         return None
@@ -259,10 +260,21 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     per_block = -(-tiles // (per_sm * num_sms))
     blocks = -(-tiles // per_block)
     chunk = per_block * TILE
-    with_keys = base + -(-chunk * KEY_BYTES // 16) * 16
-    if bm and with_keys <= smem_optin and occupancy(with_keys) * num_sms >= blocks:
-        return blocks, chunk, True, with_keys
-    return blocks, chunk, False, base
+    seg = chunk // GRID_WARPS
+    if seg >= LIST_OFFSET_LIMIT:
+        return None
+    if not bm:
+        return blocks, chunk, 0, _fused_smem_ints(map_smem, num_local, num_sms, 0) * 4
+
+    def fits(cap: int) -> bool:
+        nbytes = _fused_smem_ints(map_smem, num_local, num_sms, cap) * 4
+        return nbytes <= smem_optin and occupancy(nbytes) * num_sms >= blocks
+
+    lo, hi = PLACE_QUEUE, max(PLACE_QUEUE, seg)  # fits(lo) holds (the base above)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return blocks, chunk, lo, _fused_smem_ints(map_smem, num_local, num_sms, lo) * 4
 
 
 def check_block_m(block_m: object) -> int:
@@ -338,11 +350,12 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     fused = None
     if chosen == "grid" and fused_occupancy is not None:
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy)
-    grid_blocks, chunk, keys_in_smem, smem_fused = fused or (0, 0, False, 0)
+    grid_blocks, chunk, list_cap, smem_fused = fused or (0, 0, 0, 0)
+    keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
-                chunk=chunk, keys_in_smem=keys_in_smem, smem_fused_bytes=smem_fused,
+                chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
                 smem_block_bytes=_block_smem_ints(map_smem, window, active_warps) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
@@ -365,8 +378,9 @@ def moved_bytes(plan: Plan) -> int:
 def design_bytes(plan: Plan) -> int:
     """The device-memory traffic this plan's kernels actually cause, by design (a model, not a measurement).
 
-    `moved_bytes` plus what the design adds: grid_fused re-reads local_ids when its keys do not stay in
-    shared memory and exchanges per-block counts (written once, read by every block or scanned in place);
+    `moved_bytes` plus what the design adds: grid_fused exchanges per-block counts (written once, read by
+    every block or scanned in place) and re-reads local_ids past a warp's full list of local slots (counted
+    unless ``keys_in_smem``, i.e. unless the lists hold half a segment: then as if every slot were local);
     the split grid path writes and re-reads a byte key per slot (or re-reads local_ids), and per-tile counts.
     Every block's copy of a shared-memory map is read from L2 and not counted.
     """
@@ -374,7 +388,9 @@ def design_bytes(plan: Plan) -> int:
     extra = 0
     if plan.path == "grid" and plan.fused:
         hist = plan.num_local * plan.grid_blocks * 4
-        extra = hist * (3 if plan.two_phase else 2) + (0 if plan.keys_in_smem or not plan.block_m else nk * 4)
+        seg = plan.chunk // GRID_WARPS
+        reread = 0 if plan.keys_in_smem or not plan.block_m else nk * 4 * max(0, seg - plan.list_cap) // seg
+        extra = hist * (3 if plan.two_phase else 2) + reread
     elif plan.path == "grid":
         keys = 2 * plan.keys8_bytes if plan.keys8_bytes else (nk * 4 if plan.block_m else 0)
         extra = plan.windows * (2 * plan.window * plan.tiles * 4) + keys

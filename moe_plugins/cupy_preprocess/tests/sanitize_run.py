@@ -1,7 +1,7 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
 Runs every kernel of the cupy preprocess (one-warp and single-block paths, the single-launch grid_fused with one and
-with two grid barriers and with each map mode, the three split grid kernels for many local experts, map in shared memory, in
+with two grid barriers, with each map mode and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in shared memory, in
 global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
 (so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's
 own exit code (``--error-exitcode``) reports what it found.
@@ -11,6 +11,7 @@ own exit code (``--error-exitcode``) reports what it found.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess_testlib import assert_matches, context, make_case, reference  # noqa: E402
 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
+from moe_plugin_cupy_preprocess.plan import GRID_WARPS, PLACE_QUEUE  # noqa: E402
 
 CASES = [
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
@@ -39,6 +41,9 @@ CASES = [
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, one block
     (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
     (64, 1, 0, "out_of_range", 5000, 8, torch.int32, {"path": "grid"}),  # grid_fused, no map (40K slots, 10 blocks)
+    # grid_fused with its lists cut to PLACE_QUEUE entries: 1.1M slots (137 blocks, 512-slot warp segments), 3/4
+    # of them local: every warp's list fills up and phase 3 re-reads the rest of its local slots from local_ids
+    (64, 1, 0, "out_of_range", 140_000, 8, torch.int32, {"path": "grid", "least_lists": True}),
 ]
 
 
@@ -50,10 +55,16 @@ def main() -> int:
         case = make_case(e, ep, rank, sentinel, rows, k, seed=seed + i, dtype=dtype)
         local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.cuda())
         ctx = context(case.placement, rank, local, "cuda:0", top_k=k, sentinel=case.sentinel)
-        stage = CupyPreprocess(ctx, mode="safe", **options)
+        least_lists = options.get("least_lists", False)
+        stage = CupyPreprocess(ctx, mode="safe", **{o: v for o, v in options.items() if o != "least_lists"})
         ids = case.ids.cuda()
         for block_m in (None, 16):
             plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
+            if least_lists and plan.fused and block_m:  # the plan cache is what preprocess() launches
+                plan = stage._plans[(ids.shape[0], ids.shape[1], ids.dtype, block_m)] = dataclasses.replace(
+                    plan, list_cap=PLACE_QUEUE)
+                if PLACE_QUEUE < plan.chunk // GRID_WARPS:
+                    kernels_run.add("grid_fused re-read past a full list")
             kernels_run.update(plan.kernel_names)
             if plan.fused and plan.two_phase:
                 kernels_run.add("grid_fused two-phase")
@@ -67,7 +78,8 @@ def main() -> int:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
     missing = {"warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
-               "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2"} - kernels_run
+               "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2",
+               "grid_fused re-read past a full list"} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")
         return 1

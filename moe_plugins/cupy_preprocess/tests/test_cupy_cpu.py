@@ -24,7 +24,8 @@ from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.plan import (WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
-                                             MAX_WINDOW, SMEM_MAP_AUTO_MAX, TILE, MapChoice, check_block_m, choose_map,
+                                             GRID_WARPS, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE, MapChoice,
+                                             check_block_m, choose_map,
                                              moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
                                                  normalize_device)
@@ -203,7 +204,7 @@ def test_where_the_map_lives() -> None:
 
 def test_fused_grid_sizing() -> None:
     """grid_fused: as many blocks as can be co-resident (132 SMs x 2 modelled), whole-tile chunks balanced
-    to within a tile, keys in shared memory when they keep the grid co-resident, else not."""
+    to within a tile, per-warp lists of local slots as long as keeps the grid co-resident (at most a segment)."""
     def plan(nk: int, num_local: int = 32, **kw: object):
         return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 256), "grid", **kw)
 
@@ -213,8 +214,12 @@ def test_fused_grid_sizing() -> None:
         assert (p.fused, p.grid_blocks, p.chunk, p.keys_in_smem) == (True, blocks, chunk, True), (nk, p)
         assert (p.grid_blocks - 1) * p.chunk < nk <= p.grid_blocks * p.chunk or nk < TILE
         assert p.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2, "two blocks per SM"
-    big = plan(1 << 24)  # 4096 tiles: 16 per block; 128 KiB of keys would halve the co-resident blocks
-    assert big.fused and big.grid_blocks == 256 and not big.keys_in_smem
+        seg = p.chunk // GRID_WARPS  # a whole segment fits except at 8M (2048 slots: ~1.7K entries)
+        assert p.list_cap == max(PLACE_QUEUE, seg) if nk != 1 << 23 else PLACE_QUEUE < p.list_cap < seg, (nk, p)
+    # 4096 tiles: 16 per block, 4096-slot warp segments; lists as long as two blocks per SM allow (~1.7K entries)
+    big = plan(1 << 24)
+    assert big.fused and big.grid_blocks == 256 and PLACE_QUEUE < big.list_cap < 2048 and not big.keys_in_smem
+    assert big.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2
     assert not plan(1 << 20, fused_occupancy=None).fused, "no cooperative launch: three launches"
     assert not plan(1 << 20, num_local=1025).fused, "more than one expert window: three launches"
     assert not plan(1 << 20).two_phase and plan(1 << 20, num_local=256).two_phase

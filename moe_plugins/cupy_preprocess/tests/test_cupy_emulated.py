@@ -16,8 +16,8 @@ from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matche
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import (TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, Plan, choose_map,
-                                             plan_for)
+from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, PLACE_QUEUE, TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL,
+                                             WARP_MAX_SLOTS, Plan, choose_map, plan_for)
 
 
 @pytest.fixture(scope="module")
@@ -150,24 +150,27 @@ def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> 
     assert not big.fused and big.kernel_names == ("grid_count", "grid_scan", "grid_place")
 
 
-def test_fused_keys_reread_from_local_ids(kernels: EmulatedKernels) -> None:
-    """The phase-3 path without shared-memory keys, forced by a shared-memory limit that holds the base
-    layout but not the keys."""
-    case = make_case(64, 4, 0, "negative", rows_per_rank=2000, top_k=4, seed=24)
+@pytest.mark.parametrize("dtype, sentinel", [(torch.int32, "negative"), (torch.int64, "out_of_range")])
+def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torch.dtype, sentinel: str) -> None:
+    """Phase 3 past a full list: every expert local (ep_size 1, ~3/4 of the slots local), lists cut to the
+    least (PLACE_QUEUE entries) by a shared-memory limit, segments of 512 slots: every warp's list fills up
+    part-way and the rest of its local slots are re-read from local_ids in batches behind the remainder."""
+    case = make_case(16, 1, 0, sentinel, rows_per_rank=6000, top_k=4, seed=24, dtype=dtype)
     table = case.local.expert_map
-    choice = choose_map(int(table.numel()), "shared")
-    base_plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid",
-                         num_sms=kernels.num_sms, fused_occupancy=kernels.fused_occupancy("int32"))
-    plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid",
-                    smem_optin=base_plan.smem_fused_bytes - 16, num_sms=kernels.num_sms,
-                    fused_occupancy=kernels.fused_occupancy("int32"))
-    assert base_plan.keys_in_smem and plan.fused and not plan.keys_in_smem
+    choice = choose_map(None if table is None else int(table.numel()), "auto")
+    kw = dict(num_sms=kernels.num_sms, fused_occupancy=kernels.fused_occupancy("int32"))
+    base_plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid", **kw)
+    assert base_plan.chunk // GRID_WARPS == 512 and base_plan.list_cap == 512
+    plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid",
+                    smem_optin=base_plan.smem_fused_bytes - 4 * GRID_WARPS * (512 - PLACE_QUEUE), **kw)
+    assert plan.fused and plan.list_cap == PLACE_QUEUE
     buffers, backing = guarded_buffers(plan, "cpu")
-    launch(kernels, plan, case.ids, map_with_head(table, "cpu")[1], choice, 0, False, buffers)
+    launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], choice, 0, False,
+           buffers)
     check_guards(backing)
     got = buffers.routing(count_invalid=True)
     assert_matches(got, reference(case, 16), 16)
-    assert int(got.invalid_count) == int((case.ids == -1).sum())
+    assert int(got.invalid_count) == int((case.ids < 0).sum())
 
 
 def test_fused_misaligned_ids_take_the_scalar_loads(kernels: EmulatedKernels) -> None:

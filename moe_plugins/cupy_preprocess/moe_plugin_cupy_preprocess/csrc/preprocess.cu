@@ -24,7 +24,7 @@
 //
 // Stable order: slots are processed in tiles of consecutive slot indices (in grid_fused: one chunk per
 // block); inside a tile each warp owns a contiguous segment and walks it 32 slots at a time (grid_fused
-// queues a segment's local slots in slot order and ranks them 32 at a time: the same order). A slot's
+// lists a segment's local slots in slot order and ranks them 32 at a time: the same order). A slot's
 // position in its expert group is
 //   (group start) + (its expert's slots in earlier tiles) + (in earlier warps of its tile)
 //   + (in earlier chunks of its warp) + (in lower lanes of its chunk, from warp ballots),
@@ -45,6 +45,7 @@
 #define HC_SCAN_THREADS 1024
 #define HC_SCRATCH 40  // shared ints for block scans and small flags
 #define HC_NO_KEY8 255  // keys8 entry of a slot that is not local
+#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` written per ranking round
 
 // Lanes below this one (what %lanemask_lt holds; computed so the source needs no inline asm).
 __device__ __forceinline__ unsigned hc_lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
@@ -209,6 +210,24 @@ __device__ __forceinline__ void hc_fill_warp(int* __restrict__ a, int lo, int hi
     for (int v = lane; v < nvec; v += 32) __stcs(a4 + v, w);  // streaming 16-byte stores (a plain `a4[v] = w`
                                                               // here came out of NVVM as four 4-byte stores)
     if (rest + lane < hi) a[rest + lane] = value;
+}
+
+// a[p, end) = value by the lanes of the calling warp, end - p <= HC_TAIL_PIECE, a + p 16-byte aligned: one
+// streaming 16-byte store per lane and 128 entries (a shorter last vector as scalar stores). Warp-uniform.
+__device__ __forceinline__ void hc_fill_piece(int* __restrict__ a, int p, int end, int value) {
+    const int lane = threadIdx.x & 31;
+    const int4 w = make_int4(value, value, value, value);
+#pragma unroll
+    for (int j = 0; j < HC_TAIL_PIECE / 128; ++j) {
+        const int i = p + (j * 32 + lane) * 4;
+        if (end - i >= 4) {
+            __stcs(reinterpret_cast<int4*>(a + i), w);
+        } else {  // end - i < 4
+            if (i < end) a[i] = value;
+            if (i + 1 < end) a[i + 1] = value;
+            if (i + 2 < end) a[i + 2] = value;
+        }
+    }
 }
 
 // First index in a[0..n) whose value is > x (a sorted ascending).
@@ -725,20 +744,22 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //
 // Block g owns the slots [g * chunk, min((g + 1) * chunk, nk)), chunk a multiple of HC_TILE. Warp w of the
 // block owns the contiguous segment [c0 + w * seg, c0 + (w + 1) * seg) of it (seg = chunk / 16, a multiple
-// of 256 slots), in phase 1 and phase 3 alike, and walks it 32 slots at a time in increasing order, so the
-// stable order is
+// of 256 slots), in phase 1 and phase 3 alike, and takes its local slots in increasing slot order (its
+// list, then the re-read batches), so the stable order is
 //   (group start) + (expert's slots in lower blocks) + (in lower warps of this block)
-//   + (in earlier chunks of this warp's segment) + (in lower lanes of the chunk),
+//   + (in earlier entries of this warp's list or queue: lower slot indices),
 // i.e. slots of one expert in increasing slot index: the same layout as block_preprocess, the three-launch
 // path and the torch reference.
 //
 // Phases:
 //   1. every warp maps its segment (HC_LOADS_IN_FLIGHT 16-byte id loads per lane issued before any use,
-//      16-byte local_ids stores), keeps the layout key of every slot in shared memory (keys_in_smem,
-//      uint16, 0xffff = none, 8 bytes per 16-byte id load; else phase 3 re-reads local_ids, which the same
-//      warp just wrote: L1/L2 hits) and counts its slots per expert into its own row of cnt (shared
-//      atomics on the warp's own row); the block publishes its per-expert counts (cta_hist[k * G + g]) and
-//      invalid count (cta_invalid[g]).
+//      16-byte local_ids stores), counts its slots per expert into its own row of cnt (shared atomics on
+//      the warp's own row) and appends its local slots, in slot order, to its list in shared memory
+//      (list_cap uint32 entries: slot offset << 10 | key; 4 ballots per 128 slots say where each lane's
+//      entries go). A group of slots that does not fit sets `over` and ends the list: the local slots from
+//      there on are re-read in phase 3 (only when more than list_cap of a warp's seg slots are local; the
+//      plan gives the lists as much shared memory as keeps the grid co-resident, up to a whole segment).
+//      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]).
 //   barrier
 //   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the whole cta_hist (coalesced, from L2) and
 //      derives both the expert totals and its own prefix over lower blocks; block 0 writes counts.
@@ -747,27 +768,30 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      Each block then builds the padded group starts in shared memory; the grid writes padding
 //      entries and block ids; block 0 writes the total and the invalid count.
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
-//      __syncthreads), then every warp places its own segment with no further block barrier. Per batch of
-//      HC_PLACE_BATCH chunks of 32 slots it queues its local slots in slot order (one ballot per chunk:
-//      the queue is a compaction), then ranks the queue 32 entries at a time: bits + 1 ballots give the
-//      lanes of equal key, the group leader reads and advances the warp's row (a __syncwarp per round
-//      orders it), every slot is stored straight to `sorted`; a remainder of < 32 waits for the next
-//      batch. Between batches the warp writes a piece of its share of the tail of `sorted` past the total
-//      (16-byte streaming stores).
+//      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
+//      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
+//      advances the warp's row, a __syncwarp per round orders it) and stores every slot straight to
+//      `sorted`. Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
+//      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
+//      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
+//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the warp's
+//      slice of the tail of `sorted` past the total; the rest of the slice follows the last round.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
-//   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M.)
+//   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
+//   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
+//   instructions at 8M.)
 //
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], barrier [2]
 // (unsigned; zero at allocation, left consistent by every launch, see grid_barrier).
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
-// [scratch: HC_SCRATCH][pad to 16 bytes][queue slots: 16 * HC_PLACE_BUF int][queue keys: 16 * HC_PLACE_BUF
-// uint16][keys: chunk uint16 if keys_in_smem].
+// [scratch: HC_SCRATCH][lists: 16 * list_cap uint32] (list_cap >= HC_PLACE_BUF with block_m, else 0).
 // ---------------------------------------------------------------------------------------------------
-#define HC_NO_KEY16 0xffff     // shared key of a slot that is not local ((unsigned short)-1)
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
-#define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks a warp compacts between ranking rounds
-#define HC_PLACE_BUF (32 * HC_PLACE_BATCH + 32)  // a warp's queue of local slots: a batch + a carried remainder
+#define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks of local_ids re-read per batch past `over`
+#define HC_PLACE_BUF (32 * HC_PLACE_BATCH + 32)  // the least list_cap: a re-read batch + a carried remainder
+#define HC_KEY_BITS 10         // list entry: (slot offset in the warp's segment << 10) | key (key < 1024)
+#define HC_NO_OVER 0x7fffffff  // `over` while every local slot of the warp is in its list
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -796,8 +820,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
 }
 
-// 16-byte vector access to the ids: 4 int32 or 2 int64 ids per load, their local ids stored as int4/int2
-// and their uint16 keys as one 8- or 4-byte shared store.
+// 16-byte vector access to the ids: 4 int32 or 2 int64 ids per load, their local ids stored as int4/int2.
 template <typename IdT> struct hc_vec;
 template <> struct hc_vec<int> {
     static constexpr int n = 4;
@@ -806,11 +829,6 @@ template <> struct hc_vec<int> {
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
     }
     __device__ static void store(int* p, const int (&l)[4]) { *reinterpret_cast<int4*>(p) = make_int4(l[0], l[1], l[2], l[3]); }
-    __device__ static void store_keys(unsigned short* p, const int (&k)[4]) {
-        *reinterpret_cast<unsigned long long*>(p) =
-            (unsigned long long)(k[0] & 0xffff) | ((unsigned long long)(k[1] & 0xffff) << 16) |
-            ((unsigned long long)(k[2] & 0xffff) << 32) | ((unsigned long long)(k[3] & 0xffff) << 48);
-    }
 };
 template <> struct hc_vec<long long> {
     static constexpr int n = 2;
@@ -819,9 +837,6 @@ template <> struct hc_vec<long long> {
         v[0] = x.x; v[1] = x.y;
     }
     __device__ static void store(int* p, const int (&l)[2]) { *reinterpret_cast<int2*>(p) = make_int2(l[0], l[1]); }
-    __device__ static void store_keys(unsigned short* p, const int (&k)[2]) {
-        *reinterpret_cast<unsigned*>(p) = (unsigned)(k[0] & 0xffff) | ((unsigned)(k[1] & 0xffff) << 16);
-    }
 };
 
 // Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), row[k]
@@ -844,17 +859,48 @@ __device__ __forceinline__ void warp_place(int k, int slot, int bits, unsigned l
     __syncwarp();
 }
 
-// grid_fused phase 1 for one warp's segment [ws, we) of the block's chunk (which starts at c0): map every
-// slot, store local_ids (16-byte stores when vec_ok) and, when skeys is given, the slot's uint16 key, and
-// count the slot in the warp's row (shared atomics on this warp's row only). Returns this lane's count of
-// ids that break the sentinel contract. MODE and FAITHFUL are constants so the per-slot code has no branch
-// on them.
+// Append this lane's V consecutive slots (warp-relative offsets off .. off + V - 1, keys k[], -1 = not
+// local) to the warp's list of local slots, in slot order: the group of the warp's 32 * V slots (its first
+// slot at offset off0) goes in whole or, if it does not fit in the `cap` entries, not at all and `over`
+// becomes off0: every local slot from there on is left to phase 3's re-read of local_ids. An entry is
+// (offset << HC_KEY_BITS) | key. Warp-uniform (every lane calls it with the same listed/over).
+template <int V>
+__device__ __forceinline__ void list_append(const int (&k)[V], int off, int off0, unsigned lower,
+                                            unsigned* list, int cap, int& listed, int& over) {
+    if (over != HC_NO_OVER) return;
+    unsigned mine = 0;  // bit q: slot q of this lane is local
+    int before = 0, total = 0;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        const unsigned b = __ballot_sync(HC_FULL_MASK, k[q] >= 0);
+        mine |= (unsigned)(k[q] >= 0) << q;
+        before += __popc(b & lower);
+        total += __popc(b);
+    }
+    if (listed + total > cap) {
+        over = off0;
+        return;
+    }
+    unsigned* at = list + listed + before;  // this lane's first entry; its q-th local slot goes after the earlier ones
+    const unsigned entry0 = ((unsigned)off << HC_KEY_BITS);
+#pragma unroll
+    for (int q = 0; q < V; ++q)
+        if (k[q] >= 0) at[__popc(mine & ((1u << q) - 1u))] = entry0 + ((unsigned)q << HC_KEY_BITS) + (unsigned)k[q];
+    listed += total;
+}
+
+// grid_fused phase 1 for one warp's segment [ws, we): map every slot, store local_ids (16-byte stores when
+// vec_ok), count the slot in the warp's row (shared atomics on this warp's row only) and append its
+// local slots to the warp's list (list_append; `over` = HC_NO_OVER disables the list). Returns this
+// lane's count of ids that break the sentinel contract. MODE and FAITHFUL are constants so the per-slot
+// code has no branch on them.
 template <typename IdT, int MODE, int FAITHFUL>
-__device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, int ws, int we, int c0, bool vec_ok,
+__device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, int ws, int we, bool vec_ok,
                                                  const int* smap, const int* __restrict__ gmap, int map_size,
                                                  int first, int num_local, int* __restrict__ local_ids, int* row,
-                                                 unsigned short* skeys) {
+                                                 unsigned* list, int cap, int& listed, int& over) {
     const int lane = threadIdx.x & 31;
+    const unsigned lower = hc_lanemask_lt();
     int bad_here = 0;
     auto take = [&](IdT raw, int& key) -> int {
         int bad;
@@ -880,22 +926,26 @@ __device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, in
 #pragma unroll
             for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
                 const int v = v0 + u * 32 + lane;
+                int k[V];
                 if (v < nvec) {
-                    const int i = ws + v * V;
-                    int l[V], k[V];
+                    int l[V];
 #pragma unroll
                     for (int q = 0; q < V; ++q) l[q] = take(a[u][q], k[q]);
-                    hc_vec<IdT>::store(local_ids + i, l);
-                    if (skeys) hc_vec<IdT>::store_keys(skeys + (i - c0), k);
+                    hc_vec<IdT>::store(local_ids + ws + v * V, l);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < V; ++q) k[q] = -1;
                 }
+                list_append<V>(k, v * V, (v0 + u * 32) * V, lower, list, cap, listed, over);
             }
         }
         i_scalar = ws + nvec * V;
     }
-    for (int i = i_scalar + lane; i < we; i += 32) {
-        int k;
-        local_ids[i] = take(ids[i], k);
-        if (skeys) skeys[i - c0] = (unsigned short)(k & 0xffff);
+    for (int i0 = i_scalar; i0 < we; i0 += 32) {
+        const int i = i0 + lane;
+        int k[1] = {-1};
+        if (i < we) local_ids[i] = take(ids[i], k[0]);
+        list_append<1>(k, i - ws, i0 - ws, lower, list, cap, listed, over);
     }
     return bad_here;
 }
@@ -906,7 +956,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
            int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts, int* __restrict__ invalid,
            int* __restrict__ sorted, int* __restrict__ block_ids, int* __restrict__ total_out, int block_m,
            int capacity, int* __restrict__ cta_hist, int* __restrict__ cta_invalid, unsigned* __restrict__ barrier,
-           int chunk, int keys_in_smem, int two_phase) {
+           int chunk, int list_cap, int two_phase) {
     extern __shared__ int smem[];
     const int wl = num_local;  // <= 1024, checked by plan.py
     constexpr int nwarps = HC_GRID_THREADS / 32;
@@ -918,28 +968,29 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* gs = run + wl;
     int* col = gs + wl + 1;  // [G]: one column of cta_hist (two_phase)
     int* scratch = col + G;  // [0, 33): scans; [33]: invalid count
-    int* cslot = smem + ((scratch + HC_SCRATCH - smem + 3) & ~3);  // [nwarps][HC_PLACE_BUF]: phase 3 queues
-    unsigned short* ckey = reinterpret_cast<unsigned short*>(cslot + nwarps * HC_PLACE_BUF);
-    unsigned short* skeys = ckey + nwarps * HC_PLACE_BUF;  // 16-byte aligned (HC_PLACE_BUF % 8 == 0)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
+    unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
     const bool aligned = block_m > 0;
 
-    // ---- phase 1: map, local_ids, keys, per-warp counts -------------------------------------------
+    // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
     int* row = cnt + warp * wl;
+    int listed = 0;                            // entries in this warp's list (warp-uniform)
+    int over = aligned ? HC_NO_OVER : 0;       // offset from which the list is full (no list without a layout)
     // The map mode and faithful flag are template constants of the per-slot loop (a runtime mode cost
     // four branches per slot).
     const bool vec_ok = ((reinterpret_cast<unsigned long long>(ids) | reinterpret_cast<unsigned long long>(local_ids))
                          & 15ull) == 0;
 #define HC_PHASE1(MODE, FAITHFUL) \
-    fused_map_segment<IdT, MODE, FAITHFUL>(ids, ws, we, c0, vec_ok, smap, gmap, map_size, first, num_local, local_ids, \
-                                           row, keys_in_smem ? skeys : nullptr)
+    fused_map_segment<IdT, MODE, FAITHFUL>(ids, ws, we, vec_ok, smap, gmap, map_size, first, num_local, local_ids, \
+                                           row, list, list_cap, listed, over)
     int bad_here;
     if (map_mode == HC_MAP_SHARED) bad_here = faithful ? HC_PHASE1(HC_MAP_SHARED, 1) : HC_PHASE1(HC_MAP_SHARED, 0);
     else if (map_mode == HC_MAP_GLOBAL) bad_here = faithful ? HC_PHASE1(HC_MAP_GLOBAL, 1) : HC_PHASE1(HC_MAP_GLOBAL, 0);
@@ -967,12 +1018,14 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     if (!two_phase) {
         for (int k = tid; k < wl; k += blockDim.x) tot[k] = run[k] = 0;
         __syncthreads();
-        // per threads for each expert, each sums a strided part of the expert's row (coalesced reads).
-        // The loads are issued HC_HIST_BATCH at a time before they are summed: a plain loop waits one L2
-        // round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
-        const int per = wl > 0 ? max(1, (int)blockDim.x / wl) : 1;
+        // per (a power of two) threads for each expert, each sums a strided part of the expert's row
+        // (coalesced reads). The loads are issued HC_HIST_BATCH at a time before they are summed: a plain
+        // loop waits one L2 round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
+        int lg = 0;
+        while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
+        const int per = 1 << lg;
         for (int j = tid; j < wl * per; j += blockDim.x) {
-            const int k = j / per, r = j - k * per;
+            const int k = j >> lg, r = j & (per - 1);
             int all = 0, before = 0;
             for (int g0 = r; g0 < G; g0 += HC_HIST_BATCH * per) {
                 int v[HC_HIST_BATCH];
@@ -1026,7 +1079,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 
-    // ---- phase 3: every warp places its segment ---------------------------------------------------
+    // ---- phase 3: every warp places its local slots ----------------------------------------------
     // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
     // this block's lower-block prefix + lower warps' counts.
     for (int k = tid; k < wl; k += blockDim.x) {
@@ -1042,78 +1095,68 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     __syncthreads();  // the last block barrier: from here on every warp works alone
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
-    // benchmark moves at N*K = 8M) is cut into one contiguous slice per block and per warp, and each warp
-    // writes its slice in pieces between its placement batches, so the stores stream to memory while it
-    // ranks. The tail never overlaps a placement or padding write (those are below the total).
-    const long long tail_len = (long long)capacity - total;
-    const long long share = ((tail_len + G - 1) / G + 3) & ~3ll;  // multiples of 4: 16-byte aligned slices
-    const long long tlo = min((long long)capacity, total + share * me), thi = min((long long)capacity, tlo + share);
-    const long long wshare = ((thi - tlo + nwarps - 1) / nwarps + 3) & ~3ll;
-    // This warp's slice [wlo, whi) of the tail (capacity < 2^31, checked by plan.py: ints from here on).
-    const int wlo = (int)min(thi, tlo + wshare * warp), whi = (int)min(thi, wlo + wshare);
-    const int nbatch = (we - ws + 32 * HC_PLACE_BATCH - 1) / (32 * HC_PLACE_BATCH);
-    const int pieces = max(nbatch, 1);
-    const unsigned piece = (((unsigned)(whi - wlo) + pieces - 1) / pieces + 3) & ~3u;
+    // benchmark moves at N*K = 8M) is cut into one contiguous slice per warp of the grid, which the warp
+    // writes HC_TAIL_PIECE entries per ranking round (so the stores stream to memory while it ranks) and
+    // the rest after its last round. The slices start 16 bytes aligned, at `head` (the first aligned entry
+    // past the total; the grid's first warp writes the < 4 entries before it). The tail never overlaps a
+    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): 32-bit unsigned
+    // arithmetic, one division.
+    const int gw = me * nwarps + warp;
+    const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
+                                                           & 15u)) & 15u) >> 2));
+    if (gw == 0 && lane < head - total) sorted[total + lane] = nk;
+    const unsigned nw_grid = (unsigned)G * nwarps;
+    const unsigned share = (((unsigned)(capacity - head) + nw_grid - 1) / nw_grid + 3) & ~3u;
+    int tail = (int)min((unsigned)capacity, (unsigned)head + share * (unsigned)gw);  // warp-uniform: next entry
+    const int whi = (int)min((unsigned)capacity, (unsigned)tail + share);
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
-    // The warp's local slots are queued in slot order (compaction: one ballot per 32 slots) and ranked 32
-    // at a time, so the bits + 1 ballots of a ranking round are spent on 32 local slots, not on 32 slots
-    // of which (in the benchmark, 1/8 local) ~4 are local. Full rounds are ranked after every batch; the
-    // remainder (< 32) moves to the front of the queue and is ranked with the next batch or at the end.
-    int* qslot = cslot + warp * HC_PLACE_BUF;
-    unsigned short* qkey = ckey + warp * HC_PLACE_BUF;
-    int queued = 0;  // warp-uniform
-    for (int t = 0; t < pieces; ++t) {
-        const int p0 = (int)min((unsigned)whi, (unsigned)wlo + piece * t);
-        hc_fill_warp(sorted, p0, (int)min((unsigned)whi, (unsigned)p0 + piece), nk);
-        if (t >= nbatch) break;
-        const int b0 = ws + t * 32 * HC_PLACE_BATCH;
+    // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
+    // on (only when the list filled up) are re-read from local_ids, HC_PLACE_BATCH chunks of 32 at a time,
+    // compacted into the list's memory (now a queue: one ballot per chunk) behind a carried remainder.
+    // Full rounds of 32 entries are ranked as they come; the last remainder (< 32) at the end.
+    int queued = listed;
+    int next = min(over, we - ws);  // offset of the next slot to re-read
+    for (;;) {
+        const bool more = next < we - ws;
+        const int ranked = more ? queued & ~31 : queued;
+        for (int r = 0; r < ranked; r += 32) {
+            if (tail < whi) {
+                const int end = whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi;
+                hc_fill_piece(sorted, tail, end, nk);
+                tail = end;
+            }
+            const int e = r + lane;
+            const unsigned entry = e < queued ? list[e] : 0u;
+            warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1, ws + (int)(entry >> HC_KEY_BITS),
+                       bits, lower, row, sorted);
+        }
+        queued -= ranked;
+        if (!more) break;
+        if (queued > 0 && ranked > 0) {  // move the remainder (< 32, past the ranked rounds) to the front
+            const unsigned e = lane < queued ? list[ranked + lane] : 0u;
+            __syncwarp();
+            if (lane < queued) list[lane] = e;
+        }
         int key[HC_PLACE_BATCH];
 #pragma unroll
         for (int c = 0; c < HC_PLACE_BATCH; ++c) {  // independent loads first
-            const int i = b0 + c * 32 + lane;
-            if (i >= we) {
-                key[c] = -1;
-            } else if (keys_in_smem) {
-                const int k16 = skeys[i - c0];
-                key[c] = k16 == HC_NO_KEY16 ? -1 : k16;
-            } else {
-                key[c] = layout_key(local_ids[i], num_local);  // written by this warp in phase 1
-            }
+            const int i = ws + next + c * 32 + lane;
+            key[c] = i < we ? layout_key(local_ids[i], num_local) : -1;  // written by this warp in phase 1
         }
+        __syncwarp();  // the remainder is in place before the appends
 #pragma unroll
         for (int c = 0; c < HC_PLACE_BATCH; ++c) {
             const unsigned valid = __ballot_sync(HC_FULL_MASK, key[c] >= 0);
-            if (key[c] >= 0) {
-                const int q = queued + __popc(valid & lower);
-                qslot[q] = b0 + c * 32 + lane;
-                qkey[q] = (unsigned short)key[c];
-            }
+            if (key[c] >= 0)
+                list[queued + __popc(valid & lower)] = ((unsigned)(next + c * 32 + lane) << HC_KEY_BITS) | key[c];
             queued += __popc(valid);
         }
+        next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
-        const bool last = t == nbatch - 1;
-        const int ranked = last ? queued : queued & ~31;
-        for (int r = 0; r < ranked; r += 32) {
-            const int e = r + lane;
-            const bool mine = e < queued;
-            warp_place(mine ? (int)qkey[e] : -1, mine ? qslot[e] : 0, bits, lower, row, sorted);
-        }
-        queued -= ranked;
-        if (queued > 0 && ranked > 0) {  // move the remainder (< 32, past the ranked rounds) to the front
-            int s = 0, k = 0;
-            if (lane < queued) {
-                s = qslot[ranked + lane];
-                k = qkey[ranked + lane];
-            }
-            __syncwarp();
-            if (lane < queued) {
-                qslot[lane] = s;
-                qkey[lane] = (unsigned short)k;
-            }
-        }
-        __syncwarp();  // the queue's front is rewritten by the next batch
     }
+    for (; tail < whi; tail += HC_TAIL_PIECE)  // the rest of the slice (nothing if the rounds wrote it all)
+        hc_fill_piece(sorted, tail, whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi, nk);
 }
 
 // An empty kernel, launched by the benchmark to measure the launch floor in the same process. (One

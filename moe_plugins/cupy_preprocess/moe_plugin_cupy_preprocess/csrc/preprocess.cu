@@ -765,8 +765,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      derives both the expert totals and its own prefix over lower blocks; block 0 writes counts.
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
-//      Each block then builds the padded group starts in shared memory; the grid writes padding
-//      entries and block ids; block 0 writes the total and the invalid count.
+//      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
+//      invalid count. (The grid writes the padding entries and block ids at the very end, after phase 3.)
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
 //      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
 //      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
@@ -1071,13 +1071,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         if (me == 0) total_out[0] = total;
     }
     __syncthreads();
-    const int gtid = me * blockDim.x + tid, gsize = G * blockDim.x;
-    for (int j = gtid; j < wl * block_m; j += gsize) {  // < block_m padding entries per group
-        const int k = j / block_m, r = j - k * block_m;
-        if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;
-    }
-    for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
-    hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 
     // ---- phase 3: every warp places its local slots ----------------------------------------------
     // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
@@ -1157,6 +1150,18 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     for (; tail < whi; tail += HC_TAIL_PIECE)  // the rest of the slice (nothing if the rounds wrote it all)
         hc_fill_piece(sorted, tail, whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi, nk);
+
+    // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since
+    // the last __syncthreads). Nothing in the kernel reads them, so they come last: before run 7 they sat
+    // between the scan and the placement, where every warp of the grid waited on this cold, rarely taken
+    // code (instruction-cache misses at each branch over it: ~3% of the run-6 stall samples at 8M).
+    const int gtid = me * blockDim.x + tid, gsize = G * blockDim.x;
+    for (int j = gtid; j < wl * block_m; j += gsize) {  // < block_m padding entries per group
+        const int k = j / block_m, r = j - k * block_m;
+        if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;
+    }
+    for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
+    hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 }
 
 // An empty kernel, launched by the benchmark to measure the launch floor in the same process. (One

@@ -158,7 +158,7 @@ def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torc
     case = make_case(16, 1, 0, sentinel, rows_per_rank=6000, top_k=4, seed=24, dtype=dtype)
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), "auto")
-    kw = dict(num_sms=kernels.num_sms, fused_occupancy=kernels.fused_occupancy("int32"))
+    kw = {"num_sms": kernels.num_sms, "fused_occupancy": kernels.fused_occupancy("int32")}
     base_plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid", **kw)
     assert base_plan.chunk // GRID_WARPS == 512 and base_plan.list_cap == 512
     plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid",

@@ -22,6 +22,10 @@ def main(src: str, dst: str) -> int:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     left.loglog(nk, [r["ours_us"] for r in rows], "o-", label="cupy (events, L2 flushed)")
     left.loglog(nk, [r["peer_us"] for r in rows], "s-", label="torch reference")
+    floor = [(n, r["copy_floor_us"]) for n, r in zip(nk, rows) if r.get("copy_floor_us")]
+    if floor:
+        left.loglog(*zip(*floor), "^:", color="black", alpha=0.7,
+                    label="copy floor: ids -> one int per slot (same launch, same timer)")
     graph = [(n, r["ours_graph_us"]) for n, r in zip(nk, rows) if r.get("ours_graph_us")]
     if graph:
         left.loglog(*zip(*graph), "o--", alpha=0.6, label="cupy in a CUDA graph")
@@ -36,6 +40,9 @@ def main(src: str, dst: str) -> int:
     left.legend(fontsize=8)
     left.grid(True, which="both", alpha=0.3)
     right.semilogx(nk, [r["gbps"] for r in rows], "o-", label="cupy: bytes it must move / time")
+    floor_bw = [(n, 2 * 4 * n / (r["copy_floor_us"] * 1e-6) / 1e9) for n, r in zip(nk, rows) if r.get("copy_floor_us")]
+    if floor_bw:
+        right.semilogx(*zip(*floor_bw), "^:", color="black", alpha=0.7, label="copy floor: its bytes / its time")
     right.axhline(data["copy_gbps"], color="gray", ls=":", label=f"D2D copy {data['copy_gbps']:.0f} GB/s")
     right.axhline(0.7 * data["copy_gbps"], color="gray", ls="--", lw=0.8, label="70% of copy (goal, N*K >= 1M)")
     right.set_xlabel("N*K slots")

@@ -382,9 +382,7 @@ def design_bytes(plan: Plan) -> int:
     every block or scanned in place) and re-reads local_ids past a warp's full list of local slots (counted
     unless ``keys_in_smem``, i.e. unless the lists hold half a segment: then as if every slot were local);
     the split grid path writes and re-reads a byte key per slot (or re-reads local_ids), and per-tile counts.
-    Every block's copy of a shared-memory map is read from L2 and not counted. grid_fused writes every
-    entry of sorted_slot_ids with nk in phase 1 and the placed slots over them in phase 3: the second write
-    of the placed entries (at most 4 bytes per local slot, mostly merged in L2) is not counted.
+    Every block's copy of a shared-memory map is read from L2 and not counted.
     """
     nk = plan.num_slots
     extra = 0

@@ -45,7 +45,7 @@
 #define HC_SCAN_THREADS 1024
 #define HC_SCRATCH 40  // shared ints for block scans and small flags
 #define HC_NO_KEY8 255  // keys8 entry of a slot that is not local
-#define HC_FILL_PIECE 512  // grid_fused phase 1: entries of the nk fill of `sorted` written per id-load batch
+#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` written per ranking round
 
 // Lanes below this one (what %lanemask_lt holds; computed so the source needs no inline asm).
 __device__ __forceinline__ unsigned hc_lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
@@ -212,13 +212,13 @@ __device__ __forceinline__ void hc_fill_warp(int* __restrict__ a, int lo, int hi
     if (rest + lane < hi) a[rest + lane] = value;
 }
 
-// a[p, end) = value by the lanes of the calling warp, end - p <= HC_FILL_PIECE, a + p 16-byte aligned: one
+// a[p, end) = value by the lanes of the calling warp, end - p <= HC_TAIL_PIECE, a + p 16-byte aligned: one
 // streaming 16-byte store per lane and 128 entries (a shorter last vector as scalar stores). Warp-uniform.
 __device__ __forceinline__ void hc_fill_piece(int* __restrict__ a, int p, int end, int value) {
     const int lane = threadIdx.x & 31;
     const int4 w = make_int4(value, value, value, value);
 #pragma unroll
-    for (int j = 0; j < HC_FILL_PIECE / 128; ++j) {
+    for (int j = 0; j < HC_TAIL_PIECE / 128; ++j) {
         const int i = p + (j * 32 + lane) * 4;
         if (end - i >= 4) {
             __stcs(reinterpret_cast<int4*>(a + i), w);
@@ -759,11 +759,6 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      entries go). A group of slots that does not fit sets `over` and ends the list: the local slots from
 //      there on are re-read in phase 3 (only when more than list_cap of a warp's seg slots are local; the
 //      plan gives the lists as much shared memory as keeps the grid co-resident, up to a whole segment).
-//      With a layout every warp also writes nk to its slice of `sorted` (all capacity entries, one
-//      contiguous slice per warp of the grid), a HC_FILL_PIECE piece of 16-byte streaming stores per
-//      id-load batch, issued while the batch's loads are in flight, the rest after the segment: every entry
-//      that phase 3 does not place (group padding, the tail past the total) is nk, so phase 3 writes only
-//      the placed slots (the barrier orders the fill before them; see grid_fused).
 //      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]).
 //   barrier
 //   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the whole cta_hist (coalesced, from L2) and
@@ -771,17 +766,16 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
-//      invalid count. (The grid writes the block ids at the very end, after phase 3.)
+//      invalid count. (The grid writes the padding entries and block ids at the very end, after phase 3.)
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
 //      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
 //      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
 //      advances the warp's row, a __syncwarp per round orders it) and stores every slot straight to
 //      `sorted`. Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
-//      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come.
-//   (Until run 7 phase 3 also wrote the group padding and, between ranking rounds, the tail of `sorted`
-//   past the total: 23.7 us of the 60.7 us at N*K = 8M for ~32 MB of stores, after the barrier where
-//   nothing else overlapped them.)
+//      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
+//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the warp's
+//      slice of the tail of `sorted` past the total; the rest of the slice follows the last round.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
 //   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
@@ -897,17 +891,14 @@ __device__ __forceinline__ void list_append(const int (&k)[V], int off, int off0
 
 // grid_fused phase 1 for one warp's segment [ws, we): map every slot, store local_ids (16-byte stores when
 // vec_ok), count the slot in the warp's row (shared atomics on this warp's row only) and append its
-// local slots to the warp's list (list_append; `over` = HC_NO_OVER disables the list). With a layout it
-// also writes nk to the warp's slice [fill, fill_end) of `sorted`, one HC_FILL_PIECE piece (streaming
-// 16-byte stores) per id-load batch, issued while the batch's loads are in flight; `fill` advances past
-// what was written (the caller writes whatever is left). Returns this lane's count of ids that break the
-// sentinel contract. MODE and FAITHFUL are constants so the per-slot code has no branch on them.
+// local slots to the warp's list (list_append; `over` = HC_NO_OVER disables the list). Returns this
+// lane's count of ids that break the sentinel contract. MODE and FAITHFUL are constants so the per-slot
+// code has no branch on them.
 template <typename IdT, int MODE, int FAITHFUL>
 __device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, int ws, int we, bool vec_ok,
                                                  const int* smap, const int* __restrict__ gmap, int map_size,
                                                  int first, int num_local, int* __restrict__ local_ids, int* row,
-                                                 unsigned* list, int cap, int& listed, int& over,
-                                                 int* __restrict__ sorted, int& fill, int fill_end, int nk) {
+                                                 unsigned* list, int cap, int& listed, int& over) {
     const int lane = threadIdx.x & 31;
     const unsigned lower = hc_lanemask_lt();
     int bad_here = 0;
@@ -931,11 +922,6 @@ __device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, in
             for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
                 const int v = v0 + u * 32 + lane;
                 if (v < nvec) hc_vec<IdT>::load(ids + ws + v * V, a[u]);
-            }
-            if (fill < fill_end) {  // warp-uniform; stores only, nothing waits on them
-                const int end = fill_end - fill > HC_FILL_PIECE ? fill + HC_FILL_PIECE : fill_end;
-                hc_fill_piece(sorted, fill, end, nk);
-                fill = end;
             }
 #pragma unroll
             for (int u = 0; u < HC_LOADS_IN_FLIGHT; ++u) {
@@ -998,40 +984,18 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* row = cnt + warp * wl;
     int listed = 0;                            // entries in this warp's list (warp-uniform)
     int over = aligned ? HC_NO_OVER : 0;       // offset from which the list is full (no list without a layout)
-    // Every entry of `sorted` that phase 3 does not place is nk (group padding and the tail past the total),
-    // so phase 1 writes all capacity entries with nk and phase 3 stores only the placed slots over them.
-    // `sorted` is cut into one contiguous slice per warp of the grid (so one per block as well), 16-byte
-    // aligned from `head` (the first aligned entry; the grid's first warp writes the < 4 entries before
-    // it). capacity < 2^31 (plan.py): 32-bit unsigned arithmetic, one division. Ordering: these are plain
-    // weak stores (st.global.cs: an evict-first hint, not a different kind of store); every thread's are
-    // ordered before its block's __syncthreads, thread 0's __threadfence and arrival at grid_barrier, which
-    // every other block observes before its own fence and __syncthreads, so each of them happens before
-    // every phase-3 store to the same address and the placed value is the one that stays.
-    int fill = 0, fill_end = 0;  // warp-uniform: this warp's slice [fill, fill_end)
-    if (aligned) {
-        const int gw = me * nwarps + warp;
-        const int head = min(capacity, (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted) & 15u))
-                                              & 15u) >> 2));
-        if (gw == 0 && lane < head) sorted[lane] = nk;
-        const unsigned nw_grid = (unsigned)G * nwarps;
-        const unsigned share = (((unsigned)(capacity - head) + nw_grid - 1) / nw_grid + 3) & ~3u;
-        fill = (int)min((unsigned)capacity, (unsigned)head + share * (unsigned)gw);
-        fill_end = (int)min((unsigned)capacity, (unsigned)fill + share);
-    }
     // The map mode and faithful flag are template constants of the per-slot loop (a runtime mode cost
     // four branches per slot).
     const bool vec_ok = ((reinterpret_cast<unsigned long long>(ids) | reinterpret_cast<unsigned long long>(local_ids))
                          & 15ull) == 0;
 #define HC_PHASE1(MODE, FAITHFUL) \
     fused_map_segment<IdT, MODE, FAITHFUL>(ids, ws, we, vec_ok, smap, gmap, map_size, first, num_local, local_ids, \
-                                           row, list, list_cap, listed, over, sorted, fill, fill_end, nk)
+                                           row, list, list_cap, listed, over)
     int bad_here;
     if (map_mode == HC_MAP_SHARED) bad_here = faithful ? HC_PHASE1(HC_MAP_SHARED, 1) : HC_PHASE1(HC_MAP_SHARED, 0);
     else if (map_mode == HC_MAP_GLOBAL) bad_here = faithful ? HC_PHASE1(HC_MAP_GLOBAL, 1) : HC_PHASE1(HC_MAP_GLOBAL, 0);
     else bad_here = HC_PHASE1(HC_MAP_NONE, 0);
 #undef HC_PHASE1
-    for (; fill < fill_end; fill += HC_FILL_PIECE)  // the rest of the slice (the batches wrote most of it)
-        hc_fill_piece(sorted, fill, fill_end - fill > HC_FILL_PIECE ? fill + HC_FILL_PIECE : fill_end, nk);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
     __syncthreads();
@@ -1123,6 +1087,21 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
     }
     __syncthreads();  // the last block barrier: from here on every warp works alone
+    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
+    // benchmark moves at N*K = 8M) is cut into one contiguous slice per warp of the grid, which the warp
+    // writes HC_TAIL_PIECE entries per ranking round (so the stores stream to memory while it ranks) and
+    // the rest after its last round. The slices start 16 bytes aligned, at `head` (the first aligned entry
+    // past the total; the grid's first warp writes the < 4 entries before it). The tail never overlaps a
+    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): 32-bit unsigned
+    // arithmetic, one division.
+    const int gw = me * nwarps + warp;
+    const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
+                                                           & 15u)) & 15u) >> 2));
+    if (gw == 0 && lane < head - total) sorted[total + lane] = nk;
+    const unsigned nw_grid = (unsigned)G * nwarps;
+    const unsigned share = (((unsigned)(capacity - head) + nw_grid - 1) / nw_grid + 3) & ~3u;
+    int tail = (int)min((unsigned)capacity, (unsigned)head + share * (unsigned)gw);  // warp-uniform: next entry
+    const int whi = (int)min((unsigned)capacity, (unsigned)tail + share);
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
@@ -1135,6 +1114,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const bool more = next < we - ws;
         const int ranked = more ? queued & ~31 : queued;
         for (int r = 0; r < ranked; r += 32) {
+            if (tail < whi) {
+                const int end = whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi;
+                hc_fill_piece(sorted, tail, end, nk);
+                tail = end;
+            }
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1, ws + (int)(entry >> HC_KEY_BITS),
@@ -1164,11 +1148,18 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
     }
-    // ---- the grid's block ids (gs is still this block's, untouched since the last __syncthreads). Nothing
-    // in the kernel reads them, so they come last: before run 7 they sat between the scan and the
-    // placement, where every warp of the grid waited on this cold, rarely taken code (instruction-cache
-    // misses at each branch over it: ~3% of the run-6 stall samples at 8M).
+    for (; tail < whi; tail += HC_TAIL_PIECE)  // the rest of the slice (nothing if the rounds wrote it all)
+        hc_fill_piece(sorted, tail, whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi, nk);
+
+    // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since
+    // the last __syncthreads). Nothing in the kernel reads them, so they come last: before run 7 they sat
+    // between the scan and the placement, where every warp of the grid waited on this cold, rarely taken
+    // code (instruction-cache misses at each branch over it: ~3% of the run-6 stall samples at 8M).
     const int gtid = me * blockDim.x + tid, gsize = G * blockDim.x;
+    for (int j = gtid; j < wl * block_m; j += gsize) {  // < block_m padding entries per group
+        const int k = j / block_m, r = j - k * block_m;
+        if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;
+    }
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
 }

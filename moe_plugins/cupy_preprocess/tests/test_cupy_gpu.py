@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from preprocess_testlib import (SENTINELS, Case, assert_layout_valid, assert_mat
                                 guarded_buffers, make_case, make_ids)
 
 import moe_plugin_cupy_preprocess as plugin
-from hostcore import BackendChoice, Registry, Stage
+from hostcore import BackendChoice, Registry, Stage, cuda_graphs
 from hostcore.backends.preprocess_torch import TorchPreprocess
 from hostcore.conformance import PreprocessContract
 from hostcore.errors import ContractError
@@ -208,6 +208,21 @@ def test_int64_ids_far_outside_the_map_are_skipped_and_counted(stage: Callable[.
 
 # --- graphs, streams, zero-copy, cache ---------------------------------------------------------------
 
+def check_replays(graph: torch.cuda.CUDAGraph, routing: Any, static_ids: torch.Tensor, buffers: Any, case: Case,
+                  fresh_ids: Iterable[torch.Tensor], what: str, after: Callable[[], None] | None = None) -> None:
+    """Replay ``graph`` (a captured ``preprocess_into(static_ids, buffers)`` with block_m=16) on each of
+    ``fresh_ids``: the outputs are poisoned first, and each replay must equal the torch reference."""
+    for i, fresh in enumerate(fresh_ids):
+        static_ids.copy_(fresh)
+        for t in (buffers.local_ids, buffers.sorted_slot_ids, buffers.block_expert_ids, buffers.expert_counts):
+            t.fill_(-777)
+        graph.replay()
+        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
+        assert_matches(routing, torch_reference(now, 16), 16, f"{what}, replay {i}")
+        if after is not None:
+            after()
+
+
 @real_gpu_only
 @pytest.mark.parametrize("rows, num_experts, ep_size", [(40, 256, 8), (300, 256, 8), (4000, 256, 8), (3000, 3000, 1)])
 def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyPreprocess], rows: int,
@@ -217,23 +232,11 @@ def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyP
     backend = stage(case)
     static_ids = case.ids.clone()
     buffers = backend.make_buffers(static_ids.shape[0], static_ids.shape[1], block_m=16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        backend.preprocess_into(static_ids, buffers)  # warm-up: loads the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        routing = backend.preprocess_into(static_ids, buffers)
+    # the warm-up call loads the kernels outside the capture
+    graph, routing = cuda_graphs.capture(lambda: backend.preprocess_into(static_ids, buffers))
     gen = torch.Generator().manual_seed(seed("graph-replay", rows))
-    for _ in range(3):
-        fresh, _ = make_ids(num_experts, ep_size, rows // ep_size, 8, case.sentinel, gen)
-        static_ids.copy_(fresh)
-        for t in (buffers.local_ids, buffers.sorted_slot_ids, buffers.block_expert_ids, buffers.expert_counts):
-            t.fill_(-777)
-        graph.replay()
-        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
-        assert_matches(routing, torch_reference(now, 16), 16, f"graph replay, rows={rows}")
+    fresh = (make_ids(num_experts, ep_size, rows // ep_size, 8, case.sentinel, gen)[0] for _ in range(3))
+    check_replays(graph, routing, static_ids, buffers, case, fresh, f"graph replay, rows={rows}")
     if backend.plan(*static_ids.shape, torch.int32, 16).path == "grid":
         assert int(buffers.done[0].item()) == 0
 
@@ -260,18 +263,10 @@ def test_fused_grid_kernel_guarded_reused_and_replayed(stage: Callable[..., Cupy
         assert int(buffers.done[0].item()) == 0
         now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
         assert_matches(routing, torch_reference(now, 16), 16, f"fused {dtype}")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        routing = backend.preprocess_into(static_ids, buffers)
-    for _ in range(2):
-        fresh, _ = make_ids(256, 8, rows // 8, 8, case.sentinel, gen, dtype)
-        static_ids.copy_(fresh)
-        for t in (buffers.local_ids, buffers.sorted_slot_ids, buffers.block_expert_ids, buffers.expert_counts):
-            t.fill_(-777)
-        graph.replay()
-        now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
-        assert_matches(routing, torch_reference(now, 16), 16, f"fused graph replay {dtype}")
-        check_guards(backing)
+    graph, routing = cuda_graphs.capture(lambda: backend.preprocess_into(static_ids, buffers))
+    fresh = (make_ids(256, 8, rows // 8, 8, case.sentinel, gen, dtype)[0] for _ in range(2))
+    check_replays(graph, routing, static_ids, buffers, case, fresh, f"fused graph replay {dtype}",
+                  after=lambda: check_guards(backing))
     assert int(buffers.done[0].item()) == 0
 
 

@@ -89,6 +89,29 @@ __device__ __forceinline__ int layout_key(int local, int num_local) {
     return (unsigned)local < (unsigned)num_local ? local : -1;
 }
 
+// Map this lane's IPT slots of a warp segment (slot seg + c * 32 + lane for chunk c; `raw` holds their ids,
+// anything past nk): store every local id, return the layout keys in `key` (-1 past nk or not local) and add
+// the ids that break the sentinel contract to `bad_here`. Shared by block_preprocess and grid_count.
+template <typename IdT, int IPT>
+__device__ __forceinline__ void map_chunks(const IdT (&raw)[IPT], int seg, int nk, int map_mode, int faithful,
+                                           const int* smap, const int* __restrict__ gmap, int map_size, int first,
+                                           int num_local, int* __restrict__ local_ids, int (&key)[IPT],
+                                           int& bad_here) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        const int i = seg + c * 32 + lane;
+        key[c] = -1;
+        if (i < nk) {
+            int bad;
+            const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
+            local_ids[i] = local;
+            bad_here += bad;
+            key[c] = layout_key(local, num_local);
+        }
+    }
+}
+
 // Key relative to the expert window [e0, e0 + wl), or -1 outside it.
 __device__ __forceinline__ int window_key(int key, int e0, int wl) {
     const int k = key - e0;
@@ -336,18 +359,8 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
 
     int key[IPT];
     int bad_here = 0;
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) {
-        const int i = seg + c * 32 + lane;
-        key[c] = -1;
-        if (i < nk) {
-            int bad;
-            const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-            local_ids[i] = local;
-            bad_here += bad;
-            key[c] = layout_key(local, num_local);
-        }
-    }
+    map_chunks<IdT, IPT>(raw, seg, nk, map_mode, faithful, smap, gmap, map_size, first, num_local, local_ids, key,
+                         bad_here);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
 
@@ -570,17 +583,13 @@ grid_count(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         for (int k = tid; k < wl; k += blockDim.x) hist[k] = 0;
         if (tid == 0) scratch[0] = 0;
         __syncthreads();
+        map_chunks<IdT, HC_GRID_IPT>(raw, seg, nk, map_mode, faithful, smap, gmap, map_size, first, num_local,
+                                     local_ids, key, bad_here);
+        if (keys8) {
 #pragma unroll
-        for (int c = 0; c < HC_GRID_IPT; ++c) {
-            const int i = seg + c * 32 + lane;
-            key[c] = -1;
-            if (i < nk) {
-                int bad;
-                const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-                local_ids[i] = local;
-                bad_here += bad;
-                key[c] = layout_key(local, num_local);
-                if (keys8) keys8[i] = (unsigned char)(key[c] < 0 ? HC_NO_KEY8 : key[c]);
+            for (int c = 0; c < HC_GRID_IPT; ++c) {
+                const int i = seg + c * 32 + lane;
+                if (i < nk) keys8[i] = (unsigned char)(key[c] < 0 ? HC_NO_KEY8 : key[c]);
             }
         }
         bad_here = warp_sum(bad_here);

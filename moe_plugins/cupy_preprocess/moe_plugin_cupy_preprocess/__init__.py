@@ -37,9 +37,9 @@ OPTIONS = {
                    ("safe", "checked", "faithful")),
     "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
                                   "shared, global", ("auto", "shared", "global")),
-    "path": Option(str, "auto", "auto: one single-warp launch up to 512 slots (<= 128 local experts), one "
-                                "single-block launch up to 8192 slots, else the multi-block path (one cooperative "
-                                "grid_fused launch); warp, block or grid force one", ("auto", "warp", "block", "grid")),
+    "path": Option(str, "auto", "auto: one single-warp launch up to 128 slots (<= 128 local experts), one "
+                                "single-block launch up to 4096 slots, else the multi-block path (one cooperative "
+                                "grid_fused launch); warp (<= 512 slots), block (<= 16384) or grid force one", ("auto", "warp", "block", "grid")),
 }
 
 

@@ -86,10 +86,13 @@ against block_preprocess 4.72 / 5.01 / 5.57 us at 8 / 64 / 512 slots. The warp's
 (its chunks run one after another on one warp), the block's about 1.3 ns: the lines cross near 220 slots, so the
 switch sits at 128, inside the range where the warp measured faster."""
 MAP_PLACES = ("auto", "shared", "global")
-BLOCK_PATH_AUTO_MAX = 8192
-"""``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU run 2, commit
-7f18ecd, GPU_RESULTS.md): the single block won up to 8192 slots (14.78 us vs 15.58 for grid_fused) and lost
-at 16384 (20.37 vs 15.52), where one SM has to move all the bytes and rank every slot."""
+BLOCK_PATH_AUTO_MAX = 4096
+"""``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
+comparisons of runs 7, 8 and 11, grid_fused with per-warp segments): at 4096 slots the single block wins
+(12.16 / 12.16 / 12.00 us against 15.84 / 14.88 / 14.34 for grid_fused); at 8192 grid_fused is as fast
+eagerly (15.30 / 13.86 / 15.23 against 15.10 / 16.03 / 15.20) and faster in a CUDA graph (10.82 / 10.51 /
+10.52 against 11.76 / 11.99 / 11.74 us), and at 16384 it wins clearly (about 14.5 against 20.5 us). Until
+run 6 the switch sat at 8192, where the older grid_fused lost."""
 
 
 @dataclass(frozen=True)

@@ -326,36 +326,37 @@ class _OpCalls:
         self._rank, self._ep, self._top_k, self._experts = a2a.ep_rank, a2a.ep_size, a2a.top_k, a2a.num_experts
         self._sentinel, self._hidden_size, self._dtype = sentinel, hidden_size, dtype
         self._pdl = bool(device_support_pdl(device))  # what MoeAlltoAll passes (None -> detected per call)
-        self._views: dict[tuple[int, Any], list[torch.Tensor]] = {}
-        self._combine_offset: dict[int, int] = {}
-        self._combine_views: dict[int, torch.Tensor] = {}
+        # (R, payload layout) -> (receive views, combine offset): both fixed by R and the payload row sizes.
+        self._layouts: dict[tuple[int, Any], tuple[list[torch.Tensor], int]] = {}
+        self._combine_views: dict[tuple[int, int], torch.Tensor] = {}
+        self._combine_offset = -1  # of the last dispatch: the combine region starts after its payloads
 
     def dispatch(self, ids: torch.Tensor, payloads: list[torch.Tensor], rows: int, ids_index: int,
                  layout_key: Any) -> list[torch.Tensor]:
         result = self._dispatch_op(ids, payloads, self._workspace, self._metainfo, rows, self._rank, self._ep,
                                    self._top_k, self._experts, self._pdl, None, False, None)
-        views = self._views.get((rows, layout_key))
-        if views is None:
-            offsets, sizes, combine_offset = result[0], result[1], int(result[2])
+        found = self._layouts.get((rows, layout_key))
+        if found is None:
+            offsets, sizes = result[0], result[1]
             views = [self._wrap(self._workspace, [self._ep, rows], int(o), int(o) + int(n), p.dtype)
                      for p, o, n in zip(payloads, offsets, sizes, strict=True)]
-            self._views[(rows, layout_key)] = views
-            self._combine_offset[rows] = combine_offset
+            found = self._layouts[(rows, layout_key)] = (views, int(result[2]))
+        views, self._combine_offset = found
         self._sanitize_op(views[ids_index], self._workspace, self._metainfo, self._rank, self._sentinel, self._pdl)
         return views
 
     def combine_buffer(self, rows: int) -> torch.Tensor:
-        view = self._combine_views.get(rows)
+        start = self._combine_offset
+        view = self._combine_views.get((rows, start))
         if view is None:
-            start = self._combine_offset[rows]
             nbytes = self._ep * rows * self._hidden_size * self._dtype.itemsize
-            view = self._combine_views[rows] = self._wrap(self._workspace[self._rank, :], [self._ep, rows], start,
-                                                          start + nbytes, self._dtype)
+            view = self._combine_views[(rows, start)] = self._wrap(self._workspace[self._rank, :], [self._ep, rows],
+                                                                   start, start + nbytes, self._dtype)
         return view
 
     def combine(self, payload: torch.Tensor, rows: int, in_workspace: bool, output: torch.Tensor) -> torch.Tensor:
         self._combine_op(payload, output.shape[0], self._workspace, self._metainfo, rows, self._rank, self._ep,
-                         self._top_k, self._combine_offset[rows], in_workspace, None, None, 1.0, None, False,
+                         self._top_k, self._combine_offset, in_workspace, None, None, 1.0, None, False,
                          self._pdl, False, None, output)
         return output
 

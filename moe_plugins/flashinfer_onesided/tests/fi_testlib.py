@@ -346,9 +346,13 @@ def scenario_scales(rank: int, world: int) -> dict[str, Any]:
     for api in ("moe_alltoall", "moe_ep"):
         ctx = context(rank, ep, experts, HIDDEN, TOP_K, dtype, MAX_TOKENS, experts)
         stage = cpu_stage(ctx, api=api, scale_bytes_per_token=12)
+        args = (HIDDEN, TOP_K, experts, dtype)
+        # with scales, without, with again at the same R: each payload layout has its own views and combine region
         out[api] = {"api": stage.api,
-                    "roundtrip": round_trip(stage, None, rank, ep, COUNTS[:ep], None, HIDDEN, TOP_K, experts, dtype,
-                                            scale_cols=3)}
+                    "roundtrip": round_trip(stage, None, rank, ep, COUNTS[:ep], None, *args, scale_cols=3),
+                    "no_scales": round_trip(stage, None, rank, ep, COUNTS[:ep], None, *args, seed=1),
+                    "again": round_trip(stage, None, rank, ep, COUNTS[:ep], None, *args, scale_cols=3, seed=2,
+                                        zero_copy=True)}
         tok = make_tokens(rank, 2, HIDDEN, TOP_K, experts, dtype, scale_cols=4)
         try:
             stage.dispatch(PreparedTokens(tok["hidden"], tok["topk_ids"], tok["topk_weights"], tok["scales"]), 4)

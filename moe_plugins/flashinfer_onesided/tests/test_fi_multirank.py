@@ -85,6 +85,8 @@ def test_scales_travel_when_reserved_and_are_refused_when_too_wide(world2: list[
         for api in ("moe_alltoall", "moe_ep"):
             assert res[api]["api"] == api
             assert res[api]["roundtrip"]["stats"]["dispatch"] == 1
+            assert res[api]["no_scales"]["stats"]["dispatch"] == 1
+            assert res[api]["again"]["stats"].get("combine_in_workspace") == 1
             assert "scale_bytes_per_token=16" in res[api]["too_wide"]
 
 

@@ -96,6 +96,7 @@ class _Exchange:
     local_num_tokens: int
     rows: int
     send_plan: list[list[int]]  # per target rank: my token indices in slot order
+    combine_offset: int  # where this dispatch put the combine region (after its payload planes)
 
 
 _BY_WORKSPACE: dict[int, "MoeAlltoAll"] = {}
@@ -163,7 +164,7 @@ def _op_dispatch(token_selected_experts: torch.Tensor, input_payloads: list[torc
         for view, src in zip(views, src_payloads):
             if rows:
                 view[s, : len(rows)] = src[torch.tensor(rows, dtype=torch.long)]
-    a2a._exchange = _Exchange(t, r, plan)
+    a2a._exchange = _Exchange(t, r, plan, _align(off))
     STATS["dispatch"] += 1
     rank_offset = ep_rank * workspace.stride(0)
     offsets = [rank_offset + base + sum(sizes[:i]) for i in range(len(sizes))]
@@ -198,6 +199,10 @@ def _op_combine_into(payload: torch.Tensor, local_num_tokens: int, workspace: to
     _check(payload.dim() == 3, "payload must be [ep_size, runtime_max_tokens_per_rank, hidden]")
     _check(payload.shape[0] == ep_size and payload.shape[1] == r, "payload must be [ep_size, R, hidden]")
     _check(r == exchange.rows, f"fake: combine R={r} differs from its dispatch's R={exchange.rows}")
+    # Deliberate addition (the real kernel trusts the offset): a combine region other than the one its dispatch
+    # laid out would overlap that dispatch's payload planes.
+    _check(combine_payload_offset == exchange.combine_offset,
+           f"fake: combine_payload_offset={combine_payload_offset} differs from its dispatch's {exchange.combine_offset}")
     _check(local_num_tokens == exchange.local_num_tokens,
            f"fake: combine local_num_tokens={local_num_tokens} differs from its dispatch's {exchange.local_num_tokens}")
     nbytes = payload.numel() * payload.element_size()

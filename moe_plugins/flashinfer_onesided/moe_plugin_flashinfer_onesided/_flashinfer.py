@@ -304,6 +304,10 @@ def _ops_match(ops: Any) -> bool:
     return True
 
 
+_MAX_CACHED_LAYOUTS = 1024
+"""Receive layouts `_OpCalls` keeps (a few views each); past that it starts over."""
+
+
 class _OpCalls:
     """Per-forward calls straight to FlashInfer's all-to-all ops on the workspace ``MoeAlltoAll`` allocated.
 
@@ -340,6 +344,9 @@ class _OpCalls:
             offsets, sizes = result[0], result[1]
             views = [self._wrap(self._workspace, [self._ep, rows], int(o), int(o) + int(n), p.dtype)
                      for p, o, n in zip(payloads, offsets, sizes, strict=True)]
+            if len(self._layouts) >= _MAX_CACHED_LAYOUTS:  # R agreed per batch can take many values: stay bounded
+                self._layouts.clear()
+                self._combine_views.clear()
             found = self._layouts[(rows, layout_key)] = (views, int(result[2]))
         views, self._combine_offset = found
         self._sanitize_op(views[ids_index], self._workspace, self._metainfo, self._rank, self._sentinel, self._pdl)

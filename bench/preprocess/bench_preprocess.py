@@ -205,18 +205,25 @@ def check(got: Any, ref: Any) -> None:
             raise SystemExit("MISMATCH between cupy and torch: refusing to time a wrong result")
 
 
+def bench_context() -> BuildContext:
+    """The benchmark's layer on GPU 0: rank RANK of EP ranks over E experts through an expert map, the
+    non_local sentinel (shared by this script, profile_preprocess.py and phase_times.py)."""
+    placement = ExpertPlacement.contiguous(E, EP)
+    local = placement.local_experts(RANK, use_map=True, device="cuda")
+    sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])  # non_local
+    return BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
+                        hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
+                        sentinel=sentinel)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--sizes", type=int, nargs="*", default=SIZES)
     args = parser.parse_args()
 
-    placement = ExpertPlacement.contiguous(E, EP)
-    local = placement.local_experts(RANK, use_map=True, device="cuda")
-    sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])  # non_local
-    ctx = BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
-                       hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
-                       sentinel=sentinel)
+    ctx = bench_context()
+    sentinel = int(ctx.sentinel)
     ours = {path: CupyPreprocess(ctx, path=path) for path in ("auto", "warp", "block", "grid")}
     peer = TorchPreprocess(ctx, mode="safe")
     kernels = ours["auto"].kernels

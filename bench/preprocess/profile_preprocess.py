@@ -15,12 +15,10 @@ import sys
 import time
 
 import torch
-
-from bench_preprocess import BLOCK_M, E, EP, RANK, TOP_K, check, routed_ids
-from hostcore.backends.preprocess_torch import TorchPreprocess
-from hostcore.hookspecs import BuildContext
-from hostcore.placement import ExpertPlacement
+from bench_preprocess import BLOCK_M, bench_context, check, routed_ids
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+
+from hostcore.backends.preprocess_torch import TorchPreprocess
 
 
 def main() -> int:
@@ -29,12 +27,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2, help="preprocess calls per size after the check")
     args = parser.parse_args()
 
-    placement = ExpertPlacement.contiguous(E, EP)
-    local = placement.local_experts(RANK, use_map=True, device="cuda")
-    sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])
-    ctx = BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
-                       hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
-                       sentinel=sentinel)
+    ctx = bench_context()
+    sentinel = int(ctx.sentinel)
     stage, peer = CupyPreprocess(ctx), TorchPreprocess(ctx, mode="safe")
     gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
     for nk in args.sizes:

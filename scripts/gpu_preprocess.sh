@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU run of the cupy preprocess plugin: install, GPU tests, benchmark, compute-sanitizer.
-# Usage (on the GPU host, repository root): scripts/gpu_preprocess.sh [all|tests|bench|sanitize|profile]...
-# (`profile`, not part of `all`: Nsight Compute's full section set on each kernel at a few sizes, ncu.txt.)
+# Usage (on the GPU host, repository root): scripts/gpu_preprocess.sh [all|tests|bench|sanitize|profile|trace]...
+# (`profile` and `trace`, not part of `all`: Nsight Compute's full section set on each kernel at a few sizes,
+# ncu.txt; per-phase timestamps inside the kernels, trace.log / trace.jsonl.)
 # Logs and the benchmark JSON go to $OUT (default ./out); the last lines printed are a summary table.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -40,6 +41,15 @@ if [[ " $STEPS " == *" profile "* ]]; then
   STATUS[profile]="rc=$? $(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled"
 fi
 
+if [[ " $STEPS " == *" trace "* ]]; then
+  # Per-phase timestamps inside the kernels (HC_TRACE build), auto path and the single-block path to 16K.
+  TRACE_SIZES="${TRACE_SIZES:-8 64 512 2048 4096 8192 16384 65536 1048576 8388608}"
+  { timeout 150 python3 bench/preprocess/phase_trace.py --sizes $TRACE_SIZES --out "$OUT/trace.jsonl"
+    timeout 60 python3 bench/preprocess/phase_trace.py --path block --sizes 8192 16384 --out "$OUT/trace.jsonl"
+  } > "$OUT/trace.log" 2>&1
+  STATUS[trace]="rc=$? $(grep -c event "$OUT/trace.log") traces"
+fi
+
 if want sanitize; then
   # Kernels are in the disk cache by now; the three tools run side by side (they are CPU-bound).
   SAN="moe_plugins/cupy_preprocess/tests/sanitize_run.py"
@@ -58,7 +68,7 @@ fi
 
 echo
 echo "==================== summary ($(head -2 "$ENV" | tail -1)) ===================="
-for k in tests bench profile memcheck racecheck initcheck; do
+for k in tests bench profile trace memcheck racecheck initcheck; do
   [[ -n "${STATUS[$k]:-}" ]] && printf '%-10s %s\n' "$k" "${STATUS[$k]}"
 done
 if [[ -f "$OUT/preprocess-h100.json" ]]; then

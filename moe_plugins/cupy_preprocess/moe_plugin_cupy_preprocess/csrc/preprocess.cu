@@ -47,6 +47,26 @@
 #define HC_NO_KEY8 255  // keys8 entry of a slot that is not local
 #define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` written per ranking round
 
+// Phase timestamps for bench/preprocess/phase_trace.py (compiled only with -DHC_TRACE): thread 0 of block 0
+// stores clock64() at mark i into hc_trace[i] (and %globaltimer into hc_trace[32 + i], to convert cycles
+// to nanoseconds). Without HC_TRACE a mark is nothing.
+#ifdef HC_TRACE
+extern "C" {
+__device__ unsigned long long hc_trace[64];
+}
+#define HC_MARK(i)                                                                                   \
+    do {                                                                                             \
+        if (blockIdx.x == 0 && threadIdx.x == 0) {                                                   \
+            unsigned long long hc_t;                                                                 \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(hc_t));                                  \
+            hc_trace[i] = clock64();                                                                 \
+            hc_trace[32 + (i)] = hc_t;                                                               \
+        }                                                                                            \
+    } while (0)
+#else
+#define HC_MARK(i) ((void)0)
+#endif
+
 // Lanes below this one (what %lanemask_lt holds; computed so the source needs no inline asm).
 __device__ __forceinline__ unsigned hc_lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
 
@@ -345,6 +365,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
     int* scratch = gs + window + 1;  // [0, 33): scans; [33]: invalid count
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int seg = warp * 32 * IPT;
+    HC_MARK(0);
 
     // Issue the id loads first so that their latency overlaps the map copy.
     IdT raw[IPT];
@@ -356,11 +377,13 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
+    HC_MARK(1);
 
     int key[IPT];
     int bad_here = 0;
     map_chunks<IdT, IPT>(raw, seg, nk, map_mode, faithful, smap, gmap, map_size, first, num_local, local_ids, key,
                          bad_here);
+    HC_MARK(2);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
 
@@ -372,6 +395,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         __syncthreads();
         if (warp < active_warps) warp_count<IPT>(key, e0, wl, cnt + warp * window);
         __syncthreads();
+        HC_MARK(3);
         int total_k = 0;  // slots of expert e0 + tid (threads tid < wl; wl <= window <= blockDim, see launch.py)
         if (tid < wl) {
             for (int w = 0; w < active_warps; ++w) total_k += cnt[w * window + tid];
@@ -383,6 +407,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
             continue;
         }
         const int window_total = block_exclusive_scan(gs, wl, scratch);
+        HC_MARK(4);
         if (tid < wl) {
             const int start = base + gs[tid];
             gs[tid] = start;
@@ -397,12 +422,14 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         }
         if (tid == 0) gs[wl] = base + window_total;
         __syncthreads();
+        HC_MARK(5);
         const int first_block = gs[0] / block_m, end_block = gs[wl] / block_m;
         for (int b = first_block + tid; b < end_block; b += blockDim.x)
             block_ids[b] = e0 + upper_bound(gs, wl + 1, b * block_m) - 1;
         if (warp < active_warps)
             warp_rank<IPT>(key, e0, wl, cnt + warp * window,
                            [&](int c, int, int pos) { sorted[pos] = seg + c * 32 + lane; });
+        HC_MARK(6);
         base += window_total;
         __syncthreads();  // cnt and gs are rewritten by the next window
     }
@@ -411,8 +438,10 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         hc_fill(block_ids, base / block_m, capacity / block_m, -1, tid, blockDim.x);
         if (tid == 0) total_out[0] = base;
     }
+    HC_MARK(7);
     __syncthreads();  // every warp's atomicAdd on scratch[33] is done
     if (tid == 0) invalid[0] = scratch[33];
+    HC_MARK(8);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -450,6 +479,7 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     int* gs = ccnt + SPL * num_local;                                // [num_local]: padded group starts
     const int lane = threadIdx.x & 31;
     const unsigned lower = hc_lanemask_lt();
+    HC_MARK(0);
 
     IdT raw[SPL];
 #pragma unroll
@@ -466,6 +496,7 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     // expert per lane and a separate tail fill; the < 1024 entries of the warp path are cheap to write twice.)
     if (block_m > 0) hc_fill_warp(sorted, 0, capacity, nk);
     __syncwarp();  // the map copy and the zeros are visible to the whole warp
+    HC_MARK(1);
 
     const int bits = key_bits(num_local);
     int key[SPL], rank[SPL];
@@ -489,6 +520,7 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     }
     if (lane == 0) invalid[0] = bad_total;  // the same value in every lane: no atomic, no read of the counter
     __syncwarp();  // chunk counts visible
+    HC_MARK(2);
 
     // Lane L owns experts [k0, k1) (in lane order, so a warp scan of the lanes' sums orders the groups):
     // exclusive prefix of each owned expert's chunk counts (SPL independent shared loads), its total and
@@ -520,6 +552,7 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
     const int incl = warp_inclusive_scan(blocks_mine);
     const int total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
+    HC_MARK(3);
     // Group starts and the block ids of each owned expert (stores only; the padding is already nk).
     int b = incl - blocks_mine;  // first block of this lane's first expert
 #pragma unroll
@@ -531,11 +564,13 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
         b += nblocks[j];
     }
     __syncwarp();  // group starts and chunk prefixes visible to every lane
+    HC_MARK(4);
 #pragma unroll
     for (int c = 0; c < SPL; ++c)
         if (key[c] >= 0) sorted[gs[key[c]] + ccnt[c * num_local + key[c]] + rank[c]] = c * 32 + lane;
     hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total_blocks * block_m;
+    HC_MARK(5);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -986,10 +1021,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const bool aligned = block_m > 0;
 
     // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
+    HC_MARK(0);
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
+    HC_MARK(1);
     int* row = cnt + warp * wl;
     int listed = 0;                            // entries in this warp's list (warp-uniform)
     int over = aligned ? HC_NO_OVER : 0;       // offset from which the list is full (no list without a layout)
@@ -1005,9 +1042,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     else if (map_mode == HC_MAP_GLOBAL) bad_here = faithful ? HC_PHASE1(HC_MAP_GLOBAL, 1) : HC_PHASE1(HC_MAP_GLOBAL, 0);
     else bad_here = HC_PHASE1(HC_MAP_NONE, 0);
 #undef HC_PHASE1
+    HC_MARK(2);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
     __syncthreads();
+    HC_MARK(3);
     for (int k = tid; k < wl; k += blockDim.x) {
         int t = 0;
 #pragma unroll
@@ -1015,7 +1054,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         cta_hist[k * G + me] = t;
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
+    HC_MARK(4);
     grid_barrier(barrier);
+    HC_MARK(5);
 
     // ---- phase 2: expert totals, this block's prefix, group starts, fills --------------------------
     if (me == 0 && tid < 32) {  // the invalid count (read by every mode; written once)
@@ -1071,6 +1112,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
         __syncthreads();
     }
+    HC_MARK(6);
     if (!aligned) return;
     for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
     __syncthreads();
@@ -1096,6 +1138,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
     }
     __syncthreads();  // the last block barrier: from here on every warp works alone
+    HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into one contiguous slice per warp of the grid, which the warp
     // writes HC_TAIL_PIECE entries per ranking round (so the stores stream to memory while it ranks) and
@@ -1159,6 +1202,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     for (; tail < whi; tail += HC_TAIL_PIECE)  // the rest of the slice (nothing if the rounds wrote it all)
         hc_fill_piece(sorted, tail, whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi, nk);
+    HC_MARK(8);
 
     // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since
     // the last __syncthreads). Nothing in the kernel reads them, so they come last: before run 7 they sat
@@ -1171,6 +1215,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
+    HC_MARK(9);
 }
 
 // An empty kernel, launched by the benchmark to measure the launch floor in the same process. (One

@@ -1,0 +1,101 @@
+"""Where one preprocess call spends its time inside the kernel: per-phase timestamps of block 0, thread 0.
+
+The kernels are compiled with ``-DHC_TRACE``: every ``HC_MARK(i)`` in ``csrc/preprocess.cu`` then stores
+clock64() and %globaltimer of block 0's thread 0 (after a block barrier where there is one, so the mark
+is when the whole block got there). Per size (routing as in `bench_preprocess.py`), the call runs
+``--reps`` times behind a long sleep kernel (so host launch cost is hidden) with and without an L2 flush;
+the median time of every mark since mark 0 is printed, in nanoseconds (cycles scaled by the globaltimer
+span of the same run), next to the median CUDA-event time of the whole call. What happens before mark 0
+(launch, block scheduling) is the event time minus the last mark.
+
+    python3 bench/preprocess/phase_trace.py --sizes 8 512 2048 4096 8192 16384 1048576 8388608 --out trace.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from bench_preprocess import BLOCK_M, bench_context, check, routed_ids
+from moe_plugin_cupy_preprocess import jit
+from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+
+from hostcore.backends.preprocess_torch import TorchPreprocess
+
+MARKS = 32
+# What each mark follows, per kernel (csrc/preprocess.cu).
+MARK_NAMES = {
+    "warp_preprocess": ["start", "ids+map loaded, sorted filled", "mapped+chunk counts", "expert scan",
+                        "group starts+block ids", "placed+tail"],
+    "block_preprocess": ["start", "map copied", "mapped", "counted", "group scan", "per-warp starts", "ranked",
+                         "fills", "end"],
+    "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",
+                   "grid barrier", "phase 2", "phase 3 starts", "placed+tail (own warp)", "end"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
+    parser.add_argument("--path", default="auto", help="the backend's path option (auto, warp, block, grid)")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--out", help="JSON lines file to write (appended: one line per size and timer)")
+    args = parser.parse_args()
+
+    jit.COMPILE_OPTIONS = (*jit.COMPILE_OPTIONS, "-DHC_TRACE")  # before the module is first compiled
+    import cupy
+
+    ctx = bench_context()
+    stage, peer = CupyPreprocess(ctx, path=args.path), TorchPreprocess(ctx, mode="safe")
+    trace_ptr = jit._module().get_global("hc_trace")
+    trace = cupy.ndarray((2 * MARKS,), dtype=cupy.uint64, memptr=trace_ptr)
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
+    for nk in args.sizes:
+        ids = routed_ids(nk, int(ctx.sentinel), gen)
+        buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
+        check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
+        kernel = buffers.plan.kernel_names[-1].split("<")[0]
+        for flushed in (False, True):
+            per_mark: dict[int, list[float]] = {}
+            event_us = []
+            for rep in range(args.reps + 5):
+                trace.fill(0)
+                cupy.cuda.Device().synchronize()
+                if flushed:
+                    flush.zero_()
+                torch.cuda._sleep(100_000)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                stage.preprocess_into(ids, buffers)
+                end.record()
+                end.synchronize()
+                if rep < 5:
+                    continue
+                event_us.append(start.elapsed_time(end) * 1e3)
+                t = trace.get().astype("int64")
+                clk, gt = t[:MARKS], t[MARKS:]
+                hit = [i for i in range(MARKS) if clk[i] != 0]
+                last = hit[-1]
+                ns_per_cycle = (gt[last] - gt[0]) / max(1, clk[last] - clk[0])
+                for i in hit:
+                    per_mark.setdefault(i, []).append(float((clk[i] - clk[0]) * ns_per_cycle))
+            names = MARK_NAMES.get(kernel, [])
+            marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
+            row = {"num_slots": nk, "kernel": kernel, "flushed": flushed, "event_us": statistics.median(event_us),
+                   "marks_ns": marks}
+            print(f"N*K={nk:>8} {kernel:>16} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us | "
+                  + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        del ids, buffers
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

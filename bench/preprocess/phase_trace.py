@@ -62,7 +62,7 @@ def main() -> int:
         kernel = buffers.plan.kernel_names[-1].split("<")[0]
         for flushed in (False, True):
             per_mark: dict[int, list[float]] = {}
-            event_us = []
+            event_us, ghz = [], []
             for rep in range(args.reps + 5):
                 trace.fill(0)
                 cupy.cuda.Device().synchronize()
@@ -82,13 +82,15 @@ def main() -> int:
                 hit = [i for i in range(MARKS) if clk[i] != 0]
                 last = hit[-1]
                 ns_per_cycle = (gt[last] - gt[0]) / max(1, clk[last] - clk[0])
+                if ns_per_cycle > 0:
+                    ghz.append(1 / ns_per_cycle)
                 for i in hit:
                     per_mark.setdefault(i, []).append(float((clk[i] - clk[0]) * ns_per_cycle))
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
             row = {"num_slots": nk, "kernel": kernel, "flushed": flushed, "event_us": statistics.median(event_us),
-                   "marks_ns": marks}
-            print(f"N*K={nk:>8} {kernel:>16} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us | "
+                   "sm_ghz": statistics.median(ghz) if ghz else None, "marks_ns": marks}
+            print(f"N*K={nk:>8} {kernel:>16} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us, SM {row['sm_ghz'] or 0:.2f} GHz | "
                   + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

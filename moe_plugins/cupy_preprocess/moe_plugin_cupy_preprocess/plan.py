@@ -8,8 +8,10 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     ``num_local <= WARP_MAX_LOCAL``); ``path=auto`` up to `WARP_PATH_AUTO_MAX`. Decode sizes: no
     ``__syncthreads``, no block scan, one dependent memory round trip with a shared-memory map.
 ``block`` path
-    one launch of ``block_preprocess``: one block of up to 1024 threads, ``ipt`` slots per thread
-    (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Decode sizes.
+    one launch of ``block_preprocess``: ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt``
+    slots per thread (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Every block
+    maps and counts all slots; each places only its own share (`BLOCK_OWNED_SLOTS` slots or so), so the
+    serial ranking rounds spread over the blocks without any grid-wide barrier. Decode sizes.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -36,6 +38,11 @@ from hostcore.errors import ConfigError, ContractError
 
 BLOCK_THREADS = 1024
 BLOCK_IPTS = (1, 4, 16)
+BLOCK_VARIANTS = {"int32": ((1, 1), (4, 1), (4, 4), (16, 1), (16, 16)), "int64": ((1, 1), (4, 1), (4, 4), (16, 16))}
+"""The (ipt, sub) instantiations of block_preprocess per id dtype: sub = ipt is one block's layout (a row of
+counters per warp), sub = 1 several blocks' (a row per 32-slot chunk). int64 ids at ipt 16 have no sub = 1
+kernel: their 16 ids take 32 registers while they load, and with the finer chunk addressing ptxas spilled
+(sm_90, 64 registers for 1024 threads); several blocks then place whole warps' segments."""
 BLOCK_MAX_SLOTS = BLOCK_THREADS * BLOCK_IPTS[-1]
 GRID_THREADS = 512
 GRID_WARPS = GRID_THREADS // 32
@@ -86,6 +93,11 @@ against block_preprocess 4.72 / 5.01 / 5.57 us at 8 / 64 / 512 slots. The warp's
 (its chunks run one after another on one warp), the block's about 1.3 ns: the lines cross near 220 slots, so the
 switch sits at 128, inside the range where the warp measured faster."""
 MAP_PLACES = ("auto", "shared", "global")
+BLOCK_OWNED_SLOTS = 1024
+"""block path: ``path=auto`` gives each block about this many slots to place (the blocks all map and count
+every slot; see `_block_grid`)."""
+BLOCK_MAX_GRID = 16
+"""block path: at most this many blocks (each reads all the ids from L2)."""
 BLOCK_PATH_AUTO_MAX = 4096
 """``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
 comparisons of runs 7, 8 and 11, grid_fused with per-warp segments): at 4096 slots the single block wins
@@ -112,7 +124,7 @@ def choose_map(map_size: int | None, map_in: str, smem_optin: int = DEFAULT_SMEM
         raise ConfigError(f"map_in must be one of {', '.join(MAP_PLACES)}, got {map_in!r}")
     if map_size is None:
         return MapChoice(MAP_NONE, 0)
-    fits = _block_smem_ints(map_size, MIN_WINDOW, 1) * 4 <= smem_optin
+    fits = _block_smem_ints(map_size, MIN_WINDOW, 1, 32) * 4 <= smem_optin
     if map_in == "shared":
         if not fits:
             raise ConfigError(f"map_in=shared: the expert map has {map_size} entries ({map_size * 4} bytes), more than "
@@ -149,7 +161,9 @@ class Plan:
     smem_count_bytes: int
     smem_place_bytes: int
     fused: bool = False  # grid path: one cooperative grid_fused launch instead of count/scan/place
-    grid_blocks: int = 0  # fused: blocks of the cooperative grid (all co-resident)
+    grid_blocks: int = 0  # fused: blocks of the cooperative grid (all co-resident); block path: blocks of the launch
+    sub: int = 0  # block path: chunks of 32 slots per virtual warp (a row of counters): 1 or ipt
+    owned_rows: int = 0  # block path: virtual warps each block places (grid_blocks * owned_rows >= rows)
     chunk: int = 0  # fused: consecutive slots per block (a multiple of TILE)
     keys_in_smem: bool = False  # fused: list_cap >= half a warp's segment (see `_fused_layout`)
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
@@ -204,8 +218,24 @@ class Plan:
         return self.num_slots if use else 0
 
 
-def _block_smem_ints(map_entries: int, window: int, active_warps: int) -> int:
-    return map_entries + active_warps * window + window + 1 + SCRATCH_INTS
+def _block_smem_ints(map_entries: int, window: int, rows: int, slots: int) -> int:
+    """block_preprocess's dynamic shared memory: map, one row of ``window | 1`` counters per virtual warp,
+    group starts and totals of the window, scratch, the layout key of each of the block's ``slots``."""
+    return map_entries + rows * (window | 1) + 2 * window + 1 + SCRATCH_INTS + slots
+
+
+def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: int,
+                blocks: int | None) -> tuple[int, int, int]:
+    """``(grid_blocks, sub, owned_rows)`` of block_preprocess for ``blocks`` blocks (``None``: one per
+    `BLOCK_OWNED_SLOTS` slots, at most `BLOCK_MAX_GRID` and ``num_sms``): one block counts a row per warp
+    (sub = ipt); several count a row per 32-slot chunk (sub = 1, where `BLOCK_VARIANTS` has it), so that
+    each block's share of the rows spreads over its warps."""
+    if blocks is None:
+        blocks = max(1, min(BLOCK_MAX_GRID, num_sms, -(-nk // BLOCK_OWNED_SLOTS)))
+    sub = 1 if blocks > 1 and (ipt, 1) in BLOCK_VARIANTS[id_dtype] else ipt
+    rows = active_warps * (ipt // sub)
+    owned = max(1, -(-rows // blocks))  # an empty batch: one block (it writes the fills)
+    return max(1, -(-rows // owned)), sub, owned
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
@@ -293,12 +323,13 @@ def check_block_m(block_m: object) -> int:
 def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, num_local: int, map_choice: MapChoice,
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
-             two_phase_limit: int = TWO_PHASE_LIMIT) -> Plan:
+             two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
     GPU); ``None`` means no cooperative launch on this device: the grid path takes the three launches.
-    ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`).
+    ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`);
+    ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`).
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -336,12 +367,25 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
     active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0
+    block_blocks, sub, owned_rows, vrows = 0, 0, 0, 0
     if chosen == "block":
-        # Shrink the window until the counters fit next to the map (only with huge forced-shared maps).
-        while window > MIN_WINDOW and _block_smem_ints(map_smem, window, active_warps) * 4 > smem_optin:
+        id_name = "int32" if id_dtype == torch.int32 else "int64"
+        block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid)
+        vrows, slots = active_warps * (ipt // sub), active_warps * 32 * ipt
+
+        def smem_ints(window: int, vrows: int) -> int:
+            return _block_smem_ints(map_smem, window, vrows, slots)
+
+        # A row of counters per warp instead of per chunk, then a smaller window, until the counters fit
+        # next to the map (only with many local experts or huge forced-shared maps).
+        if sub < ipt and smem_ints(window, vrows) * 4 > smem_optin:
+            sub, vrows = ipt, active_warps
+            owned_rows = max(1, -(-vrows // block_blocks))
+            block_blocks = max(1, -(-vrows // owned_rows))
+        while window > MIN_WINDOW and smem_ints(window, vrows) * 4 > smem_optin:
             window = max(MIN_WINDOW, window // 2)
-        if _block_smem_ints(map_smem, window, active_warps) * 4 > smem_optin:
-            raise ConfigError(f"the single-block kernel needs {_block_smem_ints(map_smem, window, active_warps) * 4} "
+        if smem_ints(window, vrows) * 4 > smem_optin:
+            raise ConfigError(f"the block kernel needs {smem_ints(window, vrows) * 4} "
                               f"bytes of shared memory, more than the {smem_optin} this GPU gives a block; "
                               "use map_in=global or path=grid")
     windows = max(1, -(-num_local // window))
@@ -353,14 +397,16 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     fused = None
     if chosen == "grid" and fused_occupancy is not None:
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy)
-    grid_blocks, chunk, list_cap, smem_fused = fused or (0, 0, 0, 0)
+    grid_blocks, chunk, list_cap, smem_fused = fused or (block_blocks, 0, 0, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
+                sub=sub, owned_rows=owned_rows,
                 chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
-                smem_block_bytes=_block_smem_ints(map_smem, window, active_warps) * 4 if chosen == "block" else 0,
+                smem_block_bytes=_block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4
+                if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
                 smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0)
 

@@ -76,8 +76,7 @@ class EmulatedKernels:
             if base == "warp_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_warp, id64, int(params[1]))
             elif base == "block_preprocess":
-                ipt = int(params[1])
-                self._entry[name] = functools.partial(self._call, lib.emu_block, id64, ipt)
+                self._entry[name] = functools.partial(self._call, lib.emu_block, id64, int(params[1]), int(params[2]))
             elif base == "grid_count":
                 self._entry[name] = functools.partial(self._call, lib.emu_count, id64)
             elif base == "grid_fused":

@@ -30,15 +30,16 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
         path: str = "auto", fused: bool = True, launches: int = 1,
-        two_phase_limit: int = TWO_PHASE_LIMIT) -> tuple[LocalRouting, Plan]:
+        two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None) -> tuple[LocalRouting, Plan]:
     """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
     each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
-    launches (the three-launch grid path)."""
+    launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
-                    fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit)
+                    fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
+                    block_grid=block_grid)
     buffers, backing = guarded_buffers(plan, "cpu")
     device_map = None if table is None else map_with_head(table, "cpu")[1]
     for _ in range(launches):
@@ -79,6 +80,27 @@ def test_single_block_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch
         got, plan = run(kernels, case, 16, path="block")  # 12800 is past the auto switch (8192)
         assert plan.path == "block" and plan.ipt == (1, 4, 16)[i]
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int, dtype: torch.dtype) -> None:
+    # Every block maps and counts all slots and places its own virtual warps: 200 slots (ipt 1), 1800 (ipt 4,
+    # 15 warps: ragged shares) and 12160 (ipt 16), with and without a layout, safe and faithful.
+    for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 300, 6), (8, 190, 8)]):
+        case = make_case(128, ep, 1, "negative" if i == 1 else "non_local", rows, k, seed=40 + i + blocks, dtype=dtype,
+                         round_robin=bool(i % 2))
+        for block_m in (None, 1, 16):
+            for mode in ("safe", "faithful") if i == 0 else ("safe",):
+                got, plan = run(kernels, case, block_m, mode=mode, path="block", block_grid=blocks)
+                rows_total = plan.active_warps * (plan.ipt // plan.sub)
+                assert plan.path == "block" and 1 < plan.grid_blocks <= blocks
+                assert (plan.grid_blocks - 1) * plan.owned_rows < rows_total <= plan.grid_blocks * plan.owned_rows
+                assert kernels.launches[-1][1] == plan.grid_blocks
+                ref = reference(case, block_m, mode)
+                assert_matches(got, ref, block_m, f"{blocks} blocks, {case.ids.numel()} slots, block_m={block_m} {mode}")
+                if block_m:
+                    assert_layout_valid(got, block_m)
 
 
 @pytest.mark.parametrize("fused", [True, False])

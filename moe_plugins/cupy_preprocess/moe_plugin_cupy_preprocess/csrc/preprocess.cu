@@ -346,101 +346,185 @@ __device__ __forceinline__ void warp_rank(const int (&key)[IPT], int e0, int wl,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Single-block path: one block of up to HC_BLOCK_THREADS threads (at least 32 * active_warps and at least
-// `window`), IPT slots per thread (nk <= 1024 * IPT).
-// Dynamic shared memory: [map: map_size if shared][cnt: active_warps * window][gs: window + 1]
-// [scratch: HC_SCRATCH]. The map comes first and there is no static shared memory, so that a faithful
-// read at a negative index lands below the dynamic allocation, as in the upstream kernel.
+// Block path (small inputs): `gridDim.x` independent blocks, no inter-block communication. EVERY block
+// loads and maps ALL nk slots and counts them (so every block knows every expert's total and the slots of
+// each expert before any point), but each block stores local_ids for, and places into `sorted`, only the
+// slots it owns, and writes its share of the padding, block ids and fills. One block (grid 1) is the
+// single-block kernel; with G blocks the placement (the serial part: one ranking round per 32-slot chunk)
+// and the stores spread over G SMs, at the price of G reads of the ids from L2.
+//
+// Slots are cut into virtual warps of SUB chunks of 32 consecutive slots (virtual warp v owns slots
+// [v * 32 * SUB, (v + 1) * 32 * SUB)); chunk c (< IPT) of physical warp w belongs to virtual warp
+// w + active_warps * (c / SUB), so a block's warps hold every virtual warp, and the ones a block owns,
+// [blockIdx.x * vpb, (blockIdx.x + 1) * vpb), sit on different physical warps: with vpb <= active_warps a
+// warp ranks the SUB chunks of at most one virtual warp. SUB is IPT (one row per warp: the single-block
+// kernel) or 1 (one row per chunk, for several blocks), a template constant so that every slot index is a
+// multiply-add the compiler can redo instead of holding IPT of them in registers. cnt has one row per virtual warp, so a slot's
+// position is
+//   (group start) + (its expert's slots in lower virtual warps) + (in earlier chunks of its virtual warp)
+//   + (in lower lanes of its chunk),
+// i.e. slots of one expert in increasing slot order, whatever G and SUB are: the layout of the torch reference.
+// Launch: block = max(32 * active_warps, window rounded up to warps) threads (<= HC_BLOCK_THREADS), every
+// slot in some warp's IPT chunks (32 * IPT * active_warps >= nk), gridDim.x * vpb >= active_warps * IPT / SUB.
+// Dynamic shared memory: [map: map_size if shared][cnt: rows * (window | 1)][gs: window + 1][tot: window]
+// [scratch: HC_SCRATCH][keys: active_warps * IPT * 32], rows = active_warps * IPT / SUB (the row stride is odd so that a warp reading one
+// expert's column across rows hits 32 different banks). The map comes first and there is no static shared
+// memory, so that a faithful read at a negative index lands below the dynamic allocation, as in the
+// upstream kernel.
 // ---------------------------------------------------------------------------------------------------
-template <typename IdT, int IPT>
-__global__ void __launch_bounds__(HC_BLOCK_THREADS)
+template <typename IdT, int IPT, int SUB>
+__global__ void __launch_bounds__(HC_BLOCK_THREADS, 1)
 block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
                  int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
                  int* __restrict__ invalid, int* __restrict__ sorted, int* __restrict__ block_ids,
-                 int* __restrict__ total_out, int block_m, int capacity, int window, int active_warps) {
+                 int* __restrict__ total_out, int block_m, int capacity, int window, int active_warps, int vpb) {
+    static_assert(IPT % SUB == 0, "a virtual warp is a whole number of a thread's chunks");
     extern __shared__ int smem[];
+    const int rows = active_warps * (IPT / SUB), stride = window | 1;
     int* smap = smem;
-    int* cnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);
-    int* gs = cnt + active_warps * window;
-    int* scratch = gs + window + 1;  // [0, 33): scans; [33]: invalid count
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int seg = warp * 32 * IPT;
+    int* cnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [rows][stride]
+    int* gs = cnt + rows * stride;                                  // [window + 1]: absolute group starts, total
+    int* tot = gs + window + 1;                                      // [window]: slots per expert of the window
+    int* scratch = tot + window;                                     // [0, 33): scans; [33]: invalid count
+    int* skey = scratch + HC_SCRATCH;                                // [active_warps * IPT * 32]: layout keys
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const bool lead = blockIdx.x == 0;                      // writes what every block computes alike
+    const int gtid = blockIdx.x * blockDim.x + tid, gsize = gridDim.x * blockDim.x;
+    // Chunk c of this warp: virtual warp warp + (c / SUB) * active_warps, slot
+    // slot0 + (c / SUB) * vstride + (c % SUB) * 32.
+    const int slot0 = warp * 32 * SUB + lane, vstride = active_warps * 32 * SUB;
+    const bool holds = warp < active_warps;  // the warps past active_warps only help with per-expert work
+    // This warp's chunk c is in a virtual warp this block owns, [blockIdx.x * vpb, (blockIdx.x + 1) * vpb),
+    // iff c / SUB - q_lo is in [0, q_n).
+    // (blockIdx.x is unsigned: keep the arithmetic signed; an empty batch has no active warp.)
+    const int own_lo = (int)blockIdx.x * vpb, aw = max(active_warps, 1);
+    const int q_lo = max(0, own_lo - warp + aw - 1) / aw;
+    const int q_n = max(0, own_lo + vpb - warp + aw - 1) / aw - q_lo;
+    int* key = skey + warp * IPT * 32 + lane;  // chunk c's key at key[c * 32]
     HC_MARK(0);
 
     // Issue the id loads first so that their latency overlaps the map copy.
     IdT raw[IPT];
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
-        const int i = seg + c * 32 + lane;
-        raw[c] = i < nk ? ids[i] : (IdT)0;
+        const int i = slot0 + (c / SUB) * vstride + (c % SUB) * 32;
+        raw[c] = holds && i < nk ? ids[i] : (IdT)0;
     }
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
     HC_MARK(1);
 
-    int key[IPT];
+    // Map every slot; local_ids only for the owned ones. The layout keys go to shared memory (-1: past nk or
+    // not local), where the counting and ranking of every window read them: IPT keys held in registers
+    // through the window loop made the IPT = 16 instantiations spill.
     int bad_here = 0;
-    map_chunks<IdT, IPT>(raw, seg, nk, map_mode, faithful, smap, gmap, map_size, first, num_local, local_ids, key,
-                         bad_here);
+    if (holds) {
+#pragma unroll
+        for (int c = 0; c < IPT; ++c) {
+            const int i = slot0 + (c / SUB) * vstride + (c % SUB) * 32;
+            int k = -1;
+            if (i < nk) {
+                int bad;
+                const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
+                if ((unsigned)(c / SUB - q_lo) < (unsigned)q_n) local_ids[i] = local;
+                bad_here += bad;
+                k = layout_key(local, num_local);
+            }
+            key[c * 32] = k;
+        }
+    }
     HC_MARK(2);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
 
     const bool aligned = block_m > 0;
+    const unsigned lower = hc_lanemask_lt();
     int base = 0;  // padded entries of the windows done so far (the same in every thread)
     for (int e0 = 0; e0 < num_local; e0 += window) {
-        const int wl = min(window, num_local - e0);
-        for (int j = tid; j < active_warps * window; j += blockDim.x) cnt[j] = 0;
+        const int wl = min(window, num_local - e0), bits = key_bits(wl);
+        for (int j = tid; j < rows * stride; j += blockDim.x) cnt[j] = 0;
         __syncthreads();
-        if (warp < active_warps) warp_count<IPT>(key, e0, wl, cnt + warp * window);
+        if (holds) {
+#pragma unroll
+            for (int c = 0; c < IPT; ++c) {
+                const int k = window_key(key[c * 32], e0, wl);
+                if (k >= 0) atomicAdd(&cnt[(warp + (c / SUB) * active_warps) * stride + k], 1);
+            }
+        }
         __syncthreads();
         HC_MARK(3);
-        int total_k = 0;  // slots of expert e0 + tid (threads tid < wl; wl <= window <= blockDim, see launch.py)
-        if (tid < wl) {
-            for (int w = 0; w < active_warps; ++w) total_k += cnt[w * window + tid];
-            counts[e0 + tid] = total_k;
-            gs[tid] = aligned ? hc_round_up(total_k, block_m) : 0;
-        }
-        if (!aligned) {
-            __syncthreads();  // cnt is zeroed again by the next window
-            continue;
-        }
-        const int window_total = block_exclusive_scan(gs, wl, scratch);
-        HC_MARK(4);
-        if (tid < wl) {
-            const int start = base + gs[tid];
-            gs[tid] = start;
-            int run = start;  // per-warp start positions of this expert, in warp order
-            for (int w = 0; w < active_warps; ++w) {
-                const int t = cnt[w * window + tid];
-                cnt[w * window + tid] = run;
+        // One warp per expert k: lane L takes rows [L * R, (L + 1) * R) (independent loads), a warp scan of
+        // the lanes' sums gives each row's exclusive prefix over lower rows, stored in place; the warp's
+        // total is the expert's count.
+        const int R = (rows + 31) >> 5, r0 = min(rows, lane * R), r1 = min(rows, r0 + R);
+        for (int k = warp; k < wl; k += nwarps) {
+            int sum = 0;
+            for (int r = r0; r < r1; ++r) sum += cnt[r * stride + k];
+            const int incl = warp_inclusive_scan(sum);
+            int run = incl - sum;
+            for (int r = r0; r < r1; ++r) {
+                const int t = cnt[r * stride + k];
+                cnt[r * stride + k] = run;
                 run += t;
             }
-            const int end = start + hc_round_up(total_k, block_m);
-            for (int p = start + total_k; p < end; ++p) sorted[p] = nk;  // < block_m padding entries
+            if (lane == 31) {
+                tot[k] = incl;
+                gs[k] = aligned ? hc_round_up(incl, block_m) : 0;
+                if (lead) counts[e0 + k] = incl;
+            }
         }
+        __syncthreads();
+        HC_MARK(4);
+        if (!aligned) continue;
+        const int window_total = block_exclusive_scan(gs, wl, scratch);
+        for (int k = tid; k < wl; k += blockDim.x) gs[k] += base;
         if (tid == 0) gs[wl] = base + window_total;
         __syncthreads();
         HC_MARK(5);
-        const int first_block = gs[0] / block_m, end_block = gs[wl] / block_m;
-        for (int b = first_block + tid; b < end_block; b += blockDim.x)
-            block_ids[b] = e0 + upper_bound(gs, wl + 1, b * block_m) - 1;
-        if (warp < active_warps)
-            warp_rank<IPT>(key, e0, wl, cnt + warp * window,
-                           [&](int c, int, int pos) { sorted[pos] = seg + c * 32 + lane; });
+        // Owned chunks: rank and place (the leader of each group of equal keys reads and advances its
+        // virtual warp's row; __syncwarp orders one chunk's update before the next chunk's read).
+        if (holds) {
+#pragma unroll
+            for (int c = 0; c < IPT; ++c) {
+                if ((unsigned)(c / SUB - q_lo) >= (unsigned)q_n) continue;  // warp-uniform
+                const int k = window_key(key[c * 32], e0, wl);
+                const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+                if (valid == 0) continue;
+                const unsigned peers = warp_peers_of(valid, k, bits);
+                const int leader = __ffs(peers) - 1;
+                int* row = cnt + (warp + (c / SUB) * active_warps) * stride;
+                int start = 0;
+                if (k >= 0 && lane == leader) {
+                    start = row[k];
+                    row[k] = start + __popc(peers);
+                }
+                start = __shfl_sync(HC_FULL_MASK, start, leader);
+                if (k >= 0)
+                    sorted[gs[k] + start + __popc(peers & lower)] =
+                        slot0 + (c / SUB) * vstride + (c % SUB) * 32;
+                __syncwarp();
+            }
+        }
         HC_MARK(6);
+        // This block's share of the padding entries (< block_m per group) and of the window's block ids.
+        for (int j = gtid; j < wl * block_m; j += gsize) {
+            const int k = j / block_m, r = j - k * block_m;
+            if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;
+        }
+        for (int b = gs[0] / block_m + gtid; b < gs[wl] / block_m; b += gsize)
+            block_ids[b] = e0 + upper_bound(gs, wl + 1, b * block_m) - 1;
         base += window_total;
-        __syncthreads();  // cnt and gs are rewritten by the next window
+        __syncthreads();  // cnt, gs and tot are rewritten by the next window
     }
     if (aligned) {
-        hc_fill(sorted, base, capacity, nk, tid, blockDim.x);
-        hc_fill(block_ids, base / block_m, capacity / block_m, -1, tid, blockDim.x);
-        if (tid == 0) total_out[0] = base;
+        hc_fill(sorted, base, capacity, nk, gtid, gsize);
+        hc_fill(block_ids, base / block_m, capacity / block_m, -1, gtid, gsize);
+        if (lead && tid == 0) total_out[0] = base;
     }
     HC_MARK(7);
     __syncthreads();  // every warp's atomicAdd on scratch[33] is done
-    if (tid == 0) invalid[0] = scratch[33];
+    if (lead && tid == 0) invalid[0] = scratch[33];
     HC_MARK(8);
 }
 
@@ -1224,18 +1308,24 @@ extern "C" __global__ void empty_kernel(int) {}
 
 #ifdef HOSTCORE_NVCC_CHECK
 // The instantiations jit.py asks NVRTC for, so that nvcc -c reports their resources.
-template __global__ void block_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*, int*,
-                                                  int*, int*, int*, int*, int, int, int, int);
-template __global__ void block_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*, int*,
-                                                  int*, int*, int*, int*, int, int, int, int);
-template __global__ void block_preprocess<int, 16>(const int*, int, const int*, int, int, int, int, int, int*, int*,
-                                                   int*, int*, int*, int*, int, int, int, int);
-template __global__ void block_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int,
-                                                        int*, int*, int*, int*, int*, int*, int, int, int, int);
-template __global__ void block_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int,
-                                                        int*, int*, int*, int*, int*, int*, int, int, int, int);
-template __global__ void block_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int,
-                                                         int*, int*, int*, int*, int*, int*, int, int, int, int);
+template __global__ void block_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 4, 4>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 16, 1>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 16, 16>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 4, 4>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 16, 16>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void warp_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
 template __global__ void warp_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*,

@@ -9,12 +9,12 @@ template <typename T>
 T* P(const int64_t* a, int i) { return reinterpret_cast<T*>(static_cast<uintptr_t>(a[i])); }
 int I(const int64_t* a, int i) { return static_cast<int>(a[i]); }
 
-template <typename IdT, int IPT>
+template <typename IdT, int IPT, int SUB>
 void run_block(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
-        block_preprocess<IdT, IPT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
-                                   I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12),
-                                   P<int>(a, 13), I(a, 14), I(a, 15), I(a, 16), I(a, 17));
+        block_preprocess<IdT, IPT, SUB>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
+                                        I(a, 6), I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11),
+                                        P<int>(a, 12), P<int>(a, 13), I(a, 14), I(a, 15), I(a, 16), I(a, 17), I(a, 18));
     });
 }
 
@@ -46,19 +46,25 @@ void run_fused(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
 }
 }  // namespace
 
-extern "C" int emu_block(int id64, int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    if (id64) {
-        if (ipt == 1) run_block<long long, 1>(grid, block, smem, a);
-        else if (ipt == 4) run_block<long long, 4>(grid, block, smem, a);
-        else if (ipt == 16) run_block<long long, 16>(grid, block, smem, a);
+// The (ipt, sub) instantiations of plan.BLOCK_VARIANTS.
+template <typename IdT>
+int block_variant(int ipt, int sub, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (ipt == 1 && sub == 1) run_block<IdT, 1, 1>(grid, block, smem, a);
+    else if (ipt == 4 && sub == 1) run_block<IdT, 4, 1>(grid, block, smem, a);
+    else if (ipt == 4 && sub == 4) run_block<IdT, 4, 4>(grid, block, smem, a);
+    else if (ipt == 16 && sub == 16) run_block<IdT, 16, 16>(grid, block, smem, a);
+    else if constexpr (sizeof(IdT) == 4) {
+        if (ipt == 16 && sub == 1) run_block<IdT, 16, 1>(grid, block, smem, a);
         else return 1;
     } else {
-        if (ipt == 1) run_block<int, 1>(grid, block, smem, a);
-        else if (ipt == 4) run_block<int, 4>(grid, block, smem, a);
-        else if (ipt == 16) run_block<int, 16>(grid, block, smem, a);
-        else return 1;
+        return 1;
     }
     return 0;
+}
+
+extern "C" int emu_block(int id64, int ipt, int sub, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    return id64 ? block_variant<long long>(ipt, sub, grid, block, smem, a)
+                : block_variant<int>(ipt, sub, grid, block, smem, a);
 }
 
 extern "C" int emu_warp(int id64, int spl, unsigned grid, unsigned block, size_t smem, const int64_t* a) {

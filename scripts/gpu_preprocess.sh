@@ -46,6 +46,8 @@ if [[ " $STEPS " == *" trace "* ]]; then
   TRACE_SIZES="${TRACE_SIZES:-8 64 512 2048 4096 8192 16384 65536 1048576 8388608}"
   { timeout 150 python3 bench/preprocess/phase_trace.py --sizes $TRACE_SIZES --out "$OUT/trace.jsonl"
     timeout 60 python3 bench/preprocess/phase_trace.py --path block --sizes 8192 16384 --out "$OUT/trace.jsonl"
+    timeout 60 python3 bench/preprocess/phase_trace.py --path block --block-owned 1000000 --sizes 512 2048 4096 8192 \
+      --out "$OUT/trace.jsonl"
   } > "$OUT/trace.log" 2>&1
   STATUS[trace]="rc=$? $(grep -c event "$OUT/trace.log") traces"
 fi

@@ -314,7 +314,7 @@ def main() -> int:
         "min_speedup": min(r["speedup"] for r in rows_out),
     }
     result = {"bench": "preprocess", "gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "config": {"global_experts": E, "ep_size": EP, "rank": RANK, "local_experts": local.count,
+              "config": {"global_experts": E, "ep_size": EP, "rank": RANK, "local_experts": ctx.local.count,
                          "top_k": TOP_K, "block_m": BLOCK_M, "id_dtype": "int32", "sentinel": "non_local",
                          "padding_rows": "1/4 of each source slice", "map": "shared memory",
                          "timer": "triton.testing.do_bench median (CUDA events, L2 flushed)",

@@ -21,7 +21,7 @@ import time
 
 import torch
 from bench_preprocess import BLOCK_M, bench_context, check, routed_ids
-from moe_plugin_cupy_preprocess import jit
+from moe_plugin_cupy_preprocess import jit, plan
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 
 from hostcore.backends.preprocess_torch import TorchPreprocess
@@ -31,8 +31,8 @@ MARKS = 32
 MARK_NAMES = {
     "warp_preprocess": ["start", "ids+map loaded, sorted filled", "mapped+chunk counts", "expert scan",
                         "group starts+block ids", "placed+tail"],
-    "block_preprocess": ["start", "map copied", "mapped", "counted", "group scan", "per-warp starts", "ranked",
-                         "fills", "end"],
+    "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",
+                         "padding", "block ids", "window sync", "sorted fill", "block id fill", "end"],
     "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",
                    "grid barrier", "phase 2", "phase 3 starts", "placed+tail (own warp)", "end"],
 }
@@ -42,11 +42,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     parser.add_argument("--path", default="auto", help="the backend's path option (auto, warp, block, grid)")
+    parser.add_argument("--block-owned", type=int, help="block path: slots per block (plan.BLOCK_OWNED_SLOTS)")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--out", help="JSON lines file to write (appended: one line per size and timer)")
     args = parser.parse_args()
 
     jit.COMPILE_OPTIONS = (*jit.COMPILE_OPTIONS, "-DHC_TRACE")  # before the module is first compiled
+    if args.block_owned:
+        plan.BLOCK_OWNED_SLOTS = args.block_owned
     import cupy
 
     ctx = bench_context()
@@ -88,9 +91,10 @@ def main() -> int:
                     per_mark.setdefault(i, []).append(float((clk[i] - clk[0]) * ns_per_cycle))
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
-            row = {"num_slots": nk, "kernel": kernel, "flushed": flushed, "event_us": statistics.median(event_us),
+            row = {"num_slots": nk, "kernel": kernel, "blocks": buffers.plan.grid_blocks, "flushed": flushed,
+                   "event_us": statistics.median(event_us),
                    "sm_ghz": statistics.median(ghz) if ghz else None, "marks_ns": marks}
-            print(f"N*K={nk:>8} {kernel:>16} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us, SM {row['sm_ghz'] or 0:.2f} GHz | "
+            print(f"N*K={nk:>8} {kernel:>16} x{row['blocks']:<3} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us, SM {row['sm_ghz'] or 0:.2f} GHz | "
                   + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

@@ -224,20 +224,20 @@ __device__ __forceinline__ void hc_copy_map(int* smap, const int* __restrict__ g
     }
 }
 
-// Fill a[lo, hi) with `value`, 16-byte stores for the aligned middle: thread `t` of `nt` cooperating
-// threads (the whole grid, or one block). Any int alignment of `a` works (the tests offset buffers by guard
-// words). Stores only: nothing in the kernel waits on them.
-__device__ __forceinline__ void hc_fill(int* __restrict__ a, long long lo, long long hi, int value, long long t,
-                                        long long nt) {
+// Fill a[lo, hi) with `value` (0 <= lo, hi < 2^31: plan.py keeps every buffer under int32 indexing),
+// 16-byte stores for the aligned middle: thread `t` of `nt` cooperating threads (the whole grid, or one
+// block). Any int alignment of `a` works (the tests offset buffers by guard words): the < 4 entries before
+// the first aligned one and after the last vector are one store each by threads 0..3. Stores only: nothing
+// in the kernel waits on them.
+__device__ __forceinline__ void hc_fill(int* __restrict__ a, int lo, int hi, int value, int t, int nt) {
     if (lo >= hi) return;
-    const unsigned long long addr = reinterpret_cast<unsigned long long>(a + lo);
-    const long long head = min(hi - lo, (long long)(((16ull - (addr & 15ull)) & 15ull) >> 2));
-    const long long nvec = (hi - lo - head) >> 2, mid = lo + head, rest = mid + (nvec << 2);
-    for (long long p = lo + t; p < mid; p += nt) a[p] = value;
+    const int head = min(hi - lo, (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(a + lo) & 15u)) & 15u) >> 2));
+    const int mid = lo + head, nvec = (hi - mid) >> 2, rest = mid + (nvec << 2);
+    if (t < head) a[lo + t] = value;
     int4* a4 = reinterpret_cast<int4*>(a + mid);
     const int4 w = make_int4(value, value, value, value);
-    for (long long v = t; v < nvec; v += nt) a4[v] = w;
-    for (long long p = rest + t; p < hi; p += nt) a[p] = value;
+    for (unsigned v = t; v < (unsigned)nvec; v += nt) a4[v] = w;
+    if (t < hi - rest) a[rest + t] = value;
 }
 
 // hc_fill for one warp and int bounds (0 <= lo, hi < 2^31): the lanes of the calling warp fill a[lo, hi),

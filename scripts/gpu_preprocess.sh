@@ -79,12 +79,12 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"copy {d['copy_gbps']:.0f} GB/s   empty launch {d['launch_us']:.2f} us (hot {d.get('launch_hot_us', 0):.2f}, graph {d['launch_graph_us'] or 0:.2f}, "
       f"wall {d['launch_wall_us']:.2f})")
-print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'hot us':>8} {'floor us':>8} {'torch us':>10} {'x':>7} {'GB/s':>7} {'%copy':>6} {'%design':>7} "
+print(f"{'N*K':>9} {'path':>5} {'ours us':>9} {'hot us':>8} {'floor us':>8} {'torch us':>10} {'x':>7} {'GB/s':>7} {'%copy':>6} {'%same':>6} "
       f"{'graph us':>9} {'wall us':>8} {'blocks':>6}")
 for r in d["rows"]:
     kind = "fused" if r.get("kernels") == ["grid_fused"] else r["path"]
     print(f"{r['num_slots']:>9} {kind:>5} {r['ours_us']:9.2f} {r.get('ours_hot_us', 0):8.2f} {r.get('copy_floor_us', 0):8.2f} {r['peer_us']:10.2f} {r['speedup']:7.1f} "
-          f"{r['gbps']:7.1f} {r['roofline_frac']:6.1%} {r.get('design_frac', 0):7.1%} {r['ours_graph_us'] or 0:9.2f} "
+          f"{r['gbps']:7.1f} {r['roofline_frac']:6.1%} {r.get('copy_same_bytes_frac', 0):6.1%} {r['ours_graph_us'] or 0:9.2f} "
           f"{r['ours_wall_us']:8.1f} {r.get('grid_blocks', 0):>6}")
 for n, k in d.get("kernel_breakdown_us", {}).items():
     print(f"kernels N*K={n}: " + ", ".join(f"{a} {b:.2f} us" for a, b in k.items()))

@@ -43,7 +43,12 @@ def main(src: str, dst: str) -> int:
     floor_bw = [(n, 2 * 4 * n / (r["copy_floor_us"] * 1e-6) / 1e9) for n, r in zip(nk, rows) if r.get("copy_floor_us")]
     if floor_bw:
         right.semilogx(*zip(*floor_bw), "^:", color="black", alpha=0.7, label="copy floor: its bytes / its time")
-    right.axhline(data["copy_gbps"], color="gray", ls=":", label=f"D2D copy {data['copy_gbps']:.0f} GB/s")
+    same = [(n, r["bytes"] / (r["copy_same_bytes_us"] * 1e-6) / 1e9) for n, r in zip(nk, rows)
+            if r.get("copy_same_bytes_us")]
+    if same:
+        right.semilogx(*zip(*same), "v:", color="tab:red", alpha=0.7,
+                       label="torch D2D copy of the same bytes, same timer")
+    right.axhline(data["copy_gbps"], color="gray", ls=":", label=f"D2D copy {data['copy_gbps']:.0f} GB/s (1 GiB)")
     right.axhline(0.7 * data["copy_gbps"], color="gray", ls="--", lw=0.8, label="70% of copy (goal, N*K >= 1M)")
     right.set_xlabel("N*K slots")
     right.set_ylabel("GB/s")

@@ -291,6 +291,12 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         return None
     tiles = max(1, -(-nk // TILE))
     per_block = -(-tiles // (per_sm * num_sms))
+    if tiles > num_sms:
+        # Two tiles per block rather than a second block on an SM: half the blocks at the grid barrier and
+        # half the per-block counts to exchange. Measured on an H100 (GPU_RESULTS.md, run 16): N*K = 1M took
+        # 17.1-17.7 us on 128 blocks of 2 tiles against 18.4-18.9 on 256 of 1 (graph 12.0 against 13.5-13.9);
+        # at 2M and above the grids already have >= 2 tiles per block.
+        per_block = max(per_block, 2)
     blocks = -(-tiles // per_block)
     chunk = per_block * TILE
     seg = chunk // GRID_WARPS

@@ -208,7 +208,7 @@ def test_fused_grid_sizing() -> None:
     def plan(nk: int, num_local: int = 32, **kw: object):
         return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 256), "grid", **kw)
 
-    for nk, blocks, chunk in ((1, 1, TILE), (65_536, 16, TILE), (1 << 20, 256, TILE), (1 << 23, 256, 8 * TILE),
+    for nk, blocks, chunk in ((1, 1, TILE), (65_536, 16, TILE), (1 << 20, 128, 2 * TILE), (1 << 23, 256, 8 * TILE),
                               (3_000_000, 245, 3 * TILE)):
         p = plan(nk)
         assert (p.fused, p.grid_blocks, p.chunk, p.keys_in_smem) == (True, blocks, chunk, True), (nk, p)

@@ -154,10 +154,10 @@ def test_fused_every_sentinel_map_place_and_block_m(kernels: EmulatedKernels, se
 
 
 def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> None:
-    # 300 local experts x 3 blocks, over a lowered limit: the distributed column scan (two barriers).
+    # 300 local experts x 2 blocks (3 tiles: 2 + 1), over a lowered limit: the distributed column scan (two barriers).
     case = make_case(300, 1, 0, "out_of_range", rows_per_rank=1100, top_k=8, seed=21, dtype=torch.int64)
     got, plan = run(kernels, case, 16, path="grid", launches=2, two_phase_limit=300)
-    assert plan.fused and plan.two_phase and plan.grid_blocks == 3
+    assert plan.fused and plan.two_phase and plan.grid_blocks == 2 and plan.chunk == 2 * TILE
     assert_matches(got, reference(case, 16), 16, "two-phase, 2 launches into the same buffers")
     # 300 local experts, one barrier, the map in global memory; two runs: the barrier words are reused without
     # a reset.

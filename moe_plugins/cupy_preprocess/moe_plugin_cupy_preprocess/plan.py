@@ -99,12 +99,12 @@ every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
 BLOCK_PATH_AUTO_MAX = 4096
-"""``path=auto`` takes the single-block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
-comparisons of runs 7, 8 and 11, grid_fused with per-warp segments): at 4096 slots the single block wins
-(12.16 / 12.16 / 12.00 us against 15.84 / 14.88 / 14.34 for grid_fused); at 8192 grid_fused is as fast
-eagerly (15.30 / 13.86 / 15.23 against 15.10 / 16.03 / 15.20) and faster in a CUDA graph (10.82 / 10.51 /
-10.52 against 11.76 / 11.99 / 11.74 us), and at 16384 it wins clearly (about 14.5 against 20.5 us). Until
-run 6 the switch sat at 8192, where the older grid_fused lost."""
+"""``path=auto`` takes the block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
+comparisons of runs 7, 8 and 11 with one block, runs 16-18 with a block per 1024 slots): at 4096 slots the
+block path wins (runs 16-18: 10.98-11.81 us, graph 7.87-7.94, against grid_fused's 13.28-14.27, graph
+9.44-9.70); at 8192 grid_fused is as fast or faster (13.54-14.27 against 14.11-14.53 us, graph 9.83-10.08
+against 10.79-11.09) and at 16384 faster (13.89-14.43 against 16.10-16.22). Until run 6 the switch sat at
+8192, where the older grid_fused lost."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Plan:
     windows: int  # passes over the experts (>= 1)
     ipt: int  # block path: slots per thread
     active_warps: int  # block path: warps that hold slots
-    block_threads: int  # block path: threads of the one block (>= 32 * active_warps and >= window)
+    block_threads: int  # block path: threads per block (>= 32 * active_warps and >= window)
     tiles: int  # grid path: tiles of TILE slots (>= 1)
     smem_block_bytes: int
     smem_count_bytes: int

@@ -1,6 +1,7 @@
 // Fused expert-map preprocess for hostcore: global top-k ids -> local ids, per-expert counts and the
 // aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: warp_preprocess
-// (one warp) for decode sizes, block_preprocess (one block) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
+// (one warp) for decode sizes, block_preprocess (independent blocks that each count every slot and place
+// their own) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
 // grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
 // more than 1024 local experts and for devices without cooperative launches.
 //
@@ -38,7 +39,7 @@
 #define HC_MAP_NONE 0
 #define HC_MAP_SHARED 1
 #define HC_MAP_GLOBAL 2
-#define HC_BLOCK_THREADS 1024  // single-block kernel: one block does everything
+#define HC_BLOCK_THREADS 1024  // block kernel: threads per block (each block maps and counts every slot)
 #define HC_GRID_THREADS 512    // tile kernels of the multi-block path
 #define HC_GRID_IPT 8          // slots per thread in a tile
 #define HC_TILE (HC_GRID_THREADS * HC_GRID_IPT)

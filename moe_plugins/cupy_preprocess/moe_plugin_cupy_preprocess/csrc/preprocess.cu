@@ -472,17 +472,31 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
             }
             if (lane == 31) {
                 tot[k] = incl;
-                gs[k] = aligned ? hc_round_up(incl, block_m) : 0;
                 if (lead) counts[e0 + k] = incl;
             }
         }
         __syncthreads();
         HC_MARK(4);
         if (!aligned) continue;
-        const int window_total = block_exclusive_scan(gs, wl, scratch);
-        for (int k = tid; k < wl; k += blockDim.x) gs[k] += base;
-        if (tid == 0) gs[wl] = base + window_total;
+        // Absolute padded group starts gs[0..wl] (gs[wl]: the end of the window's groups): an exclusive scan of
+        // the padded counts. A window of <= 32 experts (the usual case) is one warp's shuffle scan, not a block
+        // scan's three barriers.
+        if (wl <= 32) {
+            if (warp == 0) {
+                const int padded = lane < wl ? hc_round_up(tot[lane], block_m) : 0;
+                const int incl = warp_inclusive_scan(padded);
+                if (lane < wl) gs[lane] = base + incl - padded;
+                if (lane == 31) gs[wl] = base + incl;  // lanes past wl add 0: lane 31 holds the window's total
+            }
+        } else {
+            for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
+            __syncthreads();
+            const int window_total = block_exclusive_scan(gs, wl, scratch);
+            for (int k = tid; k < wl; k += blockDim.x) gs[k] += base;
+            if (tid == 0) gs[wl] = base + window_total;
+        }
         __syncthreads();
+        const int window_total = gs[wl] - base;
         HC_MARK(5);
         // Owned chunks: rank and place (the leader of each group of equal keys reads and advances its
         // virtual warp's row; __syncwarp orders one chunk's update before the next chunk's read).

@@ -1,6 +1,6 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-Runs every kernel of the cupy preprocess (one-warp and single-block paths, the single-launch grid_fused with one and
+Runs every kernel of the cupy preprocess (the one-warp path, the block path with one and with several blocks, the single-launch grid_fused with one and
 with two grid barriers, with each map mode and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in shared memory, in
 global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
 (so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's

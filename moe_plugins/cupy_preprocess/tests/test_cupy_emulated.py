@@ -73,11 +73,11 @@ def test_every_sentinel_on_both_paths(kernels: EmulatedKernels, sentinel: str, p
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_single_block_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype) -> None:
+def test_block_path_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype) -> None:
     # 8 x 2 x 4 = 64 slots (ipt 1), 4 x 128 x 8 = 4096 (ipt 4), 8 x 200 x 8 = 12800 (ipt 16, 32 warps).
     for i, (ep, rows, k) in enumerate([(8, 2, 4), (4, 128, 8), (8, 200, 8)]):
         case = make_case(256, ep, ep - 1, "non_local", rows, k, seed=10 + i, dtype=dtype, round_robin=bool(i % 2))
-        got, plan = run(kernels, case, 16, path="block")  # 12800 is past the auto switch (8192)
+        got, plan = run(kernels, case, 16, path="block")  # 12800 is past the auto switch (4096)
         assert plan.path == "block" and plan.ipt == (1, 4, 16)[i]
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
 

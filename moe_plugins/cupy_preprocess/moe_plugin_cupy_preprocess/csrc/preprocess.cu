@@ -112,7 +112,7 @@ __device__ __forceinline__ int layout_key(int local, int num_local) {
 
 // Map this lane's IPT slots of a warp segment (slot seg + c * 32 + lane for chunk c; `raw` holds their ids,
 // anything past nk): store every local id, return the layout keys in `key` (-1 past nk or not local) and add
-// the ids that break the sentinel contract to `bad_here`. Shared by block_preprocess and grid_count.
+// the ids that break the sentinel contract to `bad_here`. Used by grid_count.
 template <typename IdT, int IPT>
 __device__ __forceinline__ void map_chunks(const IdT (&raw)[IPT], int seg, int nk, int map_mode, int faithful,
                                            const int* smap, const int* __restrict__ gmap, int map_size, int first,

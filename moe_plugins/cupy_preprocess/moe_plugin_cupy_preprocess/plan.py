@@ -37,8 +37,9 @@ from hostcore.contract import aligned_capacity
 from hostcore.errors import ConfigError, ContractError
 
 BLOCK_THREADS = 1024
-BLOCK_IPTS = (1, 4, 16)
-BLOCK_VARIANTS = {"int32": ((1, 1), (4, 1), (4, 4), (16, 1), (16, 16)), "int64": ((1, 1), (4, 1), (4, 4), (16, 16))}
+BLOCK_IPTS = (1, 4, 8, 16)
+BLOCK_VARIANTS = {"int32": ((1, 1), (4, 1), (4, 4), (8, 1), (8, 8), (16, 1), (16, 16)),
+                  "int64": ((1, 1), (4, 1), (4, 4), (8, 1), (8, 8), (16, 16))}
 """The (ipt, sub) instantiations of block_preprocess per id dtype: sub = ipt is one block's layout (a row of
 counters per warp), sub = 1 several blocks' (a row per 32-slot chunk). int64 ids at ipt 16 have no sub = 1
 kernel: their 16 ids take 32 registers while they load, and with the finer chunk addressing ptxas spilled

@@ -40,6 +40,7 @@ CASES = [
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # split kernels, two expert windows
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, 12 blocks, a row per warp
     (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block"}),  # 16000 int64 slots: 16 blocks, ipt 16
+    (256, 8, 3, "guard_slot", 100, 8, torch.int32, {"path": "block"}),  # 6400 slots: 7 blocks, ipt 8
     (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
     (64, 1, 0, "out_of_range", 5000, 8, torch.int32, {"path": "grid"}),  # grid_fused, no map (40K slots, 10 blocks)
     # grid_fused with its lists cut to PLACE_QUEUE entries: 1.1M slots (137 blocks, 512-slot warp segments), 3/4

@@ -131,11 +131,12 @@ def test_path_choice_and_items_per_thread() -> None:
     def plan(nk: int, path: str = "auto"):
         return plan_for(nk, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 256), path)
 
-    assert [plan(n, "block").ipt for n in (0, 1, 1024, 1025, 4096, 4097, BLOCK_MAX_SLOTS)] == [1, 1, 1, 4, 4, 16, 16]
-    assert plan(1000).active_warps == 32 and plan(5000, "block").active_warps == 10
+    assert [plan(n, "block").ipt for n in (0, 1, 1024, 1025, 4096, 4097, 8192, 8193, BLOCK_MAX_SLOTS)] == \
+        [1, 1, 1, 4, 4, 8, 8, 16, 16]
+    assert plan(1000).active_warps == 32 and plan(5000, "block").active_warps == 20
     # Threads: enough for the slots and for one expert of the window each.
     assert [plan(n, "block").block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == \
-        [32, 32, 128, 1024, 320, 1024]
+        [32, 32, 128, 1024, 640, 1024]
     assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
     # auto: the block path up to BLOCK_PATH_AUTO_MAX (grid_fused wins from 8192 on the H100), forced up to 16384
     assert BLOCK_PATH_AUTO_MAX == 4096

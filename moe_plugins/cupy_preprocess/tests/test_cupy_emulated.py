@@ -74,20 +74,22 @@ def test_every_sentinel_on_both_paths(kernels: EmulatedKernels, sentinel: str, p
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_block_path_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype) -> None:
-    # 8 x 2 x 4 = 64 slots (ipt 1), 4 x 128 x 8 = 4096 (ipt 4), 8 x 200 x 8 = 12800 (ipt 16, 32 warps).
-    for i, (ep, rows, k) in enumerate([(8, 2, 4), (4, 128, 8), (8, 200, 8)]):
+    # 8 x 2 x 4 = 64 slots (ipt 1), 4 x 128 x 8 = 4096 (ipt 4), 4 x 400 x 4 = 6400 (ipt 8, 25 warps),
+    # 8 x 200 x 8 = 12800 (ipt 16, 25 warps).
+    for i, (ep, rows, k) in enumerate([(8, 2, 4), (4, 128, 8), (4, 400, 4), (8, 200, 8)]):
         case = make_case(256, ep, ep - 1, "non_local", rows, k, seed=10 + i, dtype=dtype, round_robin=bool(i % 2))
         got, plan = run(kernels, case, 16, path="block")  # 12800 is past the auto switch (4096)
-        assert plan.path == "block" and plan.ipt == (1, 4, 16)[i]
+        assert plan.path == "block" and plan.ipt == (1, 4, 8, 16)[i]
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
 
 
 @pytest.mark.parametrize("blocks", [2, 3, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int, dtype: torch.dtype) -> None:
-    # Every block maps and counts all slots and places its own virtual warps: 200 slots (ipt 1), 1800 (ipt 4,
-    # 15 warps: ragged shares) and 12160 (ipt 16), with and without a layout, safe and faithful.
-    for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 300, 6), (8, 190, 8)]):
+    # Every block maps and counts all slots and places its own virtual warps: 800 slots (ipt 1), 2400 (ipt 4,
+    # 19 warps: ragged shares), 7200 (ipt 8, 29 warps) and 12160 (ipt 16), with and without a layout, safe
+    # and faithful.
+    for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 100, 6), (4, 300, 6), (8, 190, 8)]):
         case = make_case(128, ep, 1, "negative" if i == 1 else "non_local", rows, k, seed=40 + i + blocks, dtype=dtype,
                          round_robin=bool(i % 2))
         for block_m in (None, 1, 16):

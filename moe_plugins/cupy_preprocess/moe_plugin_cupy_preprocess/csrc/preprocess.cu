@@ -1334,6 +1334,10 @@ template __global__ void block_preprocess<int, 4, 1>(const int*, int, const int*
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void block_preprocess<int, 4, 4>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 8, 1>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<int, 8, 8>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void block_preprocess<int, 16, 1>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void block_preprocess<int, 16, 16>(const int*, int, const int*, int, int, int, int, int,
@@ -1343,6 +1347,10 @@ template __global__ void block_preprocess<long long, 1, 1>(const long long*, int
 template __global__ void block_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void block_preprocess<long long, 4, 4>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 8, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
+template __global__ void block_preprocess<long long, 8, 8>(const long long*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);
 template __global__ void block_preprocess<long long, 16, 16>(const long long*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int, int, int);

@@ -52,6 +52,8 @@ int block_variant(int ipt, int sub, unsigned grid, unsigned block, size_t smem, 
     if (ipt == 1 && sub == 1) run_block<IdT, 1, 1>(grid, block, smem, a);
     else if (ipt == 4 && sub == 1) run_block<IdT, 4, 1>(grid, block, smem, a);
     else if (ipt == 4 && sub == 4) run_block<IdT, 4, 4>(grid, block, smem, a);
+    else if (ipt == 8 && sub == 1) run_block<IdT, 8, 1>(grid, block, smem, a);
+    else if (ipt == 8 && sub == 8) run_block<IdT, 8, 8>(grid, block, smem, a);
     else if (ipt == 16 && sub == 16) run_block<IdT, 16, 16>(grid, block, smem, a);
     else if constexpr (sizeof(IdT) == 4) {
         if (ipt == 16 && sub == 1) run_block<IdT, 16, 1>(grid, block, smem, a);

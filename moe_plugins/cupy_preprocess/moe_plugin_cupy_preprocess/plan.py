@@ -99,13 +99,12 @@ BLOCK_OWNED_SLOTS = 1024
 every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
-BLOCK_PATH_AUTO_MAX = 4096
+BLOCK_PATH_AUTO_MAX = 8192
 """``path=auto`` takes the block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
-comparisons of runs 7, 8 and 11 with one block, runs 16-18 with a block per 1024 slots): at 4096 slots the
-block path wins (runs 16-18: 10.98-11.81 us, graph 7.87-7.94, against grid_fused's 13.28-14.27, graph
-9.44-9.70); at 8192 grid_fused is as fast or faster (13.54-14.27 against 14.11-14.53 us, graph 9.83-10.08
-against 10.79-11.09) and at 16384 faster (13.89-14.43 against 16.10-16.22). Until run 6 the switch sat at
-8192, where the older grid_fused lost."""
+comparisons): with a block per 1024 slots and 8 slots per thread (run 20) the block path wins at 8192 slots,
+12.06 us (graph 9.15) against grid_fused's 13.86 (9.64); at 16384 grid_fused wins (14.27 against 15.71 us,
+graph 10.10 against 12.69). With 16 slots per thread at 8192 (runs 16-19) the block path had lost (14.11-14.53
+against 13.54-14.27 us), and the switch sat at 4096 from run 12 to run 19."""
 
 
 @dataclass(frozen=True)

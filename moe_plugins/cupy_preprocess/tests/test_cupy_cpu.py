@@ -138,8 +138,8 @@ def test_path_choice_and_items_per_thread() -> None:
     assert [plan(n, "block").block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == \
         [32, 32, 128, 1024, 640, 1024]
     assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
-    # auto: the block path up to BLOCK_PATH_AUTO_MAX (grid_fused wins from 8192 on the H100), forced up to 16384
-    assert BLOCK_PATH_AUTO_MAX == 4096
+    # auto: the block path up to BLOCK_PATH_AUTO_MAX (grid_fused wins at 16384 on the H100), forced up to 16384
+    assert BLOCK_PATH_AUTO_MAX == 8192
     assert plan(BLOCK_PATH_AUTO_MAX).path == "block" and plan(BLOCK_PATH_AUTO_MAX + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS, "block").path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS + 1).tiles == -(-(BLOCK_MAX_SLOTS + 1) // TILE)

@@ -232,7 +232,8 @@ __device__ __forceinline__ void hc_copy_map(int* smap, const int* __restrict__ g
 // in the kernel waits on them.
 __device__ __forceinline__ void hc_fill(int* __restrict__ a, int lo, int hi, int value, int t, int nt) {
     if (lo >= hi) return;
-    const int head = min(hi - lo, (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(a + lo) & 15u)) & 15u) >> 2));
+    const unsigned misalign = (unsigned)reinterpret_cast<unsigned long long>(a + lo) & 15u;
+    const int head = min(hi - lo, (int)(((16u - misalign) & 15u) >> 2));  // entries before the first 16 B boundary
     const int mid = lo + head, nvec = (hi - mid) >> 2, rest = mid + (nvec << 2);
     if (t < head) a[lo + t] = value;
     int4* a4 = reinterpret_cast<int4*>(a + mid);
@@ -360,18 +361,18 @@ __device__ __forceinline__ void warp_rank(const int (&key)[IPT], int e0, int wl,
 // [blockIdx.x * vpb, (blockIdx.x + 1) * vpb), sit on different physical warps: with vpb <= active_warps a
 // warp ranks the SUB chunks of at most one virtual warp. SUB is IPT (one row per warp: the single-block
 // kernel) or 1 (one row per chunk, for several blocks), a template constant so that every slot index is a
-// multiply-add the compiler can redo instead of holding IPT of them in registers. cnt has one row per virtual warp, so a slot's
-// position is
+// multiply-add the compiler can redo instead of holding IPT of them in registers. cnt has one row per
+// virtual warp, so a slot's position is
 //   (group start) + (its expert's slots in lower virtual warps) + (in earlier chunks of its virtual warp)
 //   + (in lower lanes of its chunk),
 // i.e. slots of one expert in increasing slot order, whatever G and SUB are: the layout of the torch reference.
 // Launch: block = max(32 * active_warps, window rounded up to warps) threads (<= HC_BLOCK_THREADS), every
 // slot in some warp's IPT chunks (32 * IPT * active_warps >= nk), gridDim.x * vpb >= active_warps * IPT / SUB.
 // Dynamic shared memory: [map: map_size if shared][cnt: rows * (window | 1)][gs: window + 1][tot: window]
-// [scratch: HC_SCRATCH][keys: active_warps * IPT * 32], rows = active_warps * IPT / SUB (the row stride is odd so that a warp reading one
-// expert's column across rows hits 32 different banks). The map comes first and there is no static shared
-// memory, so that a faithful read at a negative index lands below the dynamic allocation, as in the
-// upstream kernel.
+// [scratch: HC_SCRATCH][keys: active_warps * IPT * 32], rows = active_warps * IPT / SUB (the row stride is
+// odd so that a warp reading one expert's column across rows hits 32 different banks). The map comes first
+// and there is no static shared memory, so that a faithful read at a negative index lands below the dynamic
+// allocation, as in the upstream kernel.
 // ---------------------------------------------------------------------------------------------------
 template <typename IdT, int IPT, int SUB>
 __global__ void __launch_bounds__(HC_BLOCK_THREADS, 1)

@@ -498,13 +498,22 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         if (!aligned) continue;
         // Absolute padded group starts gs[0..wl] (gs[wl]: the end of the window's groups): an exclusive scan of
         // the padded counts. A window of <= 32 experts (the usual case) is one warp's shuffle scan, not a block
-        // scan's three barriers.
+        // scan's three barriers; the same lanes then write their experts' padding entries and block ids from
+        // registers (expert k by block k % gridDim.x), which the loops below do for larger windows with a
+        // division per entry and a binary search per block.
         if (wl <= 32) {
             if (warp == 0) {
-                const int padded = lane < wl ? hc_round_up(tot[lane], block_m) : 0;
+                const int t = lane < wl ? tot[lane] : 0;
+                const int padded = lane < wl ? hc_round_up(t, block_m) : 0;
                 const int incl = warp_inclusive_scan(padded);
-                if (lane < wl) gs[lane] = base + incl - padded;
+                const int start = base + incl - padded;
+                if (lane < wl) gs[lane] = start;
                 if (lane == 31) gs[wl] = base + incl;  // lanes past wl add 0: lane 31 holds the window's total
+                if (lane < wl && lane % (int)gridDim.x == (int)blockIdx.x) {
+                    for (int q = start + t; q < start + padded; ++q) sorted[q] = nk;  // < block_m entries
+                    for (int b = start / block_m, b1 = (start + padded) / block_m; b < b1; ++b)
+                        block_ids[b] = e0 + lane;
+                }
             }
         } else {
             for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
@@ -541,14 +550,15 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
             }
         }
         HC_MARK(6);
-        // This block's share of the padding entries (< block_m per group) and of the window's block ids.
-        for (int j = gtid; j < wl * block_m; j += gsize) {
-            const int k = j / block_m, r = j - k * block_m;
-            if (r < gs[k + 1] - gs[k] - tot[k]) sorted[gs[k] + tot[k] + r] = nk;  // gs[k + 1] - gs[k]: padded size
+        if (wl > 32) {  // this block's share of the padding entries (< block_m per group) and of the block ids
+            for (int j = gtid; j < wl * block_m; j += gsize) {
+                const int k = j / block_m, r = j - k * block_m;
+                if (r < gs[k + 1] - gs[k] - tot[k]) sorted[gs[k] + tot[k] + r] = nk;  // gs[k + 1] - gs[k]: padded
+            }
+            HC_MARK(7);
+            for (int b = gs[0] / block_m + gtid; b < gs[wl] / block_m; b += gsize)
+                block_ids[b] = e0 + upper_bound(gs, wl + 1, b * block_m) - 1;
         }
-        HC_MARK(7);
-        for (int b = gs[0] / block_m + gtid; b < gs[wl] / block_m; b += gsize)
-            block_ids[b] = e0 + upper_bound(gs, wl + 1, b * block_m) - 1;
         HC_MARK(8);
         base += window_total;
         __syncthreads();  // cnt, gs and tot are rewritten by the next window

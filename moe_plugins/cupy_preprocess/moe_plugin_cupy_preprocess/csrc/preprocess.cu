@@ -498,18 +498,22 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         if (!aligned) continue;
         // Absolute padded group starts gs[0..wl] (gs[wl]: the end of the window's groups): an exclusive scan of
         // the padded counts. A window of <= 32 experts (the usual case) is one warp's shuffle scan, not a block
-        // scan's three barriers; after the barrier the same lanes write their experts' padding entries and
-        // block ids from registers (expert k by block k % gridDim.x) while the other warps rank. The loops
-        // after the ranking do that for larger windows, with a division per entry and a binary search per block.
-        int t = 0, padded = 0, start = 0;  // warp 0, window <= 32: lane k's count, padded size, group start
+        // scan's three barriers; the same lanes then write their experts' padding entries and block ids from
+        // registers (expert k by block k % gridDim.x), which the loops below do for larger windows with a
+        // division per entry and a binary search per block.
         if (wl <= 32) {
             if (warp == 0) {
-                t = lane < wl ? tot[lane] : 0;
-                padded = lane < wl ? hc_round_up(t, block_m) : 0;
+                const int t = lane < wl ? tot[lane] : 0;
+                const int padded = lane < wl ? hc_round_up(t, block_m) : 0;
                 const int incl = warp_inclusive_scan(padded);
-                start = base + incl - padded;
+                const int start = base + incl - padded;
                 if (lane < wl) gs[lane] = start;
                 if (lane == 31) gs[wl] = base + incl;  // lanes past wl add 0: lane 31 holds the window's total
+                if (lane < wl && lane % (int)gridDim.x == (int)blockIdx.x) {
+                    for (int q = start + t; q < start + padded; ++q) sorted[q] = nk;  // < block_m entries
+                    for (int b = start / block_m, b1 = (start + padded) / block_m; b < b1; ++b)
+                        block_ids[b] = e0 + lane;
+                }
             }
         } else {
             for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
@@ -521,10 +525,6 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
         __syncthreads();
         const int window_total = gs[wl] - base;
         HC_MARK(5);
-        if (wl <= 32 && warp == 0 && lane < wl && lane % (int)gridDim.x == (int)blockIdx.x) {
-            for (int q = start + t; q < start + padded; ++q) sorted[q] = nk;  // < block_m entries
-            for (int b = start / block_m, b1 = (start + padded) / block_m; b < b1; ++b) block_ids[b] = e0 + lane;
-        }
         // Owned chunks: rank and place (the leader of each group of equal keys reads and advances its
         // virtual warp's row; __syncwarp orders one chunk's update before the next chunk's read).
         if (holds) {

@@ -219,6 +219,25 @@ def bench_context() -> BuildContext:
                         sentinel=sentinel)
 
 
+def fresh_generator() -> torch.Generator:
+    """A CPU generator seeded from the clock: every run times fresh random ids."""
+    return torch.Generator().manual_seed(time.time_ns() % (1 << 31))
+
+
+def bench_stages(path: str = "auto") -> tuple[BuildContext, CupyPreprocess, TorchPreprocess, torch.Generator]:
+    """`bench_context`, a cupy stage with ``path``, the torch reference and a `fresh_generator`: the setup of
+    profile_preprocess.py, phase_times.py and phase_trace.py."""
+    ctx = bench_context()
+    return ctx, CupyPreprocess(ctx, path=path), TorchPreprocess(ctx, mode="safe"), fresh_generator()
+
+
+def same_bytes_copy_us(nbytes: int) -> float:
+    """`median_us` of torch's device-to-device copy of ``nbytes`` bytes (half read, half written)."""
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.int32, device="cuda")
+    dst = torch.empty_like(src)
+    return median_us(lambda: dst.copy_(src))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -246,7 +265,7 @@ def main() -> int:
     print(f"{gpu}: copy {copy:.0f} GB/s, empty launch {launch:.2f} us (hot {launch_hot:.2f}, graph {launch_graph:.2f} us, "
           f"wall {launch_wall:.2f} us)")
 
-    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
+    gen = fresh_generator()
     rows_out, compare, breakdown = [], [], {}
     for nk in args.sizes:
         ids = routed_ids(nk, sentinel, gen)
@@ -265,10 +284,7 @@ def main() -> int:
         floor_graph_us = graph_us(lambda: kernels.run((floor,)))
         plan = buffers.plan
         nbytes = moved_bytes(plan)
-        same_src = torch.empty(max(1, nbytes // 8), dtype=torch.int32, device="cuda")
-        same_dst = torch.empty_like(same_src)
-        same_us = median_us(lambda: same_dst.copy_(same_src))
-        del same_src, same_dst
+        same_us = same_bytes_copy_us(nbytes)
         gbps = nbytes / (ours_us * 1e-6) / 1e9
         dbytes = design_bytes(plan)
         row = {"case": f"N*K={nk}", "num_slots": nk, "ours_us": ours_us, "peer": "torch", "peer_us": peer_us,

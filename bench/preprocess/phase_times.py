@@ -15,31 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 from bench_preprocess import (
     BLOCK_M,
-    bench_context,
+    bench_stages,
     check,
     copy_floor_step,
     median_us,
     routed_ids,
+    same_bytes_copy_us,
 )
-from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.plan import moved_bytes
-
-from hostcore.backends.preprocess_torch import TorchPreprocess
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     args = parser.parse_args()
-    ctx = bench_context()
+    ctx, stage, peer, gen = bench_stages()
     sentinel = int(ctx.sentinel)
-    stage, peer = CupyPreprocess(ctx), TorchPreprocess(ctx, mode="safe")
-    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
     for nk in args.sizes:
         ids = routed_ids(nk, sentinel, gen)
         aligned = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
@@ -50,15 +45,13 @@ def main() -> int:
         if not (torch.equal(got.local_ids, want.local_ids) and torch.equal(got.expert_counts, want.expert_counts)):
             raise SystemExit("MISMATCH without the aligned layout")
         must = moved_bytes(aligned.plan)
-        src = torch.empty(must // 2 // 4, dtype=torch.int32, device="cuda")
-        dst = torch.empty_like(src)
         out = torch.empty_like(ids)
         floor = copy_floor_step(ids, out)
         row = {"num_slots": nk, "must_move_bytes": must,
                "aligned_us": median_us(lambda: stage.preprocess_into(ids, aligned)),
                "no_layout_us": median_us(lambda: stage.preprocess_into(ids, bare)),
                "torch_copy_ids_us": median_us(lambda: out.copy_(ids)),
-               "torch_copy_must_move_us": median_us(lambda: dst.copy_(src)),
+               "torch_copy_must_move_us": same_bytes_copy_us(must),
                "copy_floor_us": median_us(lambda: stage.kernels.run((floor,)))}
         row["layout_us"] = row["aligned_us"] - row["no_layout_us"]
         row["must_move_copy_frac_of_3000"] = must / (row["torch_copy_must_move_us"] * 1e-6) / 3e12

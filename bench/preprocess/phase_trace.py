@@ -17,14 +17,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
-from bench_preprocess import BLOCK_M, bench_context, check, routed_ids
+from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
 from moe_plugin_cupy_preprocess import jit, plan
-from moe_plugin_cupy_preprocess.backend import CupyPreprocess
-
-from hostcore.backends.preprocess_torch import TorchPreprocess
 
 MARKS = 32
 # What each mark follows, per kernel (csrc/preprocess.cu).
@@ -32,7 +28,7 @@ MARK_NAMES = {
     "warp_preprocess": ["start", "ids+map loaded, sorted filled", "mapped+chunk counts", "expert scan",
                         "group starts+block ids", "placed+tail"],
     "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",
-                         "padding", "block ids", "window sync", "sorted fill", "block id fill", "end"],
+                         "padding (window > 32)", "block ids (window > 32)", "window sync", "sorted fill", "block id fill", "end"],
     "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",
                    "grid barrier", "phase 2", "phase 3 starts", "placed+tail (own warp)", "end"],
 }
@@ -52,12 +48,10 @@ def main() -> int:
         plan.BLOCK_OWNED_SLOTS = args.block_owned
     import cupy
 
-    ctx = bench_context()
-    stage, peer = CupyPreprocess(ctx, path=args.path), TorchPreprocess(ctx, mode="safe")
+    ctx, stage, peer, gen = bench_stages(args.path)
     trace_ptr = jit._module().get_global("hc_trace")
     trace = cupy.ndarray((2 * MARKS,), dtype=cupy.uint64, memptr=trace_ptr)
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
-    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen)
         buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)

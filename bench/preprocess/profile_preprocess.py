@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from bench_preprocess import BLOCK_M, bench_context, check, routed_ids
-from moe_plugin_cupy_preprocess.backend import CupyPreprocess
-
-from hostcore.backends.preprocess_torch import TorchPreprocess
+from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
 
 
 def main() -> int:
@@ -27,10 +23,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2, help="preprocess calls per size after the check")
     args = parser.parse_args()
 
-    ctx = bench_context()
+    ctx, stage, peer, gen = bench_stages()
     sentinel = int(ctx.sentinel)
-    stage, peer = CupyPreprocess(ctx), TorchPreprocess(ctx, mode="safe")
-    gen = torch.Generator().manual_seed(time.time_ns() % (1 << 31))
     for nk in args.sizes:
         ids = routed_ids(nk, sentinel, gen)
         buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)

@@ -224,15 +224,15 @@ def _block_smem_ints(map_entries: int, window: int, rows: int, slots: int) -> in
     return map_entries + rows * (window | 1) + 2 * window + 1 + SCRATCH_INTS + slots
 
 
-def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: int,
-                blocks: int | None) -> tuple[int, int, int]:
+def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: int, blocks: int | None,
+                fine: bool = True) -> tuple[int, int, int]:
     """``(grid_blocks, sub, owned_rows)`` of block_preprocess for ``blocks`` blocks (``None``: one per
     `BLOCK_OWNED_SLOTS` slots, at most `BLOCK_MAX_GRID` and ``num_sms``): one block counts a row per warp
-    (sub = ipt); several count a row per 32-slot chunk (sub = 1, where `BLOCK_VARIANTS` has it), so that
-    each block's share of the rows spreads over its warps."""
+    (sub = ipt); several count a row per 32-slot chunk (sub = 1, where `BLOCK_VARIANTS` has it and ``fine``),
+    so that each block's share of the rows spreads over its warps."""
     if blocks is None:
         blocks = max(1, min(BLOCK_MAX_GRID, num_sms, -(-nk // BLOCK_OWNED_SLOTS)))
-    sub = 1 if blocks > 1 and (ipt, 1) in BLOCK_VARIANTS[id_dtype] else ipt
+    sub = 1 if fine and blocks > 1 and (ipt, 1) in BLOCK_VARIANTS[id_dtype] else ipt
     rows = active_warps * (ipt // sub)
     owned = max(1, -(-rows // blocks))  # an empty batch: one block (it writes the fills)
     return max(1, -(-rows // owned)), sub, owned
@@ -385,9 +385,8 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         # A row of counters per warp instead of per chunk, then a smaller window, until the counters fit
         # next to the map (only with many local experts or huge forced-shared maps).
         if sub < ipt and smem_ints(window, vrows) * 4 > smem_optin:
-            sub, vrows = ipt, active_warps
-            owned_rows = max(1, -(-vrows // block_blocks))
-            block_blocks = max(1, -(-vrows // owned_rows))
+            block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid, False)
+            vrows = active_warps
         while window > MIN_WINDOW and smem_ints(window, vrows) * 4 > smem_optin:
             window = max(MIN_WINDOW, window // 2)
         if smem_ints(window, vrows) * 4 > smem_optin:

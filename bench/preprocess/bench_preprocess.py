@@ -46,7 +46,8 @@ from typing import Any
 import torch
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.launch import Step, launch
-from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_bytes
+from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
+from moe_plugin_cupy_preprocess.plan import LANE_MAX_SLOTS, WARP_MAX_SLOTS, design_bytes, moved_bytes, plan_for
 
 from hostcore import cuda_graphs
 from hostcore.backends.preprocess_torch import TorchPreprocess
@@ -319,6 +320,15 @@ def main() -> int:
                 check(ours[path].preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
                 entry[f"{path}_us"] = median_us(lambda: ours[path].preprocess_into(ids, b))
                 entry[f"{path}_graph_us"] = graph_us(lambda: ours[path].preprocess_into(ids, b))
+            if nk <= LANE_MAX_SLOTS:  # the same one-warp launch on warp_preprocess (before lane_preprocess)
+                stage_w = ours["warp"]
+                no_lanes = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_w.map, "warp", lanes=False)
+                b = PreprocessBuffers.allocate(no_lanes, stage_w.device)
+                check(stage_w.preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
+                entry["warp_preprocess_us"] = median_us(lambda: stage_w.preprocess_into(ids, b))
+                entry["warp_preprocess_graph_us"] = graph_us(lambda: stage_w.preprocess_into(ids, b))
+                print(f"    warp_preprocess (no lanes) {entry['warp_preprocess_us']:.2f} us "
+                      f"(graph {entry['warp_preprocess_graph_us']:.2f})")
             compare.append(entry)
             print("    path " + ", ".join(f"{p} {entry[p + '_us']:.2f} us (graph {entry[p + '_graph_us']:.2f})"
                                        for p in paths))

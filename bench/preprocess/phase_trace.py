@@ -25,6 +25,8 @@ from moe_plugin_cupy_preprocess import jit, plan
 MARKS = 32
 # What each mark follows, per kernel (csrc/preprocess.cu).
 MARK_NAMES = {
+    "lane_preprocess": ["start", "ids+map loaded, sorted filled", "mapped, ballots, counts", "group starts+block ids",
+                        "placed+tail"],
     "warp_preprocess": ["start", "ids+map loaded, sorted filled", "mapped+chunk counts", "expert scan",
                         "group starts+block ids", "placed+tail"],
     "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",

@@ -107,7 +107,8 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
     total_ptr = _ptr(out.num_slots_post_padded) if aligned else 0
     shape = (plan.rows, plan.top_k)
     if plan.path == "warp":
-        step = Step("warp_preprocess", kernels.handle(f"warp_preprocess<{id_name}, {plan.ipt}>"), 1, 32,
+        kernel = plan.kernel_names[0]
+        step = Step(kernel, kernels.handle(f"{kernel}<{id_name}, {plan.ipt}>"), 1, 32,
                     plan.smem_block_bytes,
                     lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
                               blocks_ptr, total_ptr, plan.block_m, plan.capacity], takes_ids=True)

@@ -4,9 +4,11 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
 ``#define`` s of ``csrc/preprocess.cu``; `plan_for` is the only place that decides between
 
 ``warp`` path
-    one launch of ``warp_preprocess``: ONE warp, ``ipt`` slots per lane (``num_slots <= 32 * 16``,
-    ``num_local <= WARP_MAX_LOCAL``); ``path=auto`` up to `WARP_PATH_AUTO_MAX`. Decode sizes: no
-    ``__syncthreads``, no block scan, one dependent memory round trip with a shared-memory map.
+    one launch of ONE warp, ``ipt`` slots per lane (``num_slots <= 32 * 16``, ``num_local <=
+    WARP_MAX_LOCAL``); ``path=auto`` up to `WARP_PATH_AUTO_MAX`. Decode sizes: no ``__syncthreads``, no
+    block scan, one dependent memory round trip with a shared-memory map. ``lane_preprocess`` (``lanes``:
+    at most `LANE_MAX_LOCAL` local experts and `LANE_MAX_SLOTS` slots, one expert per lane, counts and
+    positions from ballots in registers) or ``warp_preprocess`` (shared per-chunk counters) otherwise.
 ``block`` path
     one launch of ``block_preprocess``: ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt``
     slots per thread (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Every block
@@ -87,6 +89,11 @@ WARP_MAX_SLOTS = 32 * WARP_IPTS[-1]
 WARP_MAX_LOCAL = 128
 """warp_preprocess's bound on local experts (HC_WARP_MAX_LOCAL): each lane owns ceil(num_local / 32)
 experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints."""
+LANE_IPTS = (1, 4)
+LANE_MAX_SLOTS = 32 * LANE_IPTS[-1]
+LANE_MAX_LOCAL = 32
+"""lane_preprocess's bounds: one local expert per lane, and per 32-slot chunk six ballots held in registers
+(the ballots of more chunks would crowd the registers; up to 128 slots covers `WARP_PATH_AUTO_MAX`)."""
 WARP_PATH_AUTO_MAX = 128
 """``path=auto`` takes the one-warp kernel up to this many slots (when ``num_local <= WARP_MAX_LOCAL``).
 Measured on an H100 (GPU run 4, commit afebe7f, GPU_RESULTS.md), in a CUDA graph: warp 3.15 / 4.11 / 7.22 us
@@ -149,11 +156,11 @@ class Plan:
     block_m: int
     num_local: int
     map: MapChoice
-    path: str  # "block" or "grid"
+    path: str  # "warp", "block" or "grid"
     capacity: int  # entries of sorted_slot_ids (0 without block_m)
     window: int  # local experts per window (>= 1)
     windows: int  # passes over the experts (>= 1)
-    ipt: int  # block path: slots per thread
+    ipt: int  # warp and block paths: slots per thread
     active_warps: int  # block path: warps that hold slots
     block_threads: int  # block path: threads per block (>= 32 * active_warps and >= window)
     tiles: int  # grid path: tiles of TILE slots (>= 1)
@@ -169,12 +176,13 @@ class Plan:
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
+    lanes: bool = False  # warp path: lane_preprocess (one local expert per lane) instead of warp_preprocess
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
         """The kernels one preprocess launches, in order (for breakdowns and docs)."""
         if self.path == "warp":
-            return ("warp_preprocess",)
+            return ("lane_preprocess",) if self.lanes else ("warp_preprocess",)
         if self.path == "block":
             return ("block_preprocess",)
         if self.fused:
@@ -329,13 +337,14 @@ def check_block_m(block_m: object) -> int:
 def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, num_local: int, map_choice: MapChoice,
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
-             two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None) -> Plan:
+             two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
     GPU); ``None`` means no cooperative launch on this device: the grid path takes the three launches.
     ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`);
-    ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`).
+    ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`);
+    ``lanes=False`` (benchmarks) keeps warp_preprocess where lane_preprocess would run.
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -365,11 +374,12 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     else:
         chosen = path
     if chosen == "warp":
+        lanes = lanes and num_local <= LANE_MAX_LOCAL and warp_ipt in LANE_IPTS
+        smem_ints = map_smem if lanes else _warp_smem_ints(map_smem, warp_ipt, num_local)
         return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                     path="warp", capacity=capacity, window=max(1, num_local), windows=1, ipt=warp_ipt,
-                    active_warps=1, block_threads=32, tiles=1,
-                    smem_block_bytes=_warp_smem_ints(map_smem, warp_ipt, num_local) * 4, smem_count_bytes=0,
-                    smem_place_bytes=0)
+                    active_warps=1, block_threads=32, tiles=1, smem_block_bytes=smem_ints * 4, smem_count_bytes=0,
+                    smem_place_bytes=0, lanes=lanes)
     window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
     active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0

@@ -1,10 +1,11 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-Runs every kernel of the cupy preprocess (the one-warp path, the block path with one and with several blocks, the single-launch grid_fused with one and
-with two grid barriers, with each map mode and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in shared memory, in
-global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU
-(so that only our kernels and torch's copies run on the GPU). Exits 1 on a mismatch; the sanitizer's
-own exit code (``--error-exitcode``) reports what it found.
+Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks,
+the single-launch grid_fused with one and with two grid barriers, with each map mode and with lists too short for a
+warp's local slots, the three split grid kernels for many local experts, map in shared memory, in global memory and
+absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with
+the torch reference computed on the CPU (so that only our kernels and torch's copies run on the GPU). Exits 1 on a
+mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """
@@ -28,7 +29,11 @@ from moe_plugin_cupy_preprocess.plan import GRID_WARPS, PLACE_QUEUE  # noqa: E40
 CASES = [
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
     (256, 8, 1, "non_local", 6, 8, torch.int32, {"path": "warp"}),  # warp_preprocess (384 slots), shared map
-    (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # warp_preprocess (auto, 128 slots), global map
+    (512, 4, 3, "negative", 4, 8, torch.int64, {"map_in": "global"}),  # warp_preprocess (auto, 128 slots, 128
+    # local experts), global map
+    (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # lane_preprocess (128 slots), global map
+    (256, 8, 1, "guard_slot", 1, 8, torch.int32, {}),  # lane_preprocess (64 slots), shared map
+    (24, 1, 0, "out_of_range", 20, 1, torch.int32, {}),  # lane_preprocess (20 slots), no map
     (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block path, map in shared memory
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block path, invalid ids counted
     (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block path, no map
@@ -79,7 +84,7 @@ def main() -> int:
             except AssertionError as exc:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
-    missing = {"warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
+    missing = {"lane_preprocess", "warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
                "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2",
                "grid_fused re-read past a full list"} - kernels_run
     if missing:

@@ -23,10 +23,11 @@ from hostcore.registry import coerce_options
 from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
-from moe_plugin_cupy_preprocess.plan import (WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, KEYS8_MAX_LOCAL, MAP_GLOBAL, MAP_NONE, MAP_SHARED,
-                                             GRID_WARPS, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE, MapChoice,
-                                             check_block_m, choose_map,
-                                             moved_bytes, plan_for)
+from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, GRID_WARPS,
+                                             KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL, MAP_NONE,
+                                             MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE,
+                                             WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
+                                             check_block_m, choose_map, moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
                                                  normalize_device)
 
@@ -155,9 +156,15 @@ def test_path_choice_and_items_per_thread() -> None:
         [("warp", 1), ("warp", 1), ("warp", 1), ("warp", 4), ("warp", 4)]
     assert plan(129).path == "block" and plan(512).path == "block" and plan(8, "block").path == "block"
     assert [(plan(n, "warp").path, plan(n, "warp").ipt) for n in (129, 512)] == [("warp", 16), ("warp", 16)]
-    warp = plan(100)
-    assert warp.block_threads == 32 and warp.kernel_names == ("warp_preprocess",)
-    assert warp.smem_block_bytes == (256 + 4 * 32 + 32) * 4  # map, chunk counters, group starts
+    lanes = plan(100)  # 32 local experts, <= 128 slots: one expert per lane
+    assert lanes.block_threads == 32 and lanes.lanes and lanes.kernel_names == ("lane_preprocess",)
+    assert lanes.smem_block_bytes == 256 * 4  # the map only
+    warp = plan(129, "warp")
+    assert warp.block_threads == 32 and not warp.lanes and warp.kernel_names == ("warp_preprocess",)
+    assert warp.smem_block_bytes == (256 + 16 * 32 + 32) * 4  # map, chunk counters, group starts
+    many = plan_for(100, 1, torch.int32, 16, LANE_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0))
+    assert many.path == "warp" and many.kernel_names == ("warp_preprocess",)
+    assert plan_for(LANE_MAX_SLOTS, 1, torch.int64, 16, LANE_MAX_LOCAL, MapChoice(MAP_NONE, 0)).lanes
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0)).path == "block"
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL, MapChoice(MAP_NONE, 0)).path == "warp"
     with pytest.raises(ConfigError, match="path=warp handles at most 512 slots"):
@@ -322,6 +329,6 @@ def test_source_compiles_for_sm90_without_spills(tmp_path: Path) -> None:
     assert spills and all(s == ("0", "0") for s in spills), report
     used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", report, re.S)
     assert len(used) == len(entries)
-    # 1024-thread blocks need <= 64 registers; warp_preprocess runs 32 threads (__launch_bounds__(32)).
-    assert all(int(r) <= 64 for name, r in used if "warp_preprocess" not in name), used
+    # 1024-thread blocks need <= 64 registers; the one-warp kernels run 32 threads (__launch_bounds__(32)).
+    assert all(int(r) <= 64 for name, r in used if not re.search("(warp|lane)_preprocess", name)), used
     assert all(int(r) <= 255 for _, r in used), used

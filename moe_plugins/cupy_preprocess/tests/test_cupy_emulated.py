@@ -16,8 +16,9 @@ from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matche
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, PLACE_QUEUE, TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL,
-                                             WARP_MAX_SLOTS, Plan, choose_map, plan_for)
+from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, PLACE_QUEUE, TILE,
+                                             TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, Plan, choose_map,
+                                             plan_for)
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +236,16 @@ def test_rank_without_local_experts_and_empty_batches(kernels: EmulatedKernels, 
     assert got.aligned.sorted_slot_ids.numel() == 0 and int(got.aligned.num_slots_post_padded) == 0
 
 
-@pytest.mark.parametrize("path", ["warp", "block", "grid"])
+# (path, rows per rank): 128 slots take lane_preprocess, 480 warp_preprocess.
+@pytest.mark.parametrize("path, rows_per_rank", [("warp", 8), ("warp", 30), ("block", 50), ("grid", 50)])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
-def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, map_in: str) -> None:
-    case = make_case(32, 4, 0, "negative", rows_per_rank=30 if path == "warp" else 50, top_k=4, seed=8)
+def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, rows_per_rank: int,
+                                                             map_in: str) -> None:
+    case = make_case(32, 4, 0, "negative", rows_per_rank=rows_per_rank, top_k=4, seed=8)
     padding = case.ids == -1
     assert bool(padding.any())
-    safe, _ = run(kernels, case, 16, path=path, map_in=map_in)
+    safe, plan = run(kernels, case, 16, path=path, map_in=map_in)
+    assert plan.lanes == (rows_per_rank == 8)
     assert int(safe.invalid_count) == int(padding.sum()) and bool((safe.local_ids[padding] == -1).all())
     faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in)
     assert faithful.invalid_count is None
@@ -253,35 +257,53 @@ def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKe
     assert_layout_valid(faithful, 16)
 
 
-# --- the one-warp decode kernel -----------------------------------------------------------------------------
+# --- the one-warp decode kernels -----------------------------------------------------------------------------
 
-# N*K at and around the warp kernel's slots-per-lane steps (32, 128) and its bound (512), and 0.
+# N*K at and around the slots-per-lane steps (32, 128: also lane_preprocess's bound) and warp_preprocess's
+# bound (512), and 0.
 WARP_SIZES = [0, 1, 7, 31, 32, 33, 127, 128, 129, 300, 511, 512]
+# (sentinel, experts, ep_size): 32 local experts (lane_preprocess up to 128 slots) with a map, 24 and 40 without
+# one (either side of lane_preprocess's 32), 128 with a map (warp_preprocess at every size).
+WARP_LAYERS = [("non_local", 256, 8), ("guard_slot", 256, 8), ("out_of_range", 24, 1), ("out_of_range", 40, 1),
+               ("negative", 256, 8), ("negative", 512, 4)]
 
 
 @pytest.mark.parametrize("nk", WARP_SIZES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_warp_kernel_sizes_sentinels_and_maps(kernels: EmulatedKernels, nk: int, dtype: torch.dtype) -> None:
-    """warp_preprocess (path=warp) up to its 512-slot bound; every sentinel, the map in shared/global memory or
-    absent, several block_m, random ids, poisoned and guarded outputs, against the torch reference."""
-    for j, sentinel in enumerate(("non_local", "guard_slot", "out_of_range", "negative")):
-        num_experts = 256 if sentinel != "out_of_range" else 40
-        ep = 8 if sentinel != "out_of_range" else 1
+    """path=warp up to its 512-slot bound, on both one-warp kernels; every sentinel, the map in shared/global
+    memory or absent, several block_m, random ids, poisoned and guarded outputs, against the torch reference."""
+    for j, (sentinel, num_experts, ep) in enumerate(WARP_LAYERS):
         placement, local, value = make_local(num_experts, ep, ep - 1, sentinel)
         gen = torch.Generator().manual_seed(nk * 31 + j * 7 + (dtype == torch.int64))
         ids, real = make_ids(num_experts, 1, nk, 1, value, gen, dtype)  # nk slots, one row each
         case = Case(placement, ep - 1, local, value, ids.reshape(-1, 1), real)
+        lanes = nk <= LANE_MAX_SLOTS and local.count <= LANE_MAX_LOCAL
+        kernel = "lane_preprocess" if lanes else "warp_preprocess"
         for map_in in ("shared", "global") if local.expert_map is not None else ("auto",):
             for block_m in (None, 1, 16, 48):
                 got, plan = run(kernels, case, block_m, map_in=map_in, path="warp")
-                assert plan.path == "warp" and plan.kernel_names == ("warp_preprocess",)
-                assert kernels.launches[-1][0].startswith("warp_preprocess<") and kernels.launches[-1][2] == 32
-                what = f"nk={nk} {dtype} {sentinel} {map_in} block_m={block_m}"
+                assert plan.path == "warp" and plan.kernel_names == (kernel,)
+                assert kernels.launches[-1][0].startswith(kernel + "<") and kernels.launches[-1][2] == 32
+                what = f"nk={nk} {dtype} {sentinel} E={num_experts} {map_in} block_m={block_m}"
                 assert_matches(got, reference(case, block_m), block_m, what)
                 if block_m:
                     assert_layout_valid(got, block_m)
                 if sentinel == "negative" and block_m is None:
                     assert int(got.invalid_count) == int((case.ids == -1).sum()), what
+
+
+@pytest.mark.parametrize("num_local", [1, 2, 17, LANE_MAX_LOCAL])
+@pytest.mark.parametrize("nk", [5, LANE_MAX_SLOTS])
+def test_lane_kernel_every_slot_local(kernels: EmulatedKernels, num_local: int, nk: int) -> None:
+    """lane_preprocess with every slot local (no map): a lane's expert taking whole chunks, blocks that span
+    chunks, every lane an expert (32) or most lanes none (1, 2): counts, starts, block ids."""
+    case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=nk, top_k=1, seed=nk + num_local)
+    for block_m in (1, 3, 16, 64):
+        got, plan = run(kernels, case, block_m)
+        assert plan.kernel_names == ("lane_preprocess",) and plan.ipt == (1 if nk <= 32 else 4)
+        assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} nk={nk} block_m={block_m}")
+        assert_layout_valid(got, block_m)
 
 
 @pytest.mark.parametrize("num_local", [1, 31, 33, 64, WARP_MAX_LOCAL])
@@ -290,7 +312,7 @@ def test_warp_kernel_expert_ownership_per_lane(kernels: EmulatedKernels, num_loc
     case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=WARP_MAX_SLOTS // 4, top_k=4, seed=num_local)
     for block_m in (1, 16, 64):
         got, plan = run(kernels, case, block_m, path="warp")
-        assert plan.path == "warp" and plan.ipt == 16
+        assert plan.kernel_names == ("warp_preprocess",) and plan.ipt == 16
         assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} block_m={block_m}")
         assert_layout_valid(got, block_m)
 

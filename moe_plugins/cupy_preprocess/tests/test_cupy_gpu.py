@@ -28,7 +28,7 @@ from hostcore.conformance import PreprocessContract
 from hostcore.errors import ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
-from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS, WARP_MAX_LOCAL, WARP_MAX_SLOTS
+from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS, LANE_MAX_LOCAL, WARP_MAX_LOCAL, WARP_MAX_SLOTS
 
 EMULATE = os.environ.get("HOSTCORE_CUPY_EMULATE") == "1"
 REASON = plugin.availability_reason()
@@ -132,6 +132,37 @@ def test_every_sentinel_and_ep_size_matches_the_reference(stage: Callable[..., C
                 if sentinel == "negative":
                     pad = case.ids == -1
                     assert int(got.invalid_count.item()) == int(pad.sum()), what
+
+
+@pytest.mark.parametrize("sentinel", SENTINELS)
+@pytest.mark.parametrize("ep_size", [8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess], sentinel: str, ep_size: int,
+                                           dtype: torch.dtype) -> None:
+    """lane_preprocess (one local expert per lane: <= 32 local experts, <= 128 slots), the decode kernel of
+    `path=auto` for E=256 over EP >= 8: 1 to 128 slots, map in shared or global memory, with and without a
+    layout, against the reference."""
+    for nk in (1, 8, 31, 32, 33, 64, 127, 128):
+        rank = seed(sentinel, ep_size, nk) % ep_size
+        top_k = 8 if nk % 8 == 0 else 1
+        case = make_case(256, ep_size, rank, sentinel, rows_per_rank=-(-nk // (ep_size * top_k)), top_k=top_k,
+                         seed=seed("lane", sentinel, ep_size, nk, dtype), dtype=dtype)
+        ids = case.ids.reshape(-1)[:nk].reshape(-1, top_k)
+        case = Case(case.placement, rank, case.local, case.sentinel, ids.to(DEVICE), case.real_rows)
+        assert case.local.count <= LANE_MAX_LOCAL
+        maps = ("shared", "global") if case.local.expert_map is not None else ("auto",)
+        for map_in in maps:
+            backend = stage(case, map_in=map_in)
+            for block_m in (None, 1, 16, 64):
+                assert backend.plan(*ids.shape, dtype, block_m).kernel_names == ("lane_preprocess",)
+                what = f"ep={ep_size} rank={rank} {sentinel} nk={nk} {dtype} {map_in} block_m={block_m} " \
+                       f"seed={BASE_SEED}"
+                got = run_guarded(backend, case.ids, block_m)
+                assert_matches(got, torch_reference(case, block_m), block_m, what)
+                if block_m:
+                    assert_layout_valid(got, block_m)
+                if sentinel == "negative":
+                    assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
 
 
 SIZES = [1, 7, 8, 1000, 4096, 16384, 16385, 65539, 1 << 20, 1 << 23]
@@ -344,11 +375,11 @@ class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
 # --- last: an unchecked read below the table (if a GPU faulted on it, only this test would see the broken
 # context) ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["warp", "block", "grid"])
+# (path, rows per rank of 4): 128 slots take lane_preprocess, 480 warp_preprocess (at most 512 slots).
+@pytest.mark.parametrize("path, rows", [("warp", 4), ("warp", 15), ("block", 300), ("grid", 300)])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,
-                                                                 map_in: str, record_property: Any) -> None:
-    rows = 15 if path == "warp" else 300  # the warp kernel takes at most 512 slots
+                                                                 rows: int, map_in: str, record_property: Any) -> None:
     case = on_device(make_case(64, 4, 0, "negative", rows_per_rank=rows, top_k=8, seed=seed("faithful", path, map_in)))
     pad = case.ids == -1
     assert bool(pad.any()) and bool((~pad).any())

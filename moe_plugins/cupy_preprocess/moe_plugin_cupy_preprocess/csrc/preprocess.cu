@@ -1,7 +1,8 @@
 // Fused expert-map preprocess for hostcore: global top-k ids -> local ids, per-expert counts and the
-// aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: warp_preprocess
-// (one warp) for decode sizes, block_preprocess (independent blocks that each count every slot and place
-// their own) for small inputs, grid_fused (one cooperative launch of a co-resident grid) for large ones.
+// aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: lane_preprocess
+// (one warp, one local expert per lane) or warp_preprocess (one warp) for the smallest batches,
+// block_preprocess (independent blocks that each count every slot and place their own) for small inputs,
+// grid_fused (one cooperative launch of a co-resident grid) for large ones.
 // grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
 // more than 1024 local experts and for devices without cooperative launches.
 //
@@ -110,6 +111,19 @@ __device__ __forceinline__ int layout_key(int local, int num_local) {
     return (unsigned)local < (unsigned)num_local ? local : -1;
 }
 
+// Slot i with id `raw` (anything when i >= nk): store its local id, return its layout key (-1 past nk or not
+// local) and set `bad` (0 past nk) when the id breaks the sentinel contract.
+template <typename IdT>
+__device__ __forceinline__ int map_slot(IdT raw, int i, int nk, int map_mode, int faithful, const int* smap,
+                                        const int* __restrict__ gmap, int map_size, int first, int num_local,
+                                        int* __restrict__ local_ids, int& bad) {
+    bad = 0;
+    if (i >= nk) return -1;
+    const int local = map_one(raw, map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
+    local_ids[i] = local;
+    return layout_key(local, num_local);
+}
+
 // Map this lane's IPT slots of a warp segment (slot seg + c * 32 + lane for chunk c; `raw` holds their ids,
 // anything past nk): store every local id, return the layout keys in `key` (-1 past nk or not local) and add
 // the ids that break the sentinel contract to `bad_here`. Used by grid_count.
@@ -121,15 +135,10 @@ __device__ __forceinline__ void map_chunks(const IdT (&raw)[IPT], int seg, int n
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
-        const int i = seg + c * 32 + lane;
-        key[c] = -1;
-        if (i < nk) {
-            int bad;
-            const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-            local_ids[i] = local;
-            bad_here += bad;
-            key[c] = layout_key(local, num_local);
-        }
+        int bad;
+        key[c] = map_slot(raw[c], seg + c * 32 + lane, nk, map_mode, faithful, smap, gmap, map_size, first, num_local,
+                          local_ids, bad);
+        bad_here += bad;
     }
 }
 
@@ -599,6 +608,26 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
 // ---------------------------------------------------------------------------------------------------
 #define HC_WARP_MAX_LOCAL 128
 
+// The first step of the one-warp kernels: this lane's SPL ids (slot c * 32 + lane; 0 past nk) into `raw`,
+// the map into shared memory (map_mode HC_MAP_SHARED), and, with the loads in flight, every entry of
+// `sorted` set to nk (16-byte stores over the 32 lanes): the padding entries and the tail past the total keep
+// it, the slot entries are overwritten later, after a __syncwarp that orders this warp's global stores. (It
+// replaces a serial loop of up to block_m - 1 padding stores per expert per lane and a separate tail fill;
+// the <= 512 slots of the one-warp kernels are cheap to write twice.) The caller's __syncwarp publishes the map.
+template <typename IdT, int SPL>
+__device__ __forceinline__ void warp_start(IdT (&raw)[SPL], const IdT* __restrict__ ids, int nk, int* smap,
+                                           const int* __restrict__ gmap, int map_size, int map_mode,
+                                           int* __restrict__ sorted, int block_m, int capacity) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        const int i = c * 32 + lane;
+        raw[c] = i < nk ? ids[i] : (IdT)0;
+    }
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
+    if (block_m > 0) hc_fill_warp(sorted, 0, capacity, nk);
+}
+
 template <typename IdT, int SPL>
 __global__ void __launch_bounds__(32)
 warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
@@ -614,19 +643,9 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     HC_MARK(0);
 
     IdT raw[SPL];
-#pragma unroll
-    for (int c = 0; c < SPL; ++c) {
-        const int i = c * 32 + lane;
-        raw[c] = i < nk ? ids[i] : (IdT)0;
-    }
-    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
+    warp_start(raw, ids, nk, smap, gmap, map_size, map_mode, sorted, block_m, capacity);
     // Zero the chunk counters while the loads are in flight (keys absent from a chunk must read 0).
     for (int j = lane; j < SPL * num_local; j += 32) ccnt[j] = 0;
-    // Every entry of `sorted` gets nk now (16-byte stores over the 32 lanes): the padding entries and the
-    // tail past the total keep it, the slot entries are overwritten after the __syncwarps below, which
-    // order this warp's global stores. (It replaces a serial loop of up to block_m - 1 padding stores per
-    // expert per lane and a separate tail fill; the < 1024 entries of the warp path are cheap to write twice.)
-    if (block_m > 0) hc_fill_warp(sorted, 0, capacity, nk);
     __syncwarp();  // the map copy and the zeros are visible to the whole warp
     HC_MARK(1);
 
@@ -635,13 +654,9 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     int bad_total = 0;
 #pragma unroll
     for (int c = 0; c < SPL; ++c) {
-        const int i = c * 32 + lane;
-        int bad = 0, k = -1;
-        if (i < nk) {
-            const int local = map_one(raw[c], map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-            local_ids[i] = local;
-            k = layout_key(local, num_local);
-        }
+        int bad;
+        const int k = map_slot(raw[c], c * 32 + lane, nk, map_mode, faithful, smap, gmap, map_size, first, num_local,
+                               local_ids, bad);
         bad_total += __popc(__ballot_sync(HC_FULL_MASK, bad));
         const unsigned peers = warp_peers(k, bits);
         key[c] = k;
@@ -703,6 +718,95 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total_blocks * block_m;
     HC_MARK(5);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Lane path (the smallest decode batches): ONE warp, num_local <= 32, nk <= 32 * SPL (SPL <= 4). Lane e
+// owns local expert e, so every count and position comes from ballots held in registers: no shared
+// counters to zero, fill or read back, and a single __syncwarp (for the shared map). Same contract, same
+// arguments and same outputs as warp_preprocess. Why (GPU_RESULTS.md, runs 13-15): warp_preprocess at
+// N*K = 8 ran 513 dependent warp instructions at ~10 cycles each; the time is that chain, not memory.
+//
+// Per chunk c of 32 slots, six ballots describe every key at once: valid[c] (the lanes with a local key)
+// and bits[c][b] (the lanes whose key has bit b set). The lanes whose key is e are then
+//   valid[c] & AND_b (bit b of e ? bits[c][b] : ~bits[c][b]),
+// which every lane can evaluate for ANY e: for its own key (its peers, hence its rank in the chunk) and for
+// its own expert (that expert's count in the chunk). Positions keep the stable order of the torch reference:
+//   (group start of k) + (slots of k in earlier chunks) + (lanes of k below this one in the chunk),
+// where lane k holds the first two terms for every chunk and one shuffle per slot fetches them.
+// It starts like warp_preprocess (warp_start: loads, map copy, `sorted` set to nk); the __syncwarp after it
+// orders those stores before the slot stores that overwrite some of them.
+// Dynamic shared memory: [map: map_size if shared] (faithful negative reads land below it, as elsewhere).
+// ---------------------------------------------------------------------------------------------------
+#define HC_LANE_KEY_BITS 5  // keys 0..31: one local expert per lane
+
+// Lanes of a chunk whose key is e (0 <= e < 32), from the chunk's ballots.
+__device__ __forceinline__ unsigned lanes_with_key(unsigned valid, const unsigned (&bits)[HC_LANE_KEY_BITS], int e) {
+    unsigned m = valid;
+#pragma unroll
+    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) m &= ((e >> b) & 1) ? bits[b] : ~bits[b];
+    return m;
+}
+
+template <typename IdT, int SPL>
+__global__ void __launch_bounds__(32)
+lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
+                int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
+                int* __restrict__ invalid, int* __restrict__ sorted, int* __restrict__ block_ids,
+                int* __restrict__ total_out, int block_m, int capacity) {
+    extern __shared__ int smem[];
+    const int lane = threadIdx.x & 31;
+    HC_MARK(0);
+
+    IdT raw[SPL];
+    warp_start(raw, ids, nk, smem, gmap, map_size, map_mode, sorted, block_m, capacity);
+    __syncwarp();  // the map copy is visible to the whole warp; the fill is ordered before the slot stores
+    HC_MARK(1);
+
+    int key[SPL];
+    unsigned valid[SPL], bits[SPL][HC_LANE_KEY_BITS];
+    int bad_total = 0;
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        int bad;
+        const int k = map_slot(raw[c], c * 32 + lane, nk, map_mode, faithful, smem, gmap, map_size, first, num_local,
+                               local_ids, bad);
+        key[c] = k;
+        bad_total += __popc(__ballot_sync(HC_FULL_MASK, bad));
+        valid[c] = __ballot_sync(HC_FULL_MASK, k >= 0);
+#pragma unroll
+        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[c][b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
+    }
+    if (lane == 0) invalid[0] = bad_total;  // the same value in every lane: no atomic, no read of the counter
+
+    // This lane's expert: its slots before each chunk, and its total.
+    int before[SPL];
+    int count = 0;
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        before[c] = count;
+        count += __popc(lanes_with_key(valid[c], bits[c], lane));
+    }
+    if (lane < num_local) counts[lane] = count;
+    if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
+    HC_MARK(2);
+
+    // Group sizes in blocks (one division per lane), a warp scan for the starts, the block ids.
+    const int nblocks = (count + block_m - 1) / block_m;
+    const int incl = warp_inclusive_scan(nblocks);
+    const int first_block = incl - nblocks;
+    const int total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
+    for (int q = 0; q < nblocks; ++q) block_ids[first_block + q] = lane;
+    HC_MARK(3);
+#pragma unroll
+    for (int c = 0; c < SPL; ++c) {
+        const int k = key[c];
+        const int base = __shfl_sync(HC_FULL_MASK, first_block * block_m + before[c], k & 31);
+        if (k >= 0) sorted[base + __popc(lanes_with_key(valid[c], bits[c], k) & hc_lanemask_lt())] = c * 32 + lane;
+    }
+    hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
+    if (lane == 0) total_out[0] = total_blocks * block_m;
+    HC_MARK(4);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1393,6 +1497,14 @@ template __global__ void warp_preprocess<long long, 1>(const long long*, int, co
 template __global__ void warp_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
 template __global__ void warp_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);

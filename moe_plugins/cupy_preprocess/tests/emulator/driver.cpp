@@ -27,6 +27,15 @@ void run_warp(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     });
 }
 
+template <typename IdT, int SPL>
+void run_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        lane_preprocess<IdT, SPL>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
+                                  I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12),
+                                  P<int>(a, 13), I(a, 14), I(a, 15));
+    });
+}
+
 template <typename IdT>
 void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
@@ -80,6 +89,20 @@ extern "C" int emu_warp(int id64, int spl, unsigned grid, unsigned block, size_t
         if (spl == 1) run_warp<int, 1>(grid, block, smem, a);
         else if (spl == 4) run_warp<int, 4>(grid, block, smem, a);
         else if (spl == 16) run_warp<int, 16>(grid, block, smem, a);
+        else return 1;
+    }
+    return 0;
+}
+
+extern "C" int emu_lane(int id64, int spl, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (block != 32) return 2;  // one warp: __syncwarp is its only barrier
+    if (id64) {
+        if (spl == 1) run_lane<long long, 1>(grid, block, smem, a);
+        else if (spl == 4) run_lane<long long, 4>(grid, block, smem, a);
+        else return 1;
+    } else {
+        if (spl == 1) run_lane<int, 1>(grid, block, smem, a);
+        else if (spl == 4) run_lane<int, 4>(grid, block, smem, a);
         else return 1;
     }
     return 0;

@@ -90,8 +90,9 @@ for r in d["rows"]:
 for n, k in d.get("kernel_breakdown_us", {}).items():
     print(f"kernels N*K={n}: " + ", ".join(f"{a} {b:.2f} us" for a, b in k.items()))
 for c in d["path_compare"]:
+    names = [k[:-3] for k in c if k.endswith("_us") and not k.endswith("_graph_us")]
     print(f"path compare N*K={c['num_slots']}: " + ", ".join(f"{p} {c[p + '_us']:.2f} us (graph {c[p + '_graph_us'] or 0:.2f})"
-                                                            for p in ("warp", "block", "grid") if p + "_us" in c))
+                                                            for p in names))
 print("goals:", d["goals"])
 EOF
 fi

@@ -47,7 +47,7 @@ import torch
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.launch import Step, launch
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import LANE_MAX_SLOTS, WARP_MAX_SLOTS, design_bytes, moved_bytes, plan_for
+from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_bytes, plan_for
 
 from hostcore import cuda_graphs
 from hostcore.backends.preprocess_torch import TorchPreprocess
@@ -315,23 +315,22 @@ def main() -> int:
         if nk in PATH_COMPARE:
             entry = {"num_slots": nk}
             paths = ("warp", "block") if nk <= WARP_MAX_SLOTS else ("block", "grid")
+            timed = []
             for path in paths:
-                b = ours[path].make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
-                check(ours[path].preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
-                entry[f"{path}_us"] = median_us(lambda: ours[path].preprocess_into(ids, b))
-                entry[f"{path}_graph_us"] = graph_us(lambda: ours[path].preprocess_into(ids, b))
-            if nk <= LANE_MAX_SLOTS:  # the same one-warp launch on warp_preprocess (before lane_preprocess)
-                stage_w = ours["warp"]
-                no_lanes = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_w.map, "warp", lanes=False)
-                b = PreprocessBuffers.allocate(no_lanes, stage_w.device)
-                check(stage_w.preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
-                entry["warp_preprocess_us"] = median_us(lambda: stage_w.preprocess_into(ids, b))
-                entry["warp_preprocess_graph_us"] = graph_us(lambda: stage_w.preprocess_into(ids, b))
-                print(f"    warp_preprocess (no lanes) {entry['warp_preprocess_us']:.2f} us "
-                      f"(graph {entry['warp_preprocess_graph_us']:.2f})")
+                stage_p = ours[path]
+                b = stage_p.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
+                variants = [(path, b)]
+                if b.plan.lanes:  # A/B: the same path on its kernel without lanes (warp_ / block_preprocess)
+                    plain = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_p.map, path, lanes=False)
+                    variants.append((f"{path}_no_lanes", PreprocessBuffers.allocate(plain, stage_p.device)))
+                for name, b in variants:
+                    check(stage_p.preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
+                    entry[f"{name}_us"] = median_us(lambda: stage_p.preprocess_into(ids, b))
+                    entry[f"{name}_graph_us"] = graph_us(lambda: stage_p.preprocess_into(ids, b))
+                    timed.append(name)
             compare.append(entry)
             print("    path " + ", ".join(f"{p} {entry[p + '_us']:.2f} us (graph {entry[p + '_graph_us']:.2f})"
-                                       for p in paths))
+                                       for p in timed))
         del ids, buffers
 
     decode = [r for r in rows_out if r["num_slots"] <= DECODE_MAX]

@@ -29,6 +29,8 @@ MARK_NAMES = {
                         "placed+tail"],
     "warp_preprocess": ["start", "ids+map loaded, sorted filled", "mapped+chunk counts", "expert scan",
                         "group starts+block ids", "placed+tail"],
+    "block_lane_preprocess": ["start", "ids+map loaded", "mapped+counted (barrier)", "column sums+group starts",
+                              "padding, block ids, fills, placed"],
     "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",
                          "padding (window > 32)", "block ids (window > 32)", "window sync", "sorted fill", "block id fill", "end"],
     "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",

@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
-from .plan import BLOCK_VARIANTS, GRID_THREADS, LANE_IPTS
+from .plan import BLOCK_IPTS, BLOCK_VARIANTS, GRID_THREADS, LANE_IPTS
 
 SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
 
 WARP_KERNEL = "warp_preprocess<{id_type}, {ipt}>"
 LANE_KERNEL = "lane_preprocess<{id_type}, {ipt}>"
+BLOCK_LANE_KERNEL = "block_lane_preprocess<{id_type}, {ipt}>"
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
 FUSED_KERNEL = "grid_fused<{id_type}>"
@@ -44,8 +45,8 @@ PLACE_KERNEL = "grid_place"
 EMPTY_KERNEL = "empty_kernel"
 ID_TYPES = {"int32": "int", "int64": "long long"}
 WARP_IPTS = (1, 4, 16)
-DYNAMIC_SMEM_PREFIXES = ("lane_preprocess", "warp_preprocess", "block_preprocess", "grid_count", "grid_place",
-                         "grid_fused")
+DYNAMIC_SMEM_PREFIXES = ("lane_preprocess", "warp_preprocess", "block_lane_preprocess", "block_preprocess",
+                         "grid_count", "grid_place", "grid_fused")
 COOPERATIVE_LAUNCH_ATTR = 95  # cudaDevAttrCooperativeLaunch
 
 
@@ -53,6 +54,7 @@ def name_expressions() -> tuple[str, ...]:
     """Every kernel the module exports, as NVRTC name expressions (template instantiations)."""
     names = [WARP_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in WARP_IPTS]
     names += [LANE_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in LANE_IPTS]
+    names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in BLOCK_IPTS]
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]

@@ -113,6 +113,13 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
                     lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
                               blocks_ptr, total_ptr, plan.block_m, plan.capacity], takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
+    if plan.path == "block" and plan.lanes:
+        step = Step("block_lane_preprocess", kernels.handle(f"block_lane_preprocess<{id_name}, {plan.ipt}>"),
+                    plan.grid_blocks, plan.block_threads, plan.smem_block_bytes,
+                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
+                              blocks_ptr, total_ptr, plan.block_m, plan.capacity, plan.owned_rows],
+                    takes_ids=True)
+        return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block":
         name = f"block_preprocess<{id_name}, {plan.ipt}, {plan.sub}>"
         step = Step("block_preprocess", kernels.handle(name), plan.grid_blocks, plan.block_threads,

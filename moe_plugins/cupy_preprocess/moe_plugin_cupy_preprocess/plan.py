@@ -10,10 +10,12 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     at most `LANE_MAX_LOCAL` local experts and `LANE_MAX_SLOTS` slots, one expert per lane, counts and
     positions from ballots in registers) or ``warp_preprocess`` (shared per-chunk counters) otherwise.
 ``block`` path
-    one launch of ``block_preprocess``: ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt``
-    slots per thread (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Every block
-    maps and counts all slots; each places only its own share (`BLOCK_OWNED_SLOTS` slots or so), so the
-    serial ranking rounds spread over the blocks without any grid-wide barrier. Decode sizes.
+    one launch of ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt`` slots per thread
+    (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Every block maps and counts all
+    slots; each places only its own share (`BLOCK_OWNED_SLOTS` slots or so), so the placement spreads over
+    the blocks without any grid-wide barrier. Decode sizes. ``block_lane_preprocess`` (``lanes``: at most
+    `LANE_MAX_LOCAL` local experts; ballots, one barrier) or ``block_preprocess`` (shared counters per
+    virtual warp, windows of experts) otherwise.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -176,7 +178,7 @@ class Plan:
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
-    lanes: bool = False  # warp path: lane_preprocess (one local expert per lane) instead of warp_preprocess
+    lanes: bool = False  # one local expert per lane: lane_preprocess / block_lane_preprocess (warp / block path)
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -184,7 +186,7 @@ class Plan:
         if self.path == "warp":
             return ("lane_preprocess",) if self.lanes else ("warp_preprocess",)
         if self.path == "block":
-            return ("block_preprocess",)
+            return ("block_lane_preprocess",) if self.lanes else ("block_preprocess",)
         if self.fused:
             return ("grid_fused",)
         per_window = ("grid_count", "grid_scan") + (("grid_place",) if self.block_m else ())
@@ -244,6 +246,11 @@ def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: in
     rows = active_warps * (ipt // sub)
     owned = max(1, -(-rows // blocks))  # an empty batch: one block (it writes the fills)
     return max(1, -(-rows // owned)), sub, owned
+
+
+def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
+    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts and a bad count per warp."""
+    return map_entries + warps * 33
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
@@ -344,7 +351,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     GPU); ``None`` means no cooperative launch on this device: the grid path takes the three launches.
     ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`);
     ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`);
-    ``lanes=False`` (benchmarks) keeps warp_preprocess where lane_preprocess would run.
+    ``lanes=False`` (benchmarks) keeps warp_preprocess / block_preprocess where the lane kernels would run.
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -384,8 +391,14 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
     active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0
     block_blocks, sub, owned_rows, vrows = 0, 0, 0, 0
+    block_lanes = False
     if chosen == "block":
         id_name = "int32" if id_dtype == torch.int32 else "int64"
+        block_lanes = lanes and num_local <= LANE_MAX_LOCAL and \
+            _block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 <= smem_optin
+    if block_lanes:
+        block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid, False)
+    elif chosen == "block":
         block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid)
         vrows, slots = active_warps * (ipt // sub), active_warps * 32 * ipt
 
@@ -420,10 +433,11 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                 sub=sub, owned_rows=owned_rows,
                 chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
-                smem_block_bytes=_block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4
-                if chosen == "block" else 0,
+                smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 if block_lanes
+                else _block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
-                smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0)
+                smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0,
+                lanes=block_lanes)
 
 
 def moved_bytes(plan: Plan) -> int:

@@ -49,7 +49,7 @@ def build(workdir: Path) -> ctypes.CDLL | None:
         if result.returncode != 0:
             raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{result.stderr}")
     lib = ctypes.CDLL(str(out))
-    for name in ("emu_lane", "emu_warp", "emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused"):
+    for name in ("emu_lane", "emu_warp", "emu_block_lane", "emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -77,6 +77,8 @@ class EmulatedKernels:
                 self._entry[name] = functools.partial(self._call, lib.emu_lane, id64, int(params[1]))
             elif base == "warp_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_warp, id64, int(params[1]))
+            elif base == "block_lane_preprocess":
+                self._entry[name] = functools.partial(self._call, lib.emu_block_lane, id64, int(params[1]))
             elif base == "block_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_block, id64, int(params[1]), int(params[2]))
             elif base == "grid_count":

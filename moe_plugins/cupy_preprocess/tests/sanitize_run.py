@@ -34,9 +34,10 @@ CASES = [
     (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # lane_preprocess (128 slots), global map
     (256, 8, 1, "guard_slot", 1, 8, torch.int32, {}),  # lane_preprocess (64 slots), shared map
     (24, 1, 0, "out_of_range", 20, 1, torch.int32, {}),  # lane_preprocess (20 slots), no map
-    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block path, map in shared memory
-    (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block path, invalid ids counted
-    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block path, no map
+    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block_lane_preprocess (3 blocks), map in shared memory
+    (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block_lane_preprocess, invalid ids counted
+    (24, 1, 0, "out_of_range", 100, 8, torch.int32, {}),  # block_lane_preprocess, no map
+    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block_preprocess (64 local experts), no map
     (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # grid_fused, shared map, keys in smem
     (256, 8, 5, "negative", 8000, 8, torch.int32, {}),  # grid_fused at 512K slots (128 blocks), invalid ids
     (20_000, 64, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # grid_fused, global map, 312 experts
@@ -44,8 +45,10 @@ CASES = [
     (20_000, 8, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # 2500 experts: split kernels, global map
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # split kernels, two expert windows
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, 12 blocks, a row per warp
-    (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block"}),  # 16000 int64 slots: 16 blocks, ipt 16
-    (256, 8, 3, "guard_slot", 100, 8, torch.int32, {"path": "block"}),  # 6400 slots: 7 blocks, ipt 8
+    (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block"}),  # block_lane: 16000 int64 slots, 16 blocks
+    (256, 8, 3, "guard_slot", 100, 8, torch.int32, {"path": "block"}),  # block_lane: 6400 slots, 7 blocks, ipt 8
+    (512, 4, 0, "negative", 1000, 4, torch.int64, {"path": "block"}),  # block_preprocess, 128 local experts: 16000
+    # int64 slots, 16 blocks, ipt 16
     (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
     (64, 1, 0, "out_of_range", 5000, 8, torch.int32, {"path": "grid"}),  # grid_fused, no map (40K slots, 10 blocks)
     # grid_fused with its lists cut to PLACE_QUEUE entries: 1.1M slots (137 blocks, 512-slot warp segments), 3/4
@@ -84,8 +87,8 @@ def main() -> int:
             except AssertionError as exc:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
-    missing = {"lane_preprocess", "warp_preprocess", "block_preprocess", "grid_fused", "grid_fused two-phase", "grid_count", "grid_scan",
-               "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2",
+    missing = {"lane_preprocess", "warp_preprocess", "block_lane_preprocess", "block_preprocess", "grid_fused",
+               "grid_fused two-phase", "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2",
                "grid_fused re-read past a full list"} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")

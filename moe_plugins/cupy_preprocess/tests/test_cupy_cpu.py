@@ -171,6 +171,23 @@ def test_path_choice_and_items_per_thread() -> None:
         plan(513, "warp")
 
 
+def test_block_path_takes_the_lane_kernel_up_to_32_local_experts() -> None:
+    def plan(nk: int, num_local: int, **options: object) -> object:
+        return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 257), "block", **options)
+
+    lanes = plan(4000, LANE_MAX_LOCAL)  # ipt 4: 32 warps, 4 blocks of 8 warps each
+    assert lanes.lanes and lanes.kernel_names == ("block_lane_preprocess",)
+    assert (lanes.ipt, lanes.active_warps, lanes.block_threads) == (4, 32, 1024)
+    assert (lanes.grid_blocks, lanes.owned_rows, lanes.sub) == (4, 8, 4)
+    assert lanes.smem_block_bytes == (257 + 32 * 33) * 4  # map, a row of 32 counts and a bad count per warp
+    assert plan(0, 5).smem_block_bytes == (257 + 33) * 4, "an empty batch still runs one warp"
+    assert plan(4000, 7, block_grid=3).grid_blocks == 3
+    for other in (plan(4000, LANE_MAX_LOCAL + 1), plan(4000, 8, lanes=False)):
+        assert not other.lanes and other.kernel_names == ("block_preprocess",)
+    with pytest.raises(ConfigError, match="the block kernel needs .* use map_in=global or path=grid"):
+        plan_for(4000, 1, torch.int32, 16, 8, MapChoice(MAP_SHARED, DEFAULT_SMEM_OPTIN // 4 - 100), "block")
+
+
 def test_expert_windows_and_shared_memory_fit() -> None:
     for num_local in (0, 1, 31, 1024, 1025, 100_000):
         for nk in (1, 5000, BLOCK_MAX_SLOTS, 1_000_000):

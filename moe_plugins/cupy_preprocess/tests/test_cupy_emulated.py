@@ -31,16 +31,18 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
         path: str = "auto", fused: bool = True, launches: int = 1,
-        two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None) -> tuple[LocalRouting, Plan]:
+        two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None,
+        lanes: bool = True) -> tuple[LocalRouting, Plan]:
     """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
     each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
-    launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks."""
+    launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks;
+    ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
                     fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
-                    block_grid=block_grid)
+                    block_grid=block_grid, lanes=lanes)
     buffers, backing = guarded_buffers(plan, "cpu")
     device_map = None if table is None else map_with_head(table, "cpu")[1]
     for _ in range(launches):
@@ -73,31 +75,35 @@ def test_every_sentinel_on_both_paths(kernels: EmulatedKernels, sentinel: str, p
         assert int(got.invalid_count) > 0 or case.real_rows == case.ids.shape[0]
 
 
+@pytest.mark.parametrize("lanes", [True, False])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_block_path_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype) -> None:
+def test_block_path_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype, lanes: bool) -> None:
     # 8 x 2 x 4 = 64 slots (ipt 1), 4 x 128 x 8 = 4096 (ipt 4), 4 x 400 x 4 = 6400 (ipt 8, 25 warps),
-    # 8 x 200 x 8 = 12800 (ipt 16, 25 warps).
+    # 8 x 200 x 8 = 12800 (ipt 16, 25 warps); 32 local experts (block_lane_preprocess unless lanes=False) at
+    # ep 8, 64 at ep 4.
     for i, (ep, rows, k) in enumerate([(8, 2, 4), (4, 128, 8), (4, 400, 4), (8, 200, 8)]):
         case = make_case(256, ep, ep - 1, "non_local", rows, k, seed=10 + i, dtype=dtype, round_robin=bool(i % 2))
-        got, plan = run(kernels, case, 16, path="block")  # 12800 is past the auto switch (4096)
-        assert plan.path == "block" and plan.ipt == (1, 4, 8, 16)[i]
+        got, plan = run(kernels, case, 16, path="block", lanes=lanes)  # 12800 is past the auto switch
+        assert plan.path == "block" and plan.ipt == (1, 4, 8, 16)[i] and plan.lanes == (lanes and ep == 8)
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
 
 
+@pytest.mark.parametrize("lanes", [True, False])
 @pytest.mark.parametrize("blocks", [2, 3, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int, dtype: torch.dtype) -> None:
-    # Every block maps and counts all slots and places its own virtual warps: 800 slots (ipt 1), 2400 (ipt 4,
+def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int, dtype: torch.dtype,
+                                          lanes: bool) -> None:
+    # Every block maps and counts all slots and places its own (virtual) warps: 800 slots (ipt 1), 2400 (ipt 4,
     # 19 warps: ragged shares), 7200 (ipt 8, 29 warps) and 12160 (ipt 16), with and without a layout, safe
-    # and faithful.
+    # and faithful; 32 or 16 local experts: block_lane_preprocess, or block_preprocess with lanes=False.
     for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 100, 6), (4, 300, 6), (8, 190, 8)]):
         case = make_case(128, ep, 1, "negative" if i == 1 else "non_local", rows, k, seed=40 + i + blocks, dtype=dtype,
                          round_robin=bool(i % 2))
         for block_m in (None, 1, 16):
             for mode in ("safe", "faithful") if i == 0 else ("safe",):
-                got, plan = run(kernels, case, block_m, mode=mode, path="block", block_grid=blocks)
+                got, plan = run(kernels, case, block_m, mode=mode, path="block", block_grid=blocks, lanes=lanes)
                 rows_total = plan.active_warps * (plan.ipt // plan.sub)
-                assert plan.path == "block" and 1 < plan.grid_blocks <= blocks
+                assert plan.path == "block" and 1 < plan.grid_blocks <= blocks and plan.lanes == lanes
                 assert (plan.grid_blocks - 1) * plan.owned_rows < rows_total <= plan.grid_blocks * plan.owned_rows
                 assert kernels.launches[-1][1] == plan.grid_blocks
                 ref = reference(case, block_m, mode)
@@ -236,18 +242,21 @@ def test_rank_without_local_experts_and_empty_batches(kernels: EmulatedKernels, 
     assert got.aligned.sorted_slot_ids.numel() == 0 and int(got.aligned.num_slots_post_padded) == 0
 
 
-# (path, rows per rank): 128 slots take lane_preprocess, 480 warp_preprocess.
-@pytest.mark.parametrize("path, rows_per_rank", [("warp", 8), ("warp", 30), ("block", 50), ("grid", 50)])
+# (path, rows per rank of 4, lanes, kernel)
+@pytest.mark.parametrize("path, rows_per_rank, lanes, kernel", [
+    ("warp", 8, True, "lane_preprocess"), ("warp", 30, True, "warp_preprocess"),
+    ("block", 50, True, "block_lane_preprocess"), ("block", 50, False, "block_preprocess"),
+    ("grid", 50, True, "grid_fused")])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, rows_per_rank: int,
-                                                             map_in: str) -> None:
+                                                             lanes: bool, kernel: str, map_in: str) -> None:
     case = make_case(32, 4, 0, "negative", rows_per_rank=rows_per_rank, top_k=4, seed=8)
     padding = case.ids == -1
     assert bool(padding.any())
-    safe, plan = run(kernels, case, 16, path=path, map_in=map_in)
-    assert plan.lanes == (rows_per_rank == 8)
+    safe, plan = run(kernels, case, 16, path=path, map_in=map_in, lanes=lanes)
+    assert plan.kernel_names == (kernel,)
     assert int(safe.invalid_count) == int(padding.sum()) and bool((safe.local_ids[padding] == -1).all())
-    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in)
+    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes)
     assert faithful.invalid_count is None
     # The emulator, like the H100 for shared memory and the zero head for global memory, reads 0 below the
     # table: every padding slot becomes a slot of local expert 0.

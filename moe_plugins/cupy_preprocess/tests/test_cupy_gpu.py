@@ -375,12 +375,17 @@ class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
 # --- last: an unchecked read below the table (if a GPU faulted on it, only this test would see the broken
 # context) ------------------------------------------------------------------------------------------------
 
-# (path, rows per rank of 4): 128 slots take lane_preprocess, 480 warp_preprocess (at most 512 slots).
-@pytest.mark.parametrize("path, rows", [("warp", 4), ("warp", 15), ("block", 300), ("grid", 300)])
+# (path, rows per rank of 4, experts: 16 or 64 local, kernel)
+@pytest.mark.parametrize("path, rows, num_experts, kernel", [
+    ("warp", 4, 64, "lane_preprocess"), ("warp", 15, 64, "warp_preprocess"), ("block", 300, 64, "block_lane_preprocess"),
+    ("block", 300, 256, "block_preprocess"), ("grid", 300, 64, "grid_fused")])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,
-                                                                 rows: int, map_in: str, record_property: Any) -> None:
-    case = on_device(make_case(64, 4, 0, "negative", rows_per_rank=rows, top_k=8, seed=seed("faithful", path, map_in)))
+                                                                 rows: int, num_experts: int, kernel: str, map_in: str,
+                                                                 record_property: Any) -> None:
+    case = on_device(make_case(num_experts, 4, 0, "negative", rows_per_rank=rows, top_k=8,
+                               seed=seed("faithful", path, map_in)))
+    assert stage(case, path=path, map_in=map_in).plan(*case.ids.shape, case.ids.dtype, 16).kernel_names == (kernel,)
     pad = case.ids == -1
     assert bool(pad.any()) and bool((~pad).any())
     safe = stage(case, path=path, map_in=map_in).preprocess(case.ids, 16)

@@ -111,8 +111,9 @@ __device__ __forceinline__ int layout_key(int local, int num_local) {
     return (unsigned)local < (unsigned)num_local ? local : -1;
 }
 
-// Slot i with id `raw` (anything when i >= nk): store its local id, return its layout key (-1 past nk or not
-// local) and set `bad` (0 past nk) when the id breaks the sentinel contract.
+// Slot i with id `raw` (anything when i >= nk): store its local id (unless local_ids is null: a block that maps
+// a slot it does not own), return its layout key (-1 past nk or not local) and set `bad` (0 past nk) when the id
+// breaks the sentinel contract.
 template <typename IdT>
 __device__ __forceinline__ int map_slot(IdT raw, int i, int nk, int map_mode, int faithful, const int* smap,
                                         const int* __restrict__ gmap, int map_size, int first, int num_local,
@@ -120,7 +121,7 @@ __device__ __forceinline__ int map_slot(IdT raw, int i, int nk, int map_mode, in
     bad = 0;
     if (i >= nk) return -1;
     const int local = map_one(raw, map_mode, faithful, smap, gmap, map_size, first, num_local, bad);
-    local_ids[i] = local;
+    if (local_ids != nullptr) local_ids[i] = local;
     return layout_key(local, num_local);
 }
 
@@ -806,6 +807,111 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     }
     hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total_blocks * block_m;
+    HC_MARK(4);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Block path for <= 32 local experts: block_lane_preprocess, lane_preprocess's ballots on up to 32 warps.
+// Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
+// Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
+// stands for local expert e. Every block maps and counts ALL slots; block b stores local_ids for, and places,
+// the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps (one __syncthreads):
+//   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
+//   2. per chunk six ballots (as in lane_preprocess); lane e adds up expert e's slots in the warp's chunks
+//      and stores the sum to wcnt[w][e] (a row per warp, no atomics); barrier;
+//   3. EVERY warp reads column `lane` of wcnt (independent loads): expert lane's slots in lower warps and in
+//      all, then its blocks and a warp scan give the group starts: every warp has them, no second barrier;
+//   4. block (e % gridDim.x) writes expert e's padding entries and block ids (lane e of warp 0), the grid
+//      the tails past the total (16-byte stores), and the owned warps place their slots:
+//      (group start) + (slots of the expert in lower warps) + (in earlier chunks) + (in lower lanes), the
+//      torch reference's stable order. Every entry of `sorted` is written exactly once.
+// Dynamic shared memory: [map: map_size if shared][wcnt: 32 * warps][wbad: warps] (map first: faithful
+// negative reads land below the allocation, as in the other kernels).
+// ---------------------------------------------------------------------------------------------------
+template <typename IdT, int IPT>
+__global__ void __launch_bounds__(HC_BLOCK_THREADS, 1)
+block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
+                      int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
+                      int* __restrict__ invalid, int* __restrict__ sorted, int* __restrict__ block_ids,
+                      int* __restrict__ total_out, int block_m, int capacity, int owned_warps) {
+    extern __shared__ int smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int* smap = smem;
+    int* wcnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
+    int* wbad = wcnt + nwarps * 32;                                  // [nwarps]
+    const bool owner = warp >= (int)blockIdx.x * owned_warps && warp < ((int)blockIdx.x + 1) * owned_warps;
+    const int seg = warp * 32 * IPT;
+    HC_MARK(0);
+
+    IdT raw[IPT];
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        const int i = seg + c * 32 + lane;
+        raw[c] = i < nk ? ids[i] : (IdT)0;
+    }
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
+    __syncthreads();  // the map copy
+    HC_MARK(1);
+
+    int key[IPT];
+    int mine = 0, bad_warp = 0;
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        int bad;
+        const int k = map_slot(raw[c], seg + c * 32 + lane, nk, map_mode, faithful, smap, gmap, map_size, first,
+                               num_local, owner ? local_ids : nullptr, bad);
+        key[c] = k;
+        bad_warp += __popc(__ballot_sync(HC_FULL_MASK, bad));
+        unsigned bits[HC_LANE_KEY_BITS];
+#pragma unroll
+        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
+        mine += __popc(lanes_with_key(__ballot_sync(HC_FULL_MASK, k >= 0), bits, lane));
+    }
+    wcnt[warp * 32 + lane] = mine;
+    if (lane == 0) wbad[warp] = bad_warp;
+    __syncthreads();  // every warp's counts
+    HC_MARK(2);
+
+    int below = 0, total = 0;  // expert `lane`: slots in lower warps, in all
+#pragma unroll 8
+    for (int r = 0; r < nwarps; ++r) {
+        const int v = wcnt[r * 32 + lane];
+        total += v;
+        below += r < warp ? v : 0;
+    }
+    if (blockIdx.x == 0 && warp == 0) {
+        if (lane < num_local) counts[lane] = total;
+        const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
+        if (lane == 0) invalid[0] = bad;
+    }
+    if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
+    const int nblocks = (total + block_m - 1) / block_m;
+    const int incl = warp_inclusive_scan(nblocks);
+    const int first_block = incl - nblocks, total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
+    const int start = first_block * block_m;
+    HC_MARK(3);
+    if (warp == 0 && lane % (int)gridDim.x == (int)blockIdx.x) {
+        for (int p = start + total; p < start + nblocks * block_m; ++p) sorted[p] = nk;
+        for (int q = 0; q < nblocks; ++q) block_ids[first_block + q] = lane;
+    }
+    const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gsize = gridDim.x * blockDim.x;
+    hc_fill(sorted, total_blocks * block_m, capacity, nk, gtid, gsize);
+    hc_fill(block_ids, total_blocks, capacity / block_m, -1, gtid, gsize);
+    if (gtid == 0) total_out[0] = total_blocks * block_m;
+    if (!owner) return;
+    int next = start + below;  // expert `lane`: position of this warp's next slot
+    const unsigned lower = hc_lanemask_lt();
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        const int k = key[c];
+        unsigned bits[HC_LANE_KEY_BITS];
+#pragma unroll
+        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
+        const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+        const int base = __shfl_sync(HC_FULL_MASK, next, k & 31);
+        if (k >= 0) sorted[base + __popc(lanes_with_key(valid, bits, k) & lower)] = seg + c * 32 + lane;
+        next += __popc(lanes_with_key(valid, bits, lane));
+    }
     HC_MARK(4);
 }
 
@@ -1506,6 +1612,22 @@ template __global__ void lane_preprocess<long long, 1>(const long long*, int, co
                                                  int*, int*, int*, int*, int*, int, int);
 template __global__ void lane_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
+template __global__ void block_lane_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<int, 8>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<int, 16>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 8>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,

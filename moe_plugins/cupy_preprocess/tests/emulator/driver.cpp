@@ -36,6 +36,15 @@ void run_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     });
 }
 
+template <typename IdT, int IPT>
+void run_block_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    hc_launch(grid, block, smem, [a] {
+        block_lane_preprocess<IdT, IPT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
+                                        I(a, 6), I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11),
+                                        P<int>(a, 12), P<int>(a, 13), I(a, 14), I(a, 15), I(a, 16));
+    });
+}
+
 template <typename IdT>
 void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
@@ -106,6 +115,22 @@ extern "C" int emu_lane(int id64, int spl, unsigned grid, unsigned block, size_t
         else return 1;
     }
     return 0;
+}
+
+// The ipt instantiations of plan.BLOCK_IPTS.
+template <typename IdT>
+int block_lane_variant(int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (ipt == 1) run_block_lane<IdT, 1>(grid, block, smem, a);
+    else if (ipt == 4) run_block_lane<IdT, 4>(grid, block, smem, a);
+    else if (ipt == 8) run_block_lane<IdT, 8>(grid, block, smem, a);
+    else if (ipt == 16) run_block_lane<IdT, 16>(grid, block, smem, a);
+    else return 1;
+    return 0;
+}
+
+extern "C" int emu_block_lane(int id64, int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    return id64 ? block_lane_variant<long long>(ipt, grid, block, smem, a)
+                : block_lane_variant<int>(ipt, grid, block, smem, a);
 }
 
 extern "C" int emu_count(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {

@@ -249,8 +249,9 @@ def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: in
 
 
 def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
-    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts and a bad count per warp."""
-    return map_entries + warps * 33
+    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts (then positions) and a bad
+    count per warp, totals and blocks of the 32 experts, the total of blocks."""
+    return map_entries + warps * 33 + 2 * 32 + 1
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:

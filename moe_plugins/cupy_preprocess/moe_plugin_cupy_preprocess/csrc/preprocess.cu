@@ -728,9 +728,9 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // arguments and same outputs as warp_preprocess. Why (GPU_RESULTS.md, runs 13-15): warp_preprocess at
 // N*K = 8 ran 513 dependent warp instructions at ~10 cycles each; the time is that chain, not memory.
 //
-// Per chunk c of 32 slots, six ballots describe every key at once: valid[c] (the lanes with a local key)
-// and bits[c][b] (the lanes whose key has bit b set). The lanes whose key is e are then
-//   valid[c] & AND_b (bit b of e ? bits[c][b] : ~bits[c][b]),
+// Per chunk c of 32 slots, six ballots describe every key at once (ChunkKeys): valid (the lanes with a local
+// key) and bit[b] (the lanes whose key has bit b set). The lanes whose key is e are then
+//   valid & AND_b (bit b of e ? bit[b] : ~bit[b]),
 // which every lane can evaluate for ANY e: for its own key (its peers, hence its rank in the chunk) and for
 // its own expert (that expert's count in the chunk). Positions keep the stable order of the torch reference:
 //   (group start of k) + (slots of k in earlier chunks) + (lanes of k below this one in the chunk),
@@ -741,11 +741,26 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // ---------------------------------------------------------------------------------------------------
 #define HC_LANE_KEY_BITS 5  // keys 0..31: one local expert per lane
 
-// Lanes of a chunk whose key is e (0 <= e < 32), from the chunk's ballots.
-__device__ __forceinline__ unsigned lanes_with_key(unsigned valid, const unsigned (&bits)[HC_LANE_KEY_BITS], int e) {
-    unsigned m = valid;
+// The keys of a 32-slot chunk as six ballots: the lanes with a local key, and per bit b the lanes whose key
+// has bit b set.
+struct ChunkKeys {
+    unsigned valid;
+    unsigned bit[HC_LANE_KEY_BITS];
+};
+
+__device__ __forceinline__ ChunkKeys chunk_keys(int k) {
+    ChunkKeys ck;
+    ck.valid = __ballot_sync(HC_FULL_MASK, k >= 0);
 #pragma unroll
-    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) m &= ((e >> b) & 1) ? bits[b] : ~bits[b];
+    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) ck.bit[b] = __ballot_sync(HC_FULL_MASK, k & (1 << b));
+    return ck;
+}
+
+// Lanes of the chunk whose key is e (0 <= e < 32): one AND-XOR per bit (bit b of e clear: the complement).
+__device__ __forceinline__ unsigned lanes_with_key(const ChunkKeys& ck, int e) {
+    unsigned m = ck.valid;
+#pragma unroll
+    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) m &= ck.bit[b] ^ (((unsigned)e >> b & 1u) - 1u);
     return m;
 }
 
@@ -765,7 +780,7 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     HC_MARK(1);
 
     int key[SPL];
-    unsigned valid[SPL], bits[SPL][HC_LANE_KEY_BITS];
+    ChunkKeys ck[SPL];
     int bad_total = 0;
 #pragma unroll
     for (int c = 0; c < SPL; ++c) {
@@ -774,9 +789,7 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
                                local_ids, bad);
         key[c] = k;
         bad_total += __popc(__ballot_sync(HC_FULL_MASK, bad));
-        valid[c] = __ballot_sync(HC_FULL_MASK, k >= 0);
-#pragma unroll
-        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[c][b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
+        ck[c] = chunk_keys(k);
     }
     if (lane == 0) invalid[0] = bad_total;  // the same value in every lane: no atomic, no read of the counter
 
@@ -786,7 +799,7 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 #pragma unroll
     for (int c = 0; c < SPL; ++c) {
         before[c] = count;
-        count += __popc(lanes_with_key(valid[c], bits[c], lane));
+        count += __popc(lanes_with_key(ck[c], lane));
     }
     if (lane < num_local) counts[lane] = count;
     if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
@@ -803,7 +816,7 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     for (int c = 0; c < SPL; ++c) {
         const int k = key[c];
         const int base = __shfl_sync(HC_FULL_MASK, first_block * block_m + before[c], k & 31);
-        if (k >= 0) sorted[base + __popc(lanes_with_key(valid[c], bits[c], k) & hc_lanemask_lt())] = c * 32 + lane;
+        if (k >= 0) sorted[base + __popc(lanes_with_key(ck[c], k) & hc_lanemask_lt())] = c * 32 + lane;
     }
     hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total_blocks * block_m;
@@ -815,19 +828,43 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
 // Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
 // stands for local expert e. Every block maps and counts ALL slots; block b stores local_ids for, and places,
-// the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps (one __syncthreads):
+// the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
 //   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
-//   2. per chunk six ballots (as in lane_preprocess); lane e adds up expert e's slots in the warp's chunks
-//      and stores the sum to wcnt[w][e] (a row per warp, no atomics); barrier;
-//   3. EVERY warp reads column `lane` of wcnt (independent loads): expert lane's slots in lower warps and in
-//      all, then its blocks and a warp scan give the group starts: every warp has them, no second barrier;
-//   4. block (e % gridDim.x) writes expert e's padding entries and block ids (lane e of warp 0), the grid
-//      the tails past the total (16-byte stores), and the owned warps place their slots:
-//      (group start) + (slots of the expert in lower warps) + (in earlier chunks) + (in lower lanes), the
-//      torch reference's stable order. Every entry of `sorted` is written exactly once.
-// Dynamic shared memory: [map: map_size if shared][wcnt: 32 * warps][wbad: warps] (map first: faithful
-// negative reads land below the allocation, as in the other kernels).
+//   2. per chunk: map (the map mode a template constant), six ballots (ChunkKeys); lane e adds up expert e's
+//      slots in the warp's chunks into wpos[w][e] (a row per warp, no atomics); barrier;
+//   3. warp 0, lane e: exclusive prefix of column e over the warps (independent loads, then adds), expert e's
+//      blocks, a warp scan for the group starts; wpos[w][e] becomes the position of warp w's first slot of
+//      expert e; barrier;
+//   4. warp 0 of block (e % gridDim.x) writes expert e's padding entries and block ids (lane e), the grid the
+//      tails past the total (16-byte stores), and the owned warps place their slots: wpos[w][k] + (in
+//      earlier chunks) + (in lower lanes), the torch reference's stable order. Every entry of `sorted` is
+//      written exactly once.
+// (A first version let every warp sum its whole column after step 2, saving two barriers: at 32 warps those
+// 32 x 32 shared loads took 1.6 us, GPU run 26 in GPU_RESULTS.md.)
+// Dynamic shared memory: [map: map_size if shared][wpos: 32 * warps][tot: 32][nblk: 32][wbad: warps][1]
+// (map first: faithful negative reads land below the allocation, as in the other kernels).
 // ---------------------------------------------------------------------------------------------------
+
+// Step 2 for this warp's chunks: keys into `key`, local ids stored when `local_ids` is not null, the ids that
+// break the sentinel contract added to `bad_warp` (warp-uniform); returns the warp's slots of expert `lane`.
+template <typename IdT, int IPT, int MODE, int FAITHFUL>
+__device__ __forceinline__ int lane_count_chunks(const IdT (&raw)[IPT], int seg, int nk, const int* smap,
+                                                 const int* __restrict__ gmap, int map_size, int first,
+                                                 int num_local, int* __restrict__ local_ids, int (&key)[IPT],
+                                                 int& bad_warp) {
+    const int lane = threadIdx.x & 31;
+    int mine = 0;
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        int bad;
+        key[c] = map_slot(raw[c], seg + c * 32 + lane, nk, MODE, FAITHFUL, smap, gmap, map_size, first, num_local,
+                          local_ids, bad);
+        bad_warp += __popc(__ballot_sync(HC_FULL_MASK, bad));
+        mine += __popc(lanes_with_key(chunk_keys(key[c]), lane));
+    }
+    return mine;
+}
+
 template <typename IdT, int IPT>
 __global__ void __launch_bounds__(HC_BLOCK_THREADS, 1)
 block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
@@ -837,8 +874,11 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     extern __shared__ int smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int* smap = smem;
-    int* wcnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
-    int* wbad = wcnt + nwarps * 32;                                  // [nwarps]
+    int* wpos = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
+    int* tot = wpos + nwarps * 32;                                   // [32]: slots per expert
+    int* nblk = tot + 32;                                            // [32]: blocks per expert
+    int* wbad = nblk + 32;                                           // [nwarps]
+    int* total_blocks_s = wbad + nwarps;                             // [1]
     const bool owner = warp >= (int)blockIdx.x * owned_warps && warp < ((int)blockIdx.x + 1) * owned_warps;
     const int seg = warp * 32 * IPT;
     HC_MARK(0);
@@ -854,44 +894,54 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     HC_MARK(1);
 
     int key[IPT];
-    int mine = 0, bad_warp = 0;
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) {
-        int bad;
-        const int k = map_slot(raw[c], seg + c * 32 + lane, nk, map_mode, faithful, smap, gmap, map_size, first,
-                               num_local, owner ? local_ids : nullptr, bad);
-        key[c] = k;
-        bad_warp += __popc(__ballot_sync(HC_FULL_MASK, bad));
-        unsigned bits[HC_LANE_KEY_BITS];
-#pragma unroll
-        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
-        mine += __popc(lanes_with_key(__ballot_sync(HC_FULL_MASK, k >= 0), bits, lane));
-    }
-    wcnt[warp * 32 + lane] = mine;
+    int bad_warp = 0, mine;
+    int* my_local_ids = owner ? local_ids : nullptr;
+#define HC_LANE_COUNT(MODE, FAITHFUL)                                                                         \
+    lane_count_chunks<IdT, IPT, MODE, FAITHFUL>(raw, seg, nk, smap, gmap, map_size, first, num_local, my_local_ids, \
+                                                key, bad_warp)
+    if (map_mode == HC_MAP_SHARED) mine = faithful ? HC_LANE_COUNT(HC_MAP_SHARED, 1) : HC_LANE_COUNT(HC_MAP_SHARED, 0);
+    else if (map_mode == HC_MAP_GLOBAL) mine = faithful ? HC_LANE_COUNT(HC_MAP_GLOBAL, 1) : HC_LANE_COUNT(HC_MAP_GLOBAL, 0);
+    else mine = HC_LANE_COUNT(HC_MAP_NONE, 0);
+#undef HC_LANE_COUNT
+    wpos[warp * 32 + lane] = mine;
     if (lane == 0) wbad[warp] = bad_warp;
     __syncthreads();  // every warp's counts
     HC_MARK(2);
 
-    int below = 0, total = 0;  // expert `lane`: slots in lower warps, in all
+    const bool aligned = block_m > 0;
+    if (warp == 0) {
+        int total = 0;  // column `lane` (expert lane's slots per warp) is read twice: a total, then the prefixes
 #pragma unroll 8
-    for (int r = 0; r < nwarps; ++r) {
-        const int v = wcnt[r * 32 + lane];
-        total += v;
-        below += r < warp ? v : 0;
+        for (int r = 0; r < nwarps; ++r) total += wpos[r * 32 + lane];
+        if (blockIdx.x == 0) {
+            if (lane < num_local) counts[lane] = total;
+            const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
+            if (lane == 0) invalid[0] = bad;
+        }
+        if (aligned) {
+            const int nblocks = (total + block_m - 1) / block_m;
+            const int incl = warp_inclusive_scan(nblocks);
+            int run = (incl - nblocks) * block_m;  // the group start
+#pragma unroll 8
+            for (int r = 0; r < nwarps; ++r) {
+                const int x = wpos[r * 32 + lane];
+                wpos[r * 32 + lane] = run;
+                run += x;
+            }
+            tot[lane] = total;
+            nblk[lane] = nblocks;
+            if (lane == 31) total_blocks_s[0] = incl;
+        }
     }
-    if (blockIdx.x == 0 && warp == 0) {
-        if (lane < num_local) counts[lane] = total;
-        const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
-        if (lane == 0) invalid[0] = bad;
-    }
-    if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
-    const int nblocks = (total + block_m - 1) / block_m;
-    const int incl = warp_inclusive_scan(nblocks);
-    const int first_block = incl - nblocks, total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
-    const int start = first_block * block_m;
+    if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
+    __syncthreads();  // positions, totals, blocks per expert
     HC_MARK(3);
+
+    const int total_blocks = total_blocks_s[0];
     if (warp == 0 && lane % (int)gridDim.x == (int)blockIdx.x) {
-        for (int p = start + total; p < start + nblocks * block_m; ++p) sorted[p] = nk;
+        const int nblocks = nblk[lane], first_slot = wpos[lane];  // warp 0's first slot = the group start
+        const int first_block = first_slot / block_m;
+        for (int p = first_slot + tot[lane]; p < first_slot + nblocks * block_m; ++p) sorted[p] = nk;
         for (int q = 0; q < nblocks; ++q) block_ids[first_block + q] = lane;
     }
     const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gsize = gridDim.x * blockDim.x;
@@ -899,18 +949,15 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     hc_fill(block_ids, total_blocks, capacity / block_m, -1, gtid, gsize);
     if (gtid == 0) total_out[0] = total_blocks * block_m;
     if (!owner) return;
-    int next = start + below;  // expert `lane`: position of this warp's next slot
+    int next = wpos[warp * 32 + lane];  // expert `lane`: position of this warp's next slot
     const unsigned lower = hc_lanemask_lt();
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         const int k = key[c];
-        unsigned bits[HC_LANE_KEY_BITS];
-#pragma unroll
-        for (int b = 0; b < HC_LANE_KEY_BITS; ++b) bits[b] = __ballot_sync(HC_FULL_MASK, (k >> b) & 1);
-        const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
+        const ChunkKeys ck = chunk_keys(k);
         const int base = __shfl_sync(HC_FULL_MASK, next, k & 31);
-        if (k >= 0) sorted[base + __popc(lanes_with_key(valid, bits, k) & lower)] = seg + c * 32 + lane;
-        next += __popc(lanes_with_key(valid, bits, lane));
+        if (k >= 0) sorted[base + __popc(lanes_with_key(ck, k) & lower)] = seg + c * 32 + lane;
+        next += __popc(lanes_with_key(ck, lane));
     }
     HC_MARK(4);
 }

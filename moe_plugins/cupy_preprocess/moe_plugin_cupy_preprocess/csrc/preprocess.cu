@@ -824,14 +824,14 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Block path for <= 32 local experts: block_lane_preprocess, lane_preprocess's ballots on up to 32 warps.
+// Block path for <= 32 local experts: block_lane_preprocess, up to 32 warps whose lane e stands for expert e.
 // Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
 // Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
 // stands for local expert e. Every block maps and counts ALL slots; block b stores local_ids for, and places,
 // the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
 //   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
-//   2. per chunk: map (the map mode a template constant), six ballots (ChunkKeys); lane e adds up expert e's
-//      slots in the warp's chunks into wpos[w][e] (a row per warp, no atomics); barrier;
+//   2. per chunk: map (the map mode a template constant) and count each local slot on the warp's own row
+//      wpos[w][key] (shared atomics: a row per warp); barrier;
 //   3. warp 0, lane e: exclusive prefix of column e over the warps (independent loads, then adds), expert e's
 //      blocks, a warp scan for the group starts; wpos[w][e] becomes the position of warp w's first slot of
 //      expert e; barrier;
@@ -846,23 +846,22 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // ---------------------------------------------------------------------------------------------------
 
 // Step 2 for this warp's chunks: keys into `key`, local ids stored when `local_ids` is not null, the ids that
-// break the sentinel contract added to `bad_warp` (warp-uniform); returns the warp's slots of expert `lane`.
+// break the sentinel contract added to `bad_warp` (warp-uniform), +1 per local slot on row[key] (the warp's own
+// zeroed row: shared atomics, one instruction per chunk; the ballots of lanes_with_key took ~25).
 template <typename IdT, int IPT, int MODE, int FAITHFUL>
-__device__ __forceinline__ int lane_count_chunks(const IdT (&raw)[IPT], int seg, int nk, const int* smap,
-                                                 const int* __restrict__ gmap, int map_size, int first,
-                                                 int num_local, int* __restrict__ local_ids, int (&key)[IPT],
-                                                 int& bad_warp) {
+__device__ __forceinline__ void lane_count_chunks(const IdT (&raw)[IPT], int seg, int nk, const int* smap,
+                                                  const int* __restrict__ gmap, int map_size, int first,
+                                                  int num_local, int* __restrict__ local_ids, int (&key)[IPT],
+                                                  int* row, int& bad_warp) {
     const int lane = threadIdx.x & 31;
-    int mine = 0;
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         int bad;
         key[c] = map_slot(raw[c], seg + c * 32 + lane, nk, MODE, FAITHFUL, smap, gmap, map_size, first, num_local,
                           local_ids, bad);
         bad_warp += __popc(__ballot_sync(HC_FULL_MASK, bad));
-        mine += __popc(lanes_with_key(chunk_keys(key[c]), lane));
+        if (key[c] >= 0) atomicAdd(row + key[c], 1);
     }
-    return mine;
 }
 
 template <typename IdT, int IPT>
@@ -890,20 +889,20 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
         raw[c] = i < nk ? ids[i] : (IdT)0;
     }
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-    __syncthreads();  // the map copy
+    wpos[warp * 32 + lane] = 0;
+    __syncthreads();  // the map copy, the zero rows
     HC_MARK(1);
 
     int key[IPT];
-    int bad_warp = 0, mine;
+    int bad_warp = 0;
     int* my_local_ids = owner ? local_ids : nullptr;
 #define HC_LANE_COUNT(MODE, FAITHFUL)                                                                         \
     lane_count_chunks<IdT, IPT, MODE, FAITHFUL>(raw, seg, nk, smap, gmap, map_size, first, num_local, my_local_ids, \
-                                                key, bad_warp)
-    if (map_mode == HC_MAP_SHARED) mine = faithful ? HC_LANE_COUNT(HC_MAP_SHARED, 1) : HC_LANE_COUNT(HC_MAP_SHARED, 0);
-    else if (map_mode == HC_MAP_GLOBAL) mine = faithful ? HC_LANE_COUNT(HC_MAP_GLOBAL, 1) : HC_LANE_COUNT(HC_MAP_GLOBAL, 0);
-    else mine = HC_LANE_COUNT(HC_MAP_NONE, 0);
+                                                key, wpos + warp * 32, bad_warp)
+    if (map_mode == HC_MAP_SHARED) faithful ? HC_LANE_COUNT(HC_MAP_SHARED, 1) : HC_LANE_COUNT(HC_MAP_SHARED, 0);
+    else if (map_mode == HC_MAP_GLOBAL) faithful ? HC_LANE_COUNT(HC_MAP_GLOBAL, 1) : HC_LANE_COUNT(HC_MAP_GLOBAL, 0);
+    else HC_LANE_COUNT(HC_MAP_NONE, 0);
 #undef HC_LANE_COUNT
-    wpos[warp * 32 + lane] = mine;
     if (lane == 0) wbad[warp] = bad_warp;
     __syncthreads();  // every warp's counts
     HC_MARK(2);

@@ -11,11 +11,11 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     positions from ballots in registers) or ``warp_preprocess`` (shared per-chunk counters) otherwise.
 ``block`` path
     one launch of ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt`` slots per thread
-    (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_PATH_AUTO_MAX`). Every block maps and counts all
-    slots; each places only its own share (`BLOCK_OWNED_SLOTS` slots or so), so the placement spreads over
-    the blocks without any grid-wide barrier. Decode sizes. ``block_lane_preprocess`` (``lanes``: at most
-    `LANE_MAX_LOCAL` local experts; ballots, one barrier) or ``block_preprocess`` (shared counters per
-    virtual warp, windows of experts) otherwise.
+    (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_LANE_AUTO_MAX` / `BLOCK_PATH_AUTO_MAX`). Every
+    block maps and counts all slots; each places only its own share (`BLOCK_OWNED_SLOTS` slots or so), so the
+    placement spreads over the blocks without any grid-wide barrier. Decode sizes. ``block_lane_preprocess``
+    (``lanes``: at most `LANE_MAX_LOCAL` local experts; a shared row per warp, warp 0 scans the columns) or
+    ``block_preprocess`` (shared counters per virtual warp, windows of experts) otherwise.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -108,8 +108,13 @@ BLOCK_OWNED_SLOTS = 1024
 every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
+BLOCK_LANE_AUTO_MAX = BLOCK_MAX_SLOTS
+"""``path=auto`` takes the block path up to this many slots when it runs block_lane_preprocess (at most
+`LANE_MAX_LOCAL` local experts). Measured on an H100 (GPU run 28, GPU_RESULTS.md) at 16384 slots: 10.78 us
+(graph 7.82) against grid_fused's 13.28 (9.76); block_preprocess took 16.00 (12.95)."""
 BLOCK_PATH_AUTO_MAX = 8192
-"""``path=auto`` takes the block path up to this many slots. Measured on an H100 (GPU_RESULTS.md, path
+"""``path=auto`` takes the block path up to this many slots with block_preprocess (more than `LANE_MAX_LOCAL`
+local experts). Measured on an H100 (GPU_RESULTS.md, path
 comparisons): with a block per 1024 slots and 8 slots per thread (run 20) the block path wins at 8192 slots,
 12.06 us (graph 9.15) against grid_fused's 13.86 (9.64); at 16384 grid_fused wins (14.27 against 15.71 us,
 graph 10.10 against 12.69). With 16 slots per thread at 8192 (runs 16-19) the block path had lost (14.11-14.53
@@ -250,7 +255,7 @@ def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: in
 
 def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
     """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts (then positions) and a bad
-    count per warp, totals and blocks of the 32 experts, the total of blocks."""
+    count per warp, the 32 experts' totals and first blocks, the total of blocks."""
     return map_entries + warps * 33 + 2 * 32 + 1
 
 
@@ -378,7 +383,10 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         raise ConfigError(f"path=warp handles at most {WARP_MAX_SLOTS} slots and {WARP_MAX_LOCAL} local experts "
                           f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
     if path == "auto":
-        chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= BLOCK_PATH_AUTO_MAX else "grid")
+        block_lane_ok = lanes and num_local <= LANE_MAX_LOCAL and \
+            _block_lane_smem_ints(map_smem, BLOCK_THREADS // 32) * 4 <= smem_optin
+        block_max = BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
+        chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= block_max else "grid")
     else:
         chosen = path
     if chosen == "warp":

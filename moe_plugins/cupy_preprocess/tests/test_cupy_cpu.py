@@ -23,11 +23,12 @@ from hostcore.registry import coerce_options
 from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
-from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX, DEFAULT_SMEM_OPTIN, GRID_WARPS,
-                                             KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL, MAP_NONE,
-                                             MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE,
-                                             WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
-                                             check_block_m, choose_map, moved_bytes, plan_for)
+from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX,
+                                             DEFAULT_SMEM_OPTIN, GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL,
+                                             LANE_MAX_SLOTS, MAP_GLOBAL, MAP_NONE, MAP_SHARED, MAX_WINDOW,
+                                             PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
+                                             WARP_PATH_AUTO_MAX, MapChoice, check_block_m, choose_map, moved_bytes,
+                                             plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
                                                  normalize_device)
 
@@ -139,9 +140,16 @@ def test_path_choice_and_items_per_thread() -> None:
     assert [plan(n, "block").block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == \
         [32, 32, 128, 1024, 640, 1024]
     assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
-    # auto: the block path up to BLOCK_PATH_AUTO_MAX (grid_fused wins at 16384 on the H100), forced up to 16384
-    assert BLOCK_PATH_AUTO_MAX == 8192
-    assert plan(BLOCK_PATH_AUTO_MAX).path == "block" and plan(BLOCK_PATH_AUTO_MAX + 1).path == "grid"
+    # auto: the block path up to BLOCK_LANE_AUTO_MAX with <= 32 local experts (block_lane_preprocess), else up to
+    # BLOCK_PATH_AUTO_MAX (block_preprocess; grid_fused wins at 16384 on the H100); forced up to 16384
+    assert (BLOCK_LANE_AUTO_MAX, BLOCK_PATH_AUTO_MAX) == (BLOCK_MAX_SLOTS, 8192)
+    assert plan(BLOCK_LANE_AUTO_MAX).path == "block" and plan(BLOCK_LANE_AUTO_MAX).lanes
+    for options in ({"num_local": LANE_MAX_LOCAL + 1}, {"lanes": False}):
+        def many(nk: int) -> object:
+            return plan_for(nk, 1, torch.int32, 16, options.get("num_local", 32), MapChoice(MAP_SHARED, 256),
+                            lanes=options.get("lanes", True))
+
+        assert many(BLOCK_PATH_AUTO_MAX).path == "block" and many(BLOCK_PATH_AUTO_MAX + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS, "block").path == "block" and plan(BLOCK_MAX_SLOTS + 1).path == "grid"
     assert plan(BLOCK_MAX_SLOTS + 1).tiles == -(-(BLOCK_MAX_SLOTS + 1) // TILE)
     assert plan(5, "grid").path == "grid" and plan(5, "grid").tiles == 1

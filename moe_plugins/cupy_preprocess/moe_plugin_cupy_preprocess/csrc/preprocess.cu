@@ -835,13 +835,13 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 //   3. warp 0, lane e: exclusive prefix of column e over the warps (independent loads, then adds), expert e's
 //      blocks, a warp scan for the group starts; wpos[w][e] becomes the position of warp w's first slot of
 //      expert e; barrier;
-//   4. warp 0 of block (e % gridDim.x) writes expert e's padding entries and block ids (lane e), the grid the
-//      tails past the total (16-byte stores), and the owned warps place their slots: wpos[w][k] + (in
-//      earlier chunks) + (in lower lanes), the torch reference's stable order. Every entry of `sorted` is
-//      written exactly once.
+//   4. warp e of the grid writes expert e's padding entries and block ids (all lanes), the grid the tails
+//      past the total (16-byte stores), and the owned warps place their slots: wpos[w][k] + (in earlier
+//      chunks) + (in lower lanes), the torch reference's stable order. Every entry of `sorted` is written
+//      exactly once.
 // (A first version let every warp sum its whole column after step 2, saving two barriers: at 32 warps those
 // 32 x 32 shared loads took 1.6 us, GPU run 26 in GPU_RESULTS.md.)
-// Dynamic shared memory: [map: map_size if shared][wpos: 32 * warps][tot: 32][nblk: 32][wbad: warps][1]
+// Dynamic shared memory: [map: map_size if shared][wpos: 32 * warps][tot: 32][fblk: 33][wbad: warps]
 // (map first: faithful negative reads land below the allocation, as in the other kernels).
 // ---------------------------------------------------------------------------------------------------
 
@@ -875,9 +875,8 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     int* smap = smem;
     int* wpos = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
     int* tot = wpos + nwarps * 32;                                   // [32]: slots per expert
-    int* nblk = tot + 32;                                            // [32]: blocks per expert
-    int* wbad = nblk + 32;                                           // [nwarps]
-    int* total_blocks_s = wbad + nwarps;                             // [1]
+    int* fblk = tot + 32;                                            // [33]: first block per expert, total
+    int* wbad = fblk + 33;                                           // [nwarps]
     const bool owner = warp >= (int)blockIdx.x * owned_warps && warp < ((int)blockIdx.x + 1) * owned_warps;
     const int seg = warp * 32 * IPT;
     HC_MARK(0);
@@ -928,20 +927,20 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
                 run += x;
             }
             tot[lane] = total;
-            nblk[lane] = nblocks;
-            if (lane == 31) total_blocks_s[0] = incl;
+            fblk[lane] = incl - nblocks;
+            if (lane == 31) fblk[32] = incl;
         }
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
-    __syncthreads();  // positions, totals, blocks per expert
+    __syncthreads();  // positions, totals, first blocks
     HC_MARK(3);
 
-    const int total_blocks = total_blocks_s[0];
-    if (warp == 0 && lane % (int)gridDim.x == (int)blockIdx.x) {
-        const int nblocks = nblk[lane], first_slot = wpos[lane];  // warp 0's first slot = the group start
-        const int first_block = first_slot / block_m;
-        for (int p = first_slot + tot[lane]; p < first_slot + nblocks * block_m; ++p) sorted[p] = nk;
-        for (int q = 0; q < nblocks; ++q) block_ids[first_block + q] = lane;
+    const int total_blocks = fblk[32];
+    // Expert e's padding entries and block ids: global warp e (and e + every warp of the grid), all lanes.
+    for (int e = blockIdx.x * nwarps + warp; e < num_local; e += gridDim.x * nwarps) {
+        const int b0 = fblk[e], b1 = fblk[e + 1];
+        for (int p = b0 * block_m + tot[e] + lane; p < b1 * block_m; p += 32) sorted[p] = nk;
+        for (int q = b0 + lane; q < b1; q += 32) block_ids[q] = e;
     }
     const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gsize = gridDim.x * blockDim.x;
     hc_fill(sorted, total_blocks * block_m, capacity, nk, gtid, gsize);

@@ -15,9 +15,12 @@ declare -A STATUS
 
 # The multi-block path is one cooperative launch of grid_fused (csrc/preprocess.cu); the sanitizer workload
 # (tests/sanitize_run.py) refuses to pass unless it ran grid_fused (one and two barriers) and every other kernel.
-# At most 8 files come back from $OUT: env.txt, pytest-gpu.log, bench.log, preprocess-h100.json, sanitizer-*.log.
+# At most 8 files come back from $OUT: env.txt, pytest-gpu.log, bench.log, preprocess-<gpu>.json, sanitizer-*.log.
 ENV="$OUT/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$ENV"
+# The benchmark JSON is named after the card (preprocess-h100.json, preprocess-h200.json): lent hosts vary.
+GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h[0-9]+' | head -1 | tr 'A-Z' 'a-z')
+BENCH_JSON="$OUT/preprocess-${GPU_TAG:-gpu}.json"
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e moe_plugins/cupy_preprocess 2>&1 | grep -v WARNING
 python3 -c "from hostcore import get_registry, Stage; r = get_registry(); print('preprocess backends:', \
 r.names(Stage.PREPROCESS), 'failures:', r.failures); from moe_plugin_cupy_preprocess import availability_reason; \
@@ -30,7 +33,7 @@ if want tests; then
 fi
 
 if want bench; then
-  timeout 130 python3 bench/preprocess/bench_preprocess.py --out "$OUT/preprocess-h100.json" 2>&1 | tee "$OUT/bench.log"
+  timeout 130 python3 bench/preprocess/bench_preprocess.py --out "$BENCH_JSON" 2>&1 | tee "$OUT/bench.log"
   STATUS[bench]="rc=$?"
 fi
 
@@ -74,8 +77,8 @@ echo "==================== summary ($(head -2 "$ENV" | tail -1)) ===============
 for k in tests bench profile trace memcheck racecheck initcheck; do
   [[ -n "${STATUS[$k]:-}" ]] && printf '%-10s %s\n' "$k" "${STATUS[$k]}"
 done
-if [[ -f "$OUT/preprocess-h100.json" ]]; then
-  python3 - "$OUT/preprocess-h100.json" <<'EOF'
+if [[ -f "$BENCH_JSON" ]]; then
+  python3 - "$BENCH_JSON" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"copy {d['copy_gbps']:.0f} GB/s   empty launch {d['launch_us']:.2f} us (hot {d.get('launch_hot_us', 0):.2f}, graph {d['launch_graph_us'] or 0:.2f}, "

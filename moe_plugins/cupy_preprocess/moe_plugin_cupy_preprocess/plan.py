@@ -253,11 +253,10 @@ def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: in
     return max(1, -(-rows // owned)), sub, owned
 
 
-def _block_lane_smem_ints(map_entries: int, warps: int, ipt: int) -> int:
-    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts per 32-slot chunk and per
-    warp, a bad count per warp, the 32 experts' totals and first blocks, the total of blocks, a key byte per
-    slot."""
-    return map_entries + warps * ipt * 32 + warps * 33 + 2 * 32 + 1 + warps * ipt * 8
+def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
+    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts (then positions) and a bad
+    count per warp, the 32 experts' totals and first blocks, the total of blocks."""
+    return map_entries + warps * 33 + 2 * 32 + 1
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
@@ -385,7 +384,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                           f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
     if path == "auto":
         block_lane_ok = lanes and num_local <= LANE_MAX_LOCAL and \
-            _block_lane_smem_ints(map_smem, BLOCK_THREADS // 32, BLOCK_IPTS[-1]) * 4 <= smem_optin
+            _block_lane_smem_ints(map_smem, BLOCK_THREADS // 32) * 4 <= smem_optin
         block_max = BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
         chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= block_max else "grid")
     else:
@@ -405,7 +404,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     if chosen == "block":
         id_name = "int32" if id_dtype == torch.int32 else "int64"
         block_lanes = lanes and num_local <= LANE_MAX_LOCAL and \
-            _block_lane_smem_ints(map_smem, max(1, active_warps), ipt) * 4 <= smem_optin
+            _block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 <= smem_optin
     if block_lanes:
         block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid, False)
     elif chosen == "block":
@@ -443,7 +442,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                 sub=sub, owned_rows=owned_rows,
                 chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
-                smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps), ipt) * 4 if block_lanes
+                smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 if block_lanes
                 else _block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
                 smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0,

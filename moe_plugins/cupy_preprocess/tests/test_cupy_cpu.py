@@ -187,9 +187,8 @@ def test_block_path_takes_the_lane_kernel_up_to_32_local_experts() -> None:
     assert lanes.lanes and lanes.kernel_names == ("block_lane_preprocess",)
     assert (lanes.ipt, lanes.active_warps, lanes.block_threads) == (4, 32, 1024)
     assert (lanes.grid_blocks, lanes.owned_rows, lanes.sub) == (4, 8, 4)
-    # map, 32 counts per chunk, 32 counts and a bad count per warp, totals and first blocks, a key byte per slot
-    assert lanes.smem_block_bytes == (257 + 32 * 4 * 32 + 32 * 33 + 65 + 32 * 4 * 8) * 4
-    assert plan(0, 5).smem_block_bytes == (257 + 32 + 33 + 65 + 8) * 4, "an empty batch still runs one warp"
+    assert lanes.smem_block_bytes == (257 + 32 * 33 + 65) * 4  # map, per warp 32 counts and a bad count, totals
+    assert plan(0, 5).smem_block_bytes == (257 + 33 + 65) * 4, "an empty batch still runs one warp"
     assert plan(4000, 7, block_grid=3).grid_blocks == 3
     for other in (plan(4000, LANE_MAX_LOCAL + 1), plan(4000, 8, lanes=False)):
         assert not other.lanes and other.kernel_names == ("block_preprocess",)

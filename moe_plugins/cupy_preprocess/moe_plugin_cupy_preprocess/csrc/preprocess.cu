@@ -826,48 +826,42 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // ---------------------------------------------------------------------------------------------------
 // Block path for <= 32 local experts: block_lane_preprocess, up to 32 warps whose lane e stands for expert e.
 // Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
-// Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) (chunk g = w * IPT + c holds
-// slots g * 32 + lane). Every block maps and counts ALL slots; block b stores local_ids for, and places, the
-// slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
-//   1. every warp loads its ids (all IPT loads in flight) and zeroes its chunks' rows while the block copies
-//      the map; barrier;
-//   2. per chunk: map (the map mode a template constant), the key to `keys` (a byte per slot), +1 on the
-//      chunk's row ccnt[g][key] (shared atomics); then lane e turns the warp's rows into expert e's slots in
-//      the warp's earlier chunks and stores the warp's total to wpos[w][e]; barrier;
+// Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
+// stands for local expert e. Every block maps and counts ALL slots; block b stores local_ids for, and places,
+// the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
+//   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
+//   2. per chunk: map (the map mode a template constant) and count each local slot on the warp's own row
+//      wpos[w][key] (shared atomics: a row per warp); barrier;
 //   3. warp 0, lane e: exclusive prefix of column e over the warps (independent loads, then adds), expert e's
 //      blocks, a warp scan for the group starts; wpos[w][e] becomes the position of warp w's first slot of
 //      expert e; barrier;
 //   4. warp e of the grid writes expert e's padding entries and block ids (all lanes; on a grid of fewer
 //      warps than experts lane e of warp 0 of block e % gridDim.x does, alone), the grid the tails
-//      past the total (16-byte stores), and the block's warps take its owned chunks in turn and place their
-//      slots: wpos[w][k] + ccnt[g][k] + (lower lanes of k, from ballots), the torch reference's stable order.
-//      Every entry of `sorted` is written exactly once.
+//      past the total (16-byte stores), and the owned warps place their slots: wpos[w][k] + (in earlier
+//      chunks) + (in lower lanes), the torch reference's stable order. Every entry of `sorted` is written
+//      exactly once.
 // (A first version let every warp sum its whole column after step 2, saving two barriers: at 32 warps those
-// 32 x 32 shared loads took 1.6 us, GPU run 26. Until run 31 each owned warp placed its own IPT chunks one
-// after another: 2.4 us at 16384 slots, where a block owns two warps of 16 chunks.)
-// Dynamic shared memory: [map: map_size if shared][ccnt: 32 * IPT * warps][wpos: 32 * warps][tot: 32]
-// [fblk: 33][wbad: warps][keys: 32 * IPT * warps bytes] (map first: faithful negative reads land below the
-// allocation, as in the other kernels).
+// 32 x 32 shared loads took 1.6 us, GPU run 26 in GPU_RESULTS.md.)
+// Dynamic shared memory: [map: map_size if shared][wpos: 32 * warps][tot: 32][fblk: 33][wbad: warps]
+// (map first: faithful negative reads land below the allocation, as in the other kernels).
 // ---------------------------------------------------------------------------------------------------
 
-// Step 2 for this warp's chunks (chunk c: slots seg + c * 32 + lane, row c of `rows`, entry c * 32 + lane of
-// `keys`): local ids stored when `local_ids` is not null, each slot's key + 1 (0: none) stored to `keys`, +1
-// per local slot on its chunk's zeroed row (shared atomics, one instruction per chunk; the ballots of
-// lanes_with_key took ~25), the ids that break the sentinel contract added to `bad_warp` (warp-uniform).
+// Step 2 for this warp's chunks: keys into `key`, local ids stored when `local_ids` is not null, the ids that
+// break the sentinel contract added to `bad_warp` (warp-uniform), +1 per local slot on row[key] (the warp's own
+// zeroed row: shared atomics, one instruction per chunk; the ballots of lanes_with_key took ~25).
 template <typename IdT, int IPT, int MODE, int FAITHFUL>
 __device__ __forceinline__ void lane_count_chunks(const IdT (&raw)[IPT], int seg, int nk, const int* smap,
                                                   const int* __restrict__ gmap, int map_size, int first,
-                                                  int num_local, int* __restrict__ local_ids, int* rows,
-                                                  unsigned char* keys, int& bad_warp) {
+                                                  int num_local, int* __restrict__ local_ids, int (&key)[IPT],
+                                                  int* row, int& bad_warp) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         int bad;
-        const int k = map_slot(raw[c], seg + c * 32 + lane, nk, MODE, FAITHFUL, smap, gmap, map_size, first,
-                               num_local, local_ids, bad);
-        keys[c * 32 + lane] = (unsigned char)(k + 1);
+        key[c] = map_slot(raw[c], seg + c * 32 + lane, nk, MODE, FAITHFUL, smap, gmap, map_size, first, num_local,
+                          local_ids, bad);
         bad_warp += __popc(__ballot_sync(HC_FULL_MASK, bad));
-        if (k >= 0) atomicAdd(rows + c * 32 + k, 1);
+        if (key[c] >= 0) atomicAdd(row + key[c], 1);
     }
 }
 
@@ -880,13 +874,10 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     extern __shared__ int smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int* smap = smem;
-    int* ccnt = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps * IPT][32]
-    int* wpos = ccnt + nwarps * IPT * 32;                            // [nwarps][32]
+    int* wpos = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
     int* tot = wpos + nwarps * 32;                                   // [32]: slots per expert
     int* fblk = tot + 32;                                            // [33]: first block per expert, total
     int* wbad = fblk + 33;                                           // [nwarps]
-    unsigned char* keys = reinterpret_cast<unsigned char*>(wbad + nwarps);  // [nwarps * IPT * 32]: key + 1
-    int* rows = ccnt + warp * IPT * 32;                              // this warp's chunks
     const bool owner = warp >= (int)blockIdx.x * owned_warps && warp < ((int)blockIdx.x + 1) * owned_warps;
     const int seg = warp * 32 * IPT;
     HC_MARK(0);
@@ -898,29 +889,20 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
         raw[c] = i < nk ? ids[i] : (IdT)0;
     }
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) rows[c * 32 + lane] = 0;
+    wpos[warp * 32 + lane] = 0;
     __syncthreads();  // the map copy, the zero rows
     HC_MARK(1);
 
+    int key[IPT];
     int bad_warp = 0;
     int* my_local_ids = owner ? local_ids : nullptr;
 #define HC_LANE_COUNT(MODE, FAITHFUL)                                                                         \
     lane_count_chunks<IdT, IPT, MODE, FAITHFUL>(raw, seg, nk, smap, gmap, map_size, first, num_local, my_local_ids, \
-                                                rows, keys + warp * IPT * 32, bad_warp)
+                                                key, wpos + warp * 32, bad_warp)
     if (map_mode == HC_MAP_SHARED) faithful ? HC_LANE_COUNT(HC_MAP_SHARED, 1) : HC_LANE_COUNT(HC_MAP_SHARED, 0);
     else if (map_mode == HC_MAP_GLOBAL) faithful ? HC_LANE_COUNT(HC_MAP_GLOBAL, 1) : HC_LANE_COUNT(HC_MAP_GLOBAL, 0);
     else HC_LANE_COUNT(HC_MAP_NONE, 0);
 #undef HC_LANE_COUNT
-    __syncwarp();  // this warp's rows are complete (only its own atomics touch them)
-    int in_warp = 0;  // expert `lane`: row c becomes its slots in the warp's earlier chunks
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) {
-        const int x = rows[c * 32 + lane];
-        rows[c * 32 + lane] = in_warp;
-        in_warp += x;
-    }
-    wpos[warp * 32 + lane] = in_warp;
     if (lane == 0) wbad[warp] = bad_warp;
     __syncthreads();  // every warp's counts
     HC_MARK(2);
@@ -974,17 +956,16 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     hc_fill(sorted, total_blocks * block_m, capacity, nk, gtid, gsize);
     hc_fill(block_ids, total_blocks, capacity / block_m, -1, gtid, gsize);
     if (gtid == 0) total_out[0] = total_blocks * block_m;
-    // Placement: the block's owned chunks spread over all its warps (chunk g holds slots g * 32 + lane); a slot
-    // of expert k goes to (warp's first slot of k) + (k in the warp's earlier chunks) + (lower lanes of k).
+    if (!owner) return;
+    int next = wpos[warp * 32 + lane];  // expert `lane`: position of this warp's next slot
     const unsigned lower = hc_lanemask_lt();
-    const int g0 = blockIdx.x * owned_warps * IPT, g1 = min(g0 + owned_warps * IPT, nwarps * IPT);
-    for (int g = g0 + warp; g < g1; g += nwarps) {
-        const int k = (int)keys[g * 32 + lane] - 1;
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        const int k = key[c];
         const ChunkKeys ck = chunk_keys(k);
-        if (k >= 0) {
-            const int base = wpos[(g / IPT) * 32 + k] + ccnt[g * 32 + k];
-            sorted[base + __popc(lanes_with_key(ck, k) & lower)] = g * 32 + lane;
-        }
+        const int base = __shfl_sync(HC_FULL_MASK, next, k & 31);
+        if (k >= 0) sorted[base + __popc(lanes_with_key(ck, k) & lower)] = seg + c * 32 + lane;
+        next += __popc(lanes_with_key(ck, lane));
     }
     HC_MARK(4);
 }

@@ -321,7 +321,8 @@ def main() -> int:
                 b = stage_p.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
                 variants = [(path, b)]
                 if b.plan.lanes:  # A/B: the same path on its kernel without lanes (warp_ / block_preprocess)
-                    plain = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_p.map, path, lanes=False)
+                    plain = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_p.map, path,
+                                     stage_p.kernels.smem_optin, stage_p.kernels.num_sms, lanes=False)
                     variants.append((f"{path}_no_lanes", PreprocessBuffers.allocate(plain, stage_p.device)))
                 for name, b in variants:
                     check(stage_p.preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))

@@ -106,36 +106,30 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
     blocks_ptr = _ptr(out.block_expert_ids) if aligned else 0
     total_ptr = _ptr(out.num_slots_post_padded) if aligned else 0
     shape = (plan.rows, plan.top_k)
+    # The single-launch kernels' parameters start alike: lookup, then every output, block_m and capacity.
+    outputs = lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
+                        blocks_ptr, total_ptr, plan.block_m, plan.capacity]
     if plan.path == "warp":
         kernel = plan.kernel_names[0]
-        step = Step(kernel, kernels.handle(f"{kernel}<{id_name}, {plan.ipt}>"), 1, 32,
-                    plan.smem_block_bytes,
-                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
-                              blocks_ptr, total_ptr, plan.block_m, plan.capacity], takes_ids=True)
+        step = Step(kernel, kernels.handle(f"{kernel}<{id_name}, {plan.ipt}>"), 1, 32, plan.smem_block_bytes,
+                    outputs, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block" and plan.lanes:
         step = Step("block_lane_preprocess", kernels.handle(f"block_lane_preprocess<{id_name}, {plan.ipt}>"),
-                    plan.grid_blocks, plan.block_threads, plan.smem_block_bytes,
-                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
-                              blocks_ptr, total_ptr, plan.block_m, plan.capacity, plan.owned_rows],
+                    plan.grid_blocks, plan.block_threads, plan.smem_block_bytes, outputs + [plan.owned_rows],
                     takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block":
         name = f"block_preprocess<{id_name}, {plan.ipt}, {plan.sub}>"
         step = Step("block_preprocess", kernels.handle(name), plan.grid_blocks, plan.block_threads,
-                    plan.smem_block_bytes,
-                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
-                              blocks_ptr, total_ptr, plan.block_m, plan.capacity, plan.window, plan.active_warps,
-                              plan.owned_rows],
+                    plan.smem_block_bytes, outputs + [plan.window, plan.active_warps, plan.owned_rows],
                     takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.fused:
         step = Step("grid_fused", kernels.handle(f"grid_fused<{id_name}>"), plan.grid_blocks, GRID_THREADS,
                     plan.smem_fused_bytes,
-                    lookup + [_ptr(out.local_ids), _ptr(out.expert_counts), _ptr(out.invalid_count), sorted_ptr,
-                              blocks_ptr, total_ptr, plan.block_m, plan.capacity, _ptr(out.tile_hist),
-                              _ptr(out.tile_invalid), _ptr(out.done), plan.chunk, plan.list_cap,
-                              int(plan.two_phase)],
+                    outputs + [_ptr(out.tile_hist), _ptr(out.tile_invalid), _ptr(out.done), plan.chunk,
+                               plan.list_cap, int(plan.two_phase)],
                     cooperative=True, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     steps = []

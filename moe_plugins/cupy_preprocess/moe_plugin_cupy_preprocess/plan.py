@@ -259,6 +259,12 @@ def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
     return map_entries + warps * 33 + 2 * 32 + 1
 
 
+def _block_lane_fits(num_local: int, map_entries: int, warps: int, smem_optin: int) -> bool:
+    """Whether block_lane_preprocess can run ``warps`` warps: at most `LANE_MAX_LOCAL` local experts, and its
+    shared memory fits next to the map."""
+    return num_local <= LANE_MAX_LOCAL and _block_lane_smem_ints(map_entries, warps) * 4 <= smem_optin
+
+
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
     """warp_preprocess's dynamic shared memory: map, chunk counters ``[ipt, num_local]``, group starts."""
     return map_entries + ipt * num_local + num_local
@@ -383,8 +389,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         raise ConfigError(f"path=warp handles at most {WARP_MAX_SLOTS} slots and {WARP_MAX_LOCAL} local experts "
                           f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
     if path == "auto":
-        block_lane_ok = lanes and num_local <= LANE_MAX_LOCAL and \
-            _block_lane_smem_ints(map_smem, BLOCK_THREADS // 32) * 4 <= smem_optin
+        block_lane_ok = lanes and _block_lane_fits(num_local, map_smem, BLOCK_THREADS // 32, smem_optin)
         block_max = BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
         chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= block_max else "grid")
     else:
@@ -403,8 +408,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     block_lanes = False
     if chosen == "block":
         id_name = "int32" if id_dtype == torch.int32 else "int64"
-        block_lanes = lanes and num_local <= LANE_MAX_LOCAL and \
-            _block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 <= smem_optin
+        block_lanes = lanes and _block_lane_fits(num_local, map_smem, max(1, active_warps), smem_optin)
     if block_lanes:
         block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid, False)
     elif chosen == "block":

@@ -48,7 +48,7 @@ if [[ " $STEPS " == *" trace "* ]]; then
   # Per-phase timestamps inside the kernels (HC_TRACE build): the auto path, the block path at 8K-16K, and
   # the block path held to one block (--block-owned) next to its several-block plan.
   TRACE_SIZES="${TRACE_SIZES:-8 64 512 2048 4096 8192 16384 65536 1048576 8388608}"
-  { timeout 150 python3 bench/preprocess/phase_trace.py --sizes $TRACE_SIZES --out "$OUT/trace.jsonl"
+  { timeout 150 python3 bench/preprocess/phase_trace.py --per-block --sizes $TRACE_SIZES --out "$OUT/trace.jsonl"
     timeout 60 python3 bench/preprocess/phase_trace.py --path block --sizes 8192 16384 --out "$OUT/trace.jsonl"
     timeout 60 python3 bench/preprocess/phase_trace.py --path block --block-owned 1000000 --sizes 512 2048 4096 8192 \
       --out "$OUT/trace.jsonl"

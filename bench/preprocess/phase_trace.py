@@ -8,6 +8,11 @@ the median time of every mark since mark 0 is printed, in nanoseconds (cycles sc
 span of the same run), next to the median CUDA-event time of the whole call. What happens before mark 0
 (launch, block scheduling) is the event time minus the last mark.
 
+With several blocks, ``--per-block`` also prints how every mark spreads over the grid: per block, the time of
+the mark since the grid's earliest mark 0 (that block's %globaltimer at its mark 0, plus its own clock64 since
+then), as min / median / max over the blocks (each the median over the repetitions). A wide max at the end of
+phase 1 is load imbalance; the barrier mark then shows how long the early blocks waited.
+
     python3 bench/preprocess/phase_trace.py --sizes 8 512 2048 4096 8192 16384 1048576 8388608 --out trace.jsonl
 """
 
@@ -23,6 +28,7 @@ from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
 from moe_plugin_cupy_preprocess import jit, plan
 
 MARKS = 32
+TRACE_BLOCKS = 1024  # HC_TRACE_BLOCKS in csrc/preprocess.cu
 # What each mark follows, per kernel (csrc/preprocess.cu).
 MARK_NAMES = {
     "lane_preprocess": ["start", "ids+map loaded, sorted filled", "mapped, ballots, counts", "group starts+block ids",
@@ -44,6 +50,7 @@ def main() -> int:
     parser.add_argument("--path", default="auto", help="the backend's path option (auto, warp, block, grid)")
     parser.add_argument("--block-owned", type=int, help="block path: slots per block (plan.BLOCK_OWNED_SLOTS)")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--per-block", action="store_true", help="also the spread of every mark over the blocks")
     parser.add_argument("--out", help="JSON lines file to write (appended: one line per size and timer)")
     args = parser.parse_args()
 
@@ -55,6 +62,8 @@ def main() -> int:
     ctx, stage, peer, gen = bench_stages(args.path)
     trace_ptr = jit._module().get_global("hc_trace")
     trace = cupy.ndarray((2 * MARKS,), dtype=cupy.uint64, memptr=trace_ptr)
+    trace_blocks = cupy.ndarray((TRACE_BLOCKS, MARKS, 2), dtype=cupy.uint64,
+                                memptr=jit._module().get_global("hc_trace_blocks"))
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen)
@@ -64,8 +73,10 @@ def main() -> int:
         for flushed in (False, True):
             per_mark: dict[int, list[float]] = {}
             event_us, ghz = [], []
+            spread: dict[int, list[tuple[float, float, float]]] = {}
             for rep in range(args.reps + 5):
                 trace.fill(0)
+                trace_blocks.fill(0)
                 cupy.cuda.Device().synchronize()
                 if flushed:
                     flush.zero_()
@@ -87,18 +98,44 @@ def main() -> int:
                     ghz.append(1 / ns_per_cycle)
                 for i in hit:
                     per_mark.setdefault(i, []).append(float((clk[i] - clk[0]) * ns_per_cycle))
+                if args.per_block and buffers.plan.grid_blocks > 1:
+                    for i, stats in mark_spread(trace_blocks, buffers.plan.grid_blocks, ns_per_cycle).items():
+                        spread.setdefault(i, []).append(stats)
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
             row = {"num_slots": nk, "kernel": kernel, "blocks": buffers.plan.grid_blocks, "flushed": flushed,
                    "event_us": statistics.median(event_us),
                    "sm_ghz": statistics.median(ghz) if ghz else None, "marks_ns": marks}
+            if spread:
+                row["blocks_ns"] = {(names[i] if i < len(names) else str(i)): [statistics.median(s[j] for s in v)
+                                                                               for j in range(3)]
+                                    for i, v in sorted(spread.items())}
             print(f"N*K={nk:>8} {kernel:>16} x{row['blocks']:<3} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us, SM {row['sm_ghz'] or 0:.2f} GHz | "
                   + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
+            for name, (lo, mid, hi) in row.get("blocks_ns", {}).items():
+                print(f"    {name:>28}: blocks min {lo:8.0f}  median {mid:8.0f}  max {hi:8.0f} ns", flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
         del ids, buffers
     return 0
+
+
+def mark_spread(trace_blocks, blocks: int, ns_per_cycle: float) -> dict[int, tuple[float, float, float]]:
+    """Per mark: (min, median, max) over the first `blocks` blocks of the mark's time, in ns, since the earliest
+    mark 0 of the grid (block b's %globaltimer at its mark 0, then its own clock64 since)."""
+    t = trace_blocks[:min(blocks, TRACE_BLOCKS)].get().astype("int64")  # [block, mark, (clock, globaltimer)]
+    start_gt = t[:, 0, 1]
+    origin = start_gt.min()
+    out = {}
+    for i in range(MARKS):
+        reached = t[:, i, 0] != 0
+        if not reached.any():
+            continue
+        times = sorted(float(start_gt[b] - origin + (t[b, i, 0] - t[b, 0, 0]) * ns_per_cycle)
+                       for b in range(len(t)) if reached[b])
+        out[i] = (times[0], statistics.median(times), times[-1])
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ span of the same run), next to the median CUDA-event time of the whole call. Wha
 With several blocks, ``--per-block`` also prints how every mark spreads over the grid: per block, the time of
 the mark since the grid's earliest mark 0 (that block's %globaltimer at its mark 0, plus its own clock64 since
 then), as min / median / max over the blocks (each the median over the repetitions). A wide max at the end of
-phase 1 is load imbalance; the barrier mark then shows how long the early blocks waited.
+phase 1 is load imbalance; the barrier mark then shows how long the early blocks waited. The JSON row then
+also holds every block's SM id and median mark times (``per_block``), to see which blocks are slow.
 
     python3 bench/preprocess/phase_trace.py --sizes 8 512 2048 4096 8192 16384 1048576 8388608 --out trace.jsonl
 """
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 
+import numpy
 import torch
 from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
 from moe_plugin_cupy_preprocess import jit, plan
@@ -64,6 +66,7 @@ def main() -> int:
     trace = cupy.ndarray((2 * MARKS,), dtype=cupy.uint64, memptr=trace_ptr)
     trace_blocks = cupy.ndarray((TRACE_BLOCKS, MARKS, 2), dtype=cupy.uint64,
                                 memptr=jit._module().get_global("hc_trace_blocks"))
+    smids = cupy.ndarray((TRACE_BLOCKS,), dtype=cupy.uint32, memptr=jit._module().get_global("hc_trace_smid"))
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen)
@@ -74,6 +77,7 @@ def main() -> int:
             per_mark: dict[int, list[float]] = {}
             event_us, ghz = [], []
             spread: dict[int, list[tuple[float, float, float]]] = {}
+            block_times: list = []  # per repetition: [block][mark] ns since the grid's first mark 0 (nan: not reached)
             for rep in range(args.reps + 5):
                 trace.fill(0)
                 trace_blocks.fill(0)
@@ -99,7 +103,9 @@ def main() -> int:
                 for i in hit:
                     per_mark.setdefault(i, []).append(float((clk[i] - clk[0]) * ns_per_cycle))
                 if args.per_block and buffers.plan.grid_blocks > 1:
-                    for i, stats in mark_spread(trace_blocks, buffers.plan.grid_blocks, ns_per_cycle).items():
+                    times = block_mark_times(trace_blocks, buffers.plan.grid_blocks, ns_per_cycle)
+                    block_times.append(times)
+                    for i, stats in mark_spread(times).items():
                         spread.setdefault(i, []).append(stats)
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
@@ -110,6 +116,11 @@ def main() -> int:
                 row["blocks_ns"] = {(names[i] if i < len(names) else str(i)): [statistics.median(s[j] for s in v)
                                                                                for j in range(3)]
                                     for i, v in sorted(spread.items())}
+                reached = sorted(spread)
+                median = numpy.nanmedian(numpy.stack(block_times)[:, :, reached], axis=0)
+                row["per_block"] = {"marks": [names[i] if i < len(names) else str(i) for i in reached],
+                                    "smid": smids.get()[:len(median)].tolist(),
+                                    "marks_ns": [[None if numpy.isnan(x) else round(float(x)) for x in b] for b in median]}
             print(f"N*K={nk:>8} {kernel:>16} x{row['blocks']:<3} {'flushed' if flushed else 'hot':>7} event {row['event_us']:6.2f} us, SM {row['sm_ghz'] or 0:.2f} GHz | "
                   + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
             for name, (lo, mid, hi) in row.get("blocks_ns", {}).items():
@@ -121,20 +132,23 @@ def main() -> int:
     return 0
 
 
-def mark_spread(trace_blocks, blocks: int, ns_per_cycle: float) -> dict[int, tuple[float, float, float]]:
-    """Per mark: (min, median, max) over the first `blocks` blocks of the mark's time, in ns, since the earliest
-    mark 0 of the grid (block b's %globaltimer at its mark 0, then its own clock64 since)."""
+def block_mark_times(trace_blocks, blocks: int, ns_per_cycle: float) -> numpy.ndarray:
+    """[block, mark]: ns since the grid's earliest mark 0 (block b's %globaltimer at its mark 0, then its own
+    clock64 since); nan where the block did not reach the mark."""
     t = trace_blocks[:min(blocks, TRACE_BLOCKS)].get().astype("int64")  # [block, mark, (clock, globaltimer)]
-    start_gt = t[:, 0, 1]
-    origin = start_gt.min()
+    start_gt = t[:, 0, 1:2]
+    times = (start_gt - start_gt.min() + (t[:, :, 0] - t[:, 0:1, 0]) * ns_per_cycle).astype("float64")
+    times[t[:, :, 0] == 0] = numpy.nan
+    return times
+
+
+def mark_spread(times: numpy.ndarray) -> dict[int, tuple[float, float, float]]:
+    """Per mark some block reached: (min, median, max) over the blocks that reached it."""
     out = {}
-    for i in range(MARKS):
-        reached = t[:, i, 0] != 0
-        if not reached.any():
-            continue
-        times = sorted(float(start_gt[b] - origin + (t[b, i, 0] - t[b, 0, 0]) * ns_per_cycle)
-                       for b in range(len(t)) if reached[b])
-        out[i] = (times[0], statistics.median(times), times[-1])
+    for i in range(times.shape[1]):
+        reached = times[:, i][~numpy.isnan(times[:, i])]
+        if reached.size:
+            out[i] = (float(reached.min()), float(numpy.median(reached)), float(reached.max()))
     return out
 
 

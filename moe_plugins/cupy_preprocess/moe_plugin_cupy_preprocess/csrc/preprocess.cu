@@ -52,13 +52,14 @@
 // Phase timestamps for bench/preprocess/phase_trace.py (compiled only with -DHC_TRACE): thread 0 of block 0
 // stores clock64() at mark i into hc_trace[i] (and %globaltimer into hc_trace[32 + i], to convert cycles
 // to nanoseconds); thread 0 of every block b < HC_TRACE_BLOCKS stores the same pair into
-// hc_trace_blocks[(b * 32 + i) * 2 + {0, 1}] (how the phases spread over the grid). Without HC_TRACE a
-// mark is nothing.
+// hc_trace_blocks[(b * 32 + i) * 2 + {0, 1}] (how the phases spread over the grid) and its SM's id into
+// hc_trace_smid[b]. Without HC_TRACE a mark is nothing.
 #ifdef HC_TRACE
 #define HC_TRACE_BLOCKS 1024
 extern "C" {
 __device__ unsigned long long hc_trace[64];
 __device__ unsigned long long hc_trace_blocks[HC_TRACE_BLOCKS * 64];
+__device__ unsigned hc_trace_smid[HC_TRACE_BLOCKS];
 }
 #define HC_MARK(i)                                                                                   \
     do {                                                                                             \
@@ -68,6 +69,9 @@ __device__ unsigned long long hc_trace_blocks[HC_TRACE_BLOCKS * 64];
             const unsigned long long hc_c = clock64();                                               \
             hc_trace_blocks[(blockIdx.x * 32 + (i)) * 2] = hc_c;                                     \
             hc_trace_blocks[(blockIdx.x * 32 + (i)) * 2 + 1] = hc_t;                                 \
+            unsigned hc_sm;                                                                          \
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(hc_sm));                                        \
+            hc_trace_smid[blockIdx.x] = hc_sm;                                                       \
             if (blockIdx.x == 0) {                                                                   \
                 hc_trace[i] = hc_c;                                                                  \
                 hc_trace[32 + (i)] = hc_t;                                                           \

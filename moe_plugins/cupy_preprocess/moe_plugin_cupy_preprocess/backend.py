@@ -53,8 +53,9 @@ class CupyPreprocess:
 
     def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto", *,
                  kernels: KernelSet | None = None) -> None:
-        """Build for ``ctx`` (its device, placement and map). ``kernels`` is for tests only: a CPU emulation
-        of the kernels, with which the stage runs on ``ctx.device`` as given (no GPU, no CuPy)."""
+        """Build for ``ctx`` (its device, placement and map). ``kernels`` is for tests and benchmarks only:
+        another `KernelSet` (a CPU emulation of the kernels, which runs on ``ctx.device`` as given with no GPU
+        or CuPy; or `jit.kernels_from_source` of another version of the source)."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if path not in PATHS:

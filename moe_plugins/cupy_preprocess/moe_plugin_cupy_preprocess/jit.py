@@ -67,11 +67,16 @@ def cache_dir() -> str:
     return os.environ.get("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache"))
 
 
-@functools.cache
 def _module() -> Any:
+    """The module of ``csrc/preprocess.cu``, compiled once per process."""
+    return _compile(SOURCE_PATH.read_text())
+
+
+@functools.cache
+def _compile(source: str) -> Any:
     import cupy
 
-    return cupy.RawModule(code=SOURCE_PATH.read_text(), options=COMPILE_OPTIONS, name_expressions=name_expressions())
+    return cupy.RawModule(code=source, options=COMPILE_OPTIONS, name_expressions=name_expressions())
 
 
 @dataclass
@@ -127,13 +132,19 @@ def kernels(device_index: int) -> Kernels:
     found = _kernels.get(device_index)
     if found is not None:
         return found
+    with _lock:
+        if device_index not in _kernels:
+            _kernels[device_index] = kernels_from_source(device_index, SOURCE_PATH.read_text())
+        return _kernels[device_index]
+
+
+def kernels_from_source(device_index: int, source: str) -> Kernels:
+    """The kernels of ``source`` (a version of ``csrc/preprocess.cu`` exporting the same kernels) on
+    ``device_index``, not cached per device: `bench/preprocess/ab_sources.py` times two versions in one process."""
     import cupy
 
-    device = cupy.cuda.Device(device_index)
-    with _lock, device:
-        if device_index in _kernels:
-            return _kernels[device_index]
-        module = _module()
+    with cupy.cuda.Device(device_index):
+        module = _compile(source)
         functions = {name: module.get_function(name) for name in name_expressions()}
         optin = smem_optin(device_index)
         for name, fn in functions.items():
@@ -143,9 +154,8 @@ def kernels(device_index: int) -> Kernels:
         pointers = {name: int(fn.kernel.ptr) for name, fn in functions.items()}
         runtime = cupy.cuda.runtime
         cooperative = bool(runtime.deviceGetAttribute(COOPERATIVE_LAUNCH_ATTR, device_index))
-        num_sms = int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-        _kernels[device_index] = Kernels(device_index, optin, num_sms, cooperative, functions, pointers)
-        return _kernels[device_index]
+    num_sms = int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+    return Kernels(device_index, optin, num_sms, cooperative, functions, pointers)
 
 
 def smem_optin(device_index: int) -> int:

@@ -216,13 +216,14 @@ class Plan:
         """Sizes of the grid path's workspace buffers (all zero on the block path).
 
         Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
-        per-block invalid counts, ``done`` the two words of the grid barrier (arrivals, generation).
+        per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count and
+        the tail-piece counter of phase 3 (`buffers.PreprocessBuffers`).
         """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
         if self.fused:
             return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": self.grid_blocks,
-                    "group_start": 0, "done": 2, "keys8_bytes": 0}
+                    "group_start": 0, "done": 4, "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
                 "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}
 

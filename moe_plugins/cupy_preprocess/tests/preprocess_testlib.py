@@ -22,11 +22,12 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement, LocalExperts
 
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import Plan
+from moe_plugin_cupy_preprocess.plan import GRID_THREADS, Plan
 
 SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
 POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
 GUARD = 12_345_678  # fills the words around each buffer: any change is an out-of-bounds write
+TAIL_PIECE = 512  # HC_TAIL_PIECE in csrc/preprocess.cu: entries of the `sorted` tail per grid_fused piece
 GUARD_WORDS = 64
 
 
@@ -118,6 +119,34 @@ def guarded_buffers(plan: Plan, device: torch.device | str) -> tuple[PreprocessB
         tile_invalid=alloc(ws["tile_invalid"]), group_start=alloc(ws["group_start"]), done=alloc(ws["done"], 0),
         keys8=keys8)
     return buffers, backing
+
+
+def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) -> None:
+    """The grid path's ``done`` words after ``launches`` launches (``None``: some number) on fresh buffers.
+
+    Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
+    of the grid (exactly grid x barriers per launch x launches when ``launches`` is given), and with a
+    layout every warp of the grid asked the tail-piece counter once past the last piece.
+    """
+    plan = buffers.plan
+    if not buffers.done.numel():
+        return
+    if not plan.fused:
+        assert int(buffers.done[0]) == 0, "the three-launch path's done counter must be left at 0"
+        return
+    words = buffers.done.cpu()
+    arrivals = int(words[:2].view(torch.int64))
+    per_launch = plan.grid_blocks * (2 if plan.two_phase else 1)
+    assert arrivals % plan.grid_blocks == 0 and arrivals > 0, f"barrier count {arrivals}, grid {plan.grid_blocks}"
+    if launches is not None:
+        assert arrivals == launches * per_launch, f"barrier count {arrivals} after {launches} launches of {per_launch}"
+    if plan.block_m:
+        total = int(buffers.num_slots_post_padded)
+        misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
+        head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
+        pieces = -(-(plan.capacity - head) // TAIL_PIECE)
+        warps = plan.grid_blocks * GRID_THREADS // 32
+        assert int(words[2]) == pieces + warps, f"tail pieces handed out: {int(words[2])}, expected {pieces} + {warps}"
 
 
 def check_guards(backing: list[torch.Tensor]) -> None:

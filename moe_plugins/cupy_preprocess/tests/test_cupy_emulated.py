@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from emulation import EmulatedKernels, FewScanThreads, build
-from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matches, check_guards, guarded_buffers,
-                                make_case, make_ids, make_local, reference)
+from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matches, check_guards, check_sync_words,
+                                guarded_buffers, make_case, make_ids, make_local, reference)
 
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
@@ -51,8 +51,7 @@ def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "
             t.fill_(POISON)
         launch(kernels, plan, case.ids.contiguous(), device_map, choice, case.local.first, mode == "faithful", buffers)
         check_guards(backing)
-        if buffers.done.numel():
-            assert int(buffers.done[0]) == 0, "the done counter / grid barrier's arrival count must be left at 0"
+    check_sync_words(buffers, launches)
     return buffers.routing(count_invalid=mode != "faithful"), plan
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from preprocess_testlib import (SENTINELS, Case, assert_layout_valid, assert_matches, check_guards, context,
-                                guarded_buffers, make_case, make_ids)
+from preprocess_testlib import (SENTINELS, Case, assert_layout_valid, assert_matches, check_guards, check_sync_words,
+                                context, guarded_buffers, make_case, make_ids)
 
 import moe_plugin_cupy_preprocess as plugin
 from hostcore import BackendChoice, Registry, Stage, cuda_graphs
@@ -87,8 +87,7 @@ def run_guarded(backend: CupyPreprocess, ids: torch.Tensor, block_m: int | None)
     buffers, backing = guarded_buffers(plan, DEVICE)
     routing = backend.preprocess_into(ids, buffers)
     check_guards(backing)
-    if buffers.done.numel():
-        assert int(buffers.done[0].item()) == 0, "the done counter / grid barrier's arrivals must be left at 0"
+    check_sync_words(buffers, launches=1)
     return routing
 
 
@@ -268,8 +267,7 @@ def test_cuda_graph_replays_with_preallocated_buffers(stage: Callable[..., CupyP
     gen = torch.Generator().manual_seed(seed("graph-replay", rows))
     fresh = (make_ids(num_experts, ep_size, rows // ep_size, 8, case.sentinel, gen)[0] for _ in range(3))
     check_replays(graph, routing, static_ids, buffers, case, fresh, f"graph replay, rows={rows}")
-    if backend.plan(*static_ids.shape, torch.int32, 16).path == "grid":
-        assert int(buffers.done[0].item()) == 0
+    check_sync_words(buffers)
 
 
 @real_gpu_only
@@ -291,14 +289,14 @@ def test_fused_grid_kernel_guarded_reused_and_replayed(stage: Callable[..., Cupy
         static_ids.copy_(fresh)
         routing = backend.preprocess_into(static_ids, buffers)
         check_guards(backing)
-        assert int(buffers.done[0].item()) == 0
+        check_sync_words(buffers)
         now = Case(case.placement, case.rank, case.local, case.sentinel, static_ids.clone(), 0)
         assert_matches(routing, torch_reference(now, 16), 16, f"fused {dtype}")
     graph, routing = cuda_graphs.capture(lambda: backend.preprocess_into(static_ids, buffers))
     fresh = (make_ids(256, 8, rows // 8, 8, case.sentinel, gen, dtype)[0] for _ in range(2))
     check_replays(graph, routing, static_ids, buffers, case, fresh, f"fused graph replay {dtype}",
                   after=lambda: check_guards(backing))
-    assert int(buffers.done[0].item()) == 0
+    check_sync_words(buffers)
 
 
 @real_gpu_only

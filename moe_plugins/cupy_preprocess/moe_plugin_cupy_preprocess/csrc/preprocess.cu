@@ -47,7 +47,7 @@
 #define HC_SCAN_THREADS 1024
 #define HC_SCRATCH 40  // shared ints for block scans and small flags
 #define HC_NO_KEY8 255  // keys8 entry of a slot that is not local
-#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` written per ranking round
+#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` per piece (one per ranking round)
 
 // Phase timestamps for bench/preprocess/phase_trace.py (compiled only with -DHC_TRACE): thread 0 of block 0
 // stores clock64() at mark i into hc_trace[i] (and %globaltimer into hc_trace[32 + i], to convert cycles
@@ -1228,15 +1228,18 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      `sorted`. Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
-//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the warp's
-//      slice of the tail of `sorted` past the total; the rest of the slice follows the last round.
+//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail of
+//      `sorted` past the total, the next free one of a grid-wide counter; after its last round the warp
+//      takes pieces until none is left.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
 //   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
 //   instructions at 8M.)
 //
-// Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], barrier [2]
-// (unsigned; zero at allocation, left consistent by every launch, see grid_barrier).
+// Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], sync [4]
+// (zero at allocation, 8-byte aligned): sync[0..1] the grid barrier's 64-bit arrival count (see
+// grid_barrier), sync[2] the next free piece of the tail of `sorted` (phase 3; block 0 resets it before
+// the first grid barrier).
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
 // [scratch: HC_SCRATCH][lists: 16 * list_cap uint32] (list_cap >= HC_PLACE_BUF with block_m, else 0).
 // ---------------------------------------------------------------------------------------------------
@@ -1250,24 +1253,26 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
 
-// Grid-wide barrier of a co-resident grid (cooperative launch). bar[0] counts arrivals; the last block to
-// arrive resets it to 0 and then bumps the generation bar[1] that the others wait on. Both words stay
-// valid across barriers and launches (bar[0] is 0 whenever no launch is inside a barrier), so the
-// workspace is never reset by the host: CUDA-graph replays need no memset node. The fences order every
-// block's earlier writes before its arrival and the releases before the data reads that follow (readers
-// of other blocks' data use __ldcg, which bypasses the non-coherent L1).
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
+// Grid-wide barrier of a co-resident grid (cooperative launch). *arrivals counts every block's arrival at
+// every barrier over the life of the workspace (64 bits: it never wraps); a barrier ends when the count
+// reaches the next multiple of the grid size. The grid size is fixed per workspace (plan.grid_blocks) and
+// every launch passes all its barriers, so the count is a multiple of it whenever no launch is inside a
+// barrier, and neither the host nor the kernel ever resets it: CUDA-graph replays need no memset node.
+// The critical path is one atomic round trip and one poll. (The first version reset an arrival counter
+// and bumped a generation word: a read of the generation before arriving, the atomic, the reset and a fence
+// in a row, 1.4 us from the last block's arrival to the first release at every size, trace run 34.)
+// The fences order every block's earlier writes before its arrival and the release before the data reads
+// that follow (readers of other blocks' data use __ldcg, which bypasses the non-coherent L1).
+__device__ __forceinline__ void grid_barrier(unsigned long long* arrivals) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        volatile unsigned* gen = bar + 1;
-        const unsigned seen = *gen;  // read before arriving: the generation cannot move before we arrive
+        const unsigned long long grid = gridDim.x;
         __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            while (*gen == seen) hc_pause();
+        const unsigned long long before = atomicAdd(arrivals, 1ull);
+        const unsigned long long release = before - before % grid + grid;
+        if (before + 1 != release) {
+            volatile unsigned long long* count = arrivals;
+            while (*count < release) hc_pause();
         }
         __threadfence();
     }
@@ -1409,7 +1414,7 @@ __global__ void __launch_bounds__(HC_GRID_THREADS, 2)
 grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode, int faithful,
            int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts, int* __restrict__ invalid,
            int* __restrict__ sorted, int* __restrict__ block_ids, int* __restrict__ total_out, int block_m,
-           int capacity, int* __restrict__ cta_hist, int* __restrict__ cta_invalid, unsigned* __restrict__ barrier,
+           int capacity, int* __restrict__ cta_hist, int* __restrict__ cta_invalid, unsigned* __restrict__ sync,
            int chunk, int list_cap, int two_phase) {
     extern __shared__ int smem[];
     const int wl = num_local;  // <= 1024, checked by plan.py
@@ -1429,6 +1434,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
     const bool aligned = block_m > 0;
+    unsigned long long* arrivals = reinterpret_cast<unsigned long long*>(sync);
+    unsigned* tail_next = sync + 2;
 
     // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
     HC_MARK(0);
@@ -1464,8 +1471,10 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         cta_hist[k * G + me] = t;
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
+    // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
+    if (me == 0 && tid == 0) *tail_next = 0;
     HC_MARK(4);
-    grid_barrier(barrier);
+    grid_barrier(arrivals);
     HC_MARK(5);
 
     // ---- phase 2: expert totals, this block's prefix, group starts, fills --------------------------
@@ -1515,7 +1524,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (tid == 0) counts[k] = total_k;
             __syncthreads();  // col is rewritten by the next column
         }
-        grid_barrier(barrier);
+        grid_barrier(arrivals);
         for (int k = tid; k < wl; k += blockDim.x) {
             tot[k] = __ldcg(counts + k);
             run[k] = __ldcg(cta_hist + k * G + me);
@@ -1550,20 +1559,29 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     __syncthreads();  // the last block barrier: from here on every warp works alone
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
-    // benchmark moves at N*K = 8M) is cut into one contiguous slice per warp of the grid, which the warp
-    // writes HC_TAIL_PIECE entries per ranking round (so the stores stream to memory while it ranks) and
-    // the rest after its last round. The slices start 16 bytes aligned, at `head` (the first aligned entry
-    // past the total; the grid's first warp writes the < 4 entries before it). The tail never overlaps a
-    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): 32-bit unsigned
-    // arithmetic, one division.
-    const int gw = me * nwarps + warp;
+    // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
+    // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it). A warp
+    // takes the next free piece from the grid-wide counter *tail_next, one piece per ranking round (so the
+    // stores stream to memory while it ranks) and then until none is left. The counter balances the grid:
+    // with a fixed slice per warp, the blocks of some SMs took 17 us for the slice that others wrote in 3.5
+    // (N*K = 8M, trace run 35). Each request is issued a piece ahead, so its round trip overlaps the work.
+    // The tail never overlaps a placement or padding write (those are below the total). capacity < 2^31
+    // (plan.py): int arithmetic.
     const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
                                                            & 15u)) & 15u) >> 2));
-    if (gw == 0 && lane < head - total) sorted[total + lane] = nk;
-    const unsigned nw_grid = (unsigned)G * nwarps;
-    const unsigned share = (((unsigned)(capacity - head) + nw_grid - 1) / nw_grid + 3) & ~3u;
-    int tail = (int)min((unsigned)capacity, (unsigned)head + share * (unsigned)gw);  // warp-uniform: next entry
-    const int whi = (int)min((unsigned)capacity, (unsigned)tail + share);
+    if (me == 0 && warp == 0 && lane < head - total) sorted[total + lane] = nk;
+    const int tail_pieces = (capacity - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
+    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the piece this warp writes next
+    bool tail_left = true;                                          // warp-uniform
+    // Write the piece requested last (if any is left) and request the next; false when none was left.
+    auto fill_tail_piece = [&]() -> bool {
+        const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
+        if (piece >= tail_pieces) return false;
+        if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
+        const int p = head + piece * HC_TAIL_PIECE;
+        hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
+        return true;
+    };
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
@@ -1576,11 +1594,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const bool more = next < we - ws;
         const int ranked = more ? queued & ~31 : queued;
         for (int r = 0; r < ranked; r += 32) {
-            if (tail < whi) {
-                const int end = whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi;
-                hc_fill_piece(sorted, tail, end, nk);
-                tail = end;
-            }
+            if (tail_left) tail_left = fill_tail_piece();
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1, ws + (int)(entry >> HC_KEY_BITS),
@@ -1610,8 +1624,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
     }
-    for (; tail < whi; tail += HC_TAIL_PIECE)  // the rest of the slice (nothing if the rounds wrote it all)
-        hc_fill_piece(sorted, tail, whi - tail > HC_TAIL_PIECE ? tail + HC_TAIL_PIECE : whi, nk);
+    while (tail_left) tail_left = fill_tail_piece();  // the pieces left after this warp's last round
     HC_MARK(8);
 
     // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since

@@ -1,0 +1,65 @@
+"""Two versions of ``csrc/preprocess.cu`` timed against each other in one process, on the same inputs.
+
+A kernel change is judged against the version before it on the same GPU, in the same process, with the
+calls interleaved: run-to-run spread between processes (1-3 us at N*K = 8M on an H100) is as large as the
+changes being measured. ``--baseline`` is the other version's source file (e.g. from
+``git show REV:moe_plugins/cupy_preprocess/moe_plugin_cupy_preprocess/csrc/preprocess.cu``); it must export
+the same kernels with the same arguments, and is compiled like the installed one. Both stages plan from the
+installed plan.py, each with its own buffers; both results are checked against the torch reference before
+any timing. Per size, ``--rounds`` rounds each take `bench_preprocess.median_us` (L2 flushed) of the
+baseline and then of the current source; the median over rounds is reported with the ratio. One JSON line
+per size.
+
+    python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from bench_preprocess import BLOCK_M, bench_stages, check, median_us, routed_ids
+from moe_plugin_cupy_preprocess import CupyPreprocess, jit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="the other version of csrc/preprocess.cu")
+    parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", help="JSON lines file to append to")
+    args = parser.parse_args()
+
+    ctx, current, peer, gen = bench_stages()
+    device = torch.cuda.current_device()
+    baseline = CupyPreprocess(ctx, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
+    for nk in args.sizes:
+        ids = routed_ids(nk, int(ctx.sentinel), gen)
+        calls = {}
+        for name, stage in (("baseline", baseline), ("current", current)):
+            buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
+            check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
+            calls[name] = (lambda s, b: lambda: s.preprocess_into(ids, b))(stage, buffers)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                times[name].append(median_us(call))
+        row = {"num_slots": nk, "path": current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M).path,
+               **{f"{name}_us": statistics.median(t) for name, t in times.items()},
+               **{f"{name}_rounds_us": t for name, t in times.items()}}
+        row["current_over_baseline"] = row["current_us"] / row["baseline_us"]
+        print(f"N*K={nk:>8} {row['path']:>5}: baseline {row['baseline_us']:7.2f} us, current {row['current_us']:7.2f} us, "
+              f"ratio {row['current_over_baseline']:.3f}", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del ids, calls
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

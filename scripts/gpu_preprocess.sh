@@ -15,7 +15,8 @@ declare -A STATUS
 
 # The multi-block path is one cooperative launch of grid_fused (csrc/preprocess.cu); the sanitizer workload
 # (tests/sanitize_run.py) refuses to pass unless it ran grid_fused (one and two barriers) and every other kernel.
-# At most 8 files come back from $OUT: env.txt, pytest-gpu.log, bench.log, preprocess-<gpu>.json, sanitizer-*.log.
+# At most 8 files come back from $OUT: env.txt, pytest-gpu.log, bench.log, preprocess-<gpu>.json, sanitizer.log,
+# trace.log, trace.jsonl (and one more for the caller).
 ENV="$OUT/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$ENV"
 # The benchmark JSON is named after the card (preprocess-h100.json, preprocess-h200.json): lent hosts vary.
@@ -69,6 +70,8 @@ if want sanitize; then
   wait
   for tool in memcheck racecheck initcheck; do
     STATUS[$tool]="$(grep -h -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1) $(grep -h -E '^sanitize workload|MISMATCH' "$OUT/sanitizer-$tool.log" | tail -1 | cut -c1-40) $(tail -1 "$OUT/sanitizer-$tool.log")"
+    { echo "==================== compute-sanitizer --tool $tool"; cat "$OUT/sanitizer-$tool.log"; } >> "$OUT/sanitizer.log"
+    rm "$OUT/sanitizer-$tool.log"  # one file for the three: at most 8 files come back from $OUT
   done
 fi
 

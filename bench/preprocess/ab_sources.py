@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 from bench_preprocess import BLOCK_M, bench_stages, check, median_us, routed_ids
-from moe_plugin_cupy_preprocess import CupyPreprocess, jit
+from moe_plugin_cupy_preprocess import jit
+from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 
 
 def main() -> int:

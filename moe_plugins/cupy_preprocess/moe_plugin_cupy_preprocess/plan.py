@@ -81,6 +81,12 @@ SMEM_PER_SM = 228 * 1024
 """Shared memory per SM on Hopper (the occupancy model of `default_fused_occupancy`)."""
 FUSED_MAX_BLOCKS_PER_SM = 2
 """``grid_fused`` is compiled with ``__launch_bounds__(512, 2)``: at most 2 blocks of 512 threads per SM."""
+FUSED_TAIL_QUEUES = 32
+"""HC_TAIL_QUEUES in csrc/preprocess.cu: grid_fused hands out the tail of ``sorted`` from this many counters."""
+FUSED_SYNC_STRIDE = 32
+"""HC_SYNC_STRIDE: ints between two of grid_fused's sync counters (one 128-byte line each)."""
+FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * (1 + FUSED_TAIL_QUEUES)
+"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the tail queues' counters."""
 TWO_PHASE_LIMIT = 8192
 """Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
 the counts distributed over the blocks (two grid barriers) instead of every block reading all of them."""
@@ -223,7 +229,7 @@ class Plan:
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
         if self.fused:
             return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": self.grid_blocks,
-                    "group_start": 0, "done": 4, "keys8_bytes": 0}
+                    "group_start": 0, "done": FUSED_SYNC_INTS, "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
                 "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}
 

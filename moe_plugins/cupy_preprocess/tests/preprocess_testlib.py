@@ -22,7 +22,7 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement, LocalExperts
 
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import GRID_THREADS, Plan
+from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
 
 SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
 POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
@@ -126,7 +126,7 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
 
     Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
     of the grid (exactly grid x barriers per launch x launches when ``launches`` is given), and with a
-    layout every warp of the grid asked the tail-piece counter once past the last piece.
+    layout every warp of the grid asked its tail queue's counter once past the queue's last piece.
     """
     plan = buffers.plan
     if not buffers.done.numel():
@@ -140,13 +140,17 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
     assert arrivals % plan.grid_blocks == 0 and arrivals > 0, f"barrier count {arrivals}, grid {plan.grid_blocks}"
     if launches is not None:
         assert arrivals == launches * per_launch, f"barrier count {arrivals} after {launches} launches of {per_launch}"
-    if plan.block_m:
+    if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
         total = int(buffers.num_slots_post_padded)
         misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
         head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
         pieces = -(-(plan.capacity - head) // TAIL_PIECE)
+        per_queue = -(-pieces // FUSED_TAIL_QUEUES)
         warps = plan.grid_blocks * GRID_THREADS // 32
-        assert int(words[2]) == pieces + warps, f"tail pieces handed out: {int(words[2])}, expected {pieces} + {warps}"
+        for q in range(FUSED_TAIL_QUEUES):
+            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, FUSED_TAIL_QUEUES))
+            got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
+            assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
 
 
 def check_guards(backing: list[torch.Tensor]) -> None:

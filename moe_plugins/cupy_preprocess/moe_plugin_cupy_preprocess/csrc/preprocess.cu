@@ -1229,17 +1229,17 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
 //      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail of
-//      `sorted` past the total, the next free one of a grid-wide counter; after its last round the warp
-//      takes pieces until none is left.
+//      `sorted` past the total, the next free one of the warp's tail queue; after its last round the warp
+//      takes pieces until its queue is empty.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
 //   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
 //   instructions at 8M.)
 //
-// Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G], sync [4]
-// (zero at allocation, 8-byte aligned): sync[0..1] the grid barrier's 64-bit arrival count (see
-// grid_barrier), sync[2] the next free piece of the tail of `sorted` (phase 3; block 0 resets it before
-// the first grid barrier).
+// Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G],
+// sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES)] (zero at allocation, 8-byte aligned): sync[0..1] the grid
+// barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
+// tail queue q (phase 3; block 0 resets them before the first grid barrier). One 128-byte line each.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
 // [scratch: HC_SCRATCH][lists: 16 * list_cap uint32] (list_cap >= HC_PLACE_BUF with block_m, else 0).
 // ---------------------------------------------------------------------------------------------------
@@ -1249,6 +1249,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 #define HC_PLACE_BUF (32 * HC_PLACE_BATCH + 32)  // the least list_cap: a re-read batch + a carried remainder
 #define HC_KEY_BITS 10         // list entry: (slot offset in the warp's segment << 10) | key (key < 1024)
 #define HC_NO_OVER 0x7fffffff  // `over` while every local slot of the warp is in its list
+#define HC_TAIL_QUEUES 32      // grid_fused phase 3: counters the tail pieces are handed out from
+#define HC_SYNC_STRIDE 32      // ints between two counters of the workspace's sync words (a 128-byte line)
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -1435,7 +1437,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
     const bool aligned = block_m > 0;
     unsigned long long* arrivals = reinterpret_cast<unsigned long long*>(sync);
-    unsigned* tail_next = sync + 2;
 
     // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
     HC_MARK(0);
@@ -1472,7 +1473,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
-    if (me == 0 && tid == 0) *tail_next = 0;
+    if (me == 0 && tid < HC_TAIL_QUEUES) sync[HC_SYNC_STRIDE * (1 + tid)] = 0;
     HC_MARK(4);
     grid_barrier(arrivals);
     HC_MARK(5);
@@ -1560,25 +1561,31 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
-    // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it). A warp
-    // takes the next free piece from the grid-wide counter *tail_next, one piece per ranking round (so the
-    // stores stream to memory while it ranks) and then until none is left. The counter balances the grid:
-    // with a fixed slice per warp, the blocks of some SMs took 17 us for the slice that others wrote in 3.5
-    // (N*K = 8M, trace run 35). Each request is issued a piece ahead, so its round trip overlaps the work.
-    // The tail never overlaps a placement or padding write (those are below the total). capacity < 2^31
-    // (plan.py): int arithmetic.
+    // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and
+    // the pieces into HC_TAIL_QUEUES runs of consecutive pieces. Grid warp gw serves queue gw % 32 (warp
+    // gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
+    // counter, one piece per ranking round (so the stores stream to memory while it ranks) and then until
+    // the queue is empty. The counters balance the grid: with a fixed slice per warp, the blocks of some
+    // SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35). One counter for the
+    // whole grid was slower still (run 36: 14K requests at one address, phase 3 took 25 us instead of 16).
+    // Each request is issued a piece ahead, so its round trip overlaps the work. The tail never overlaps a
+    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): int arithmetic.
     const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
                                                            & 15u)) & 15u) >> 2));
     if (me == 0 && warp == 0 && lane < head - total) sorted[total + lane] = nk;
     const int tail_pieces = (capacity - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
-    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the piece this warp writes next
+    const int queue = (me * nwarps + warp) % HC_TAIL_QUEUES;
+    const int per_queue = (tail_pieces + HC_TAIL_QUEUES - 1) / HC_TAIL_QUEUES;
+    const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
+    unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
+    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next
     bool tail_left = true;                                          // warp-uniform
-    // Write the piece requested last (if any is left) and request the next; false when none was left.
+    // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
     auto fill_tail_piece = [&]() -> bool {
         const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
-        if (piece >= tail_pieces) return false;
+        if (piece >= queue_pieces) return false;
         if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
-        const int p = head + piece * HC_TAIL_PIECE;
+        const int p = head + (queue_first + piece) * HC_TAIL_PIECE;
         hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
         return true;
     };

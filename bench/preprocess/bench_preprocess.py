@@ -1,6 +1,6 @@
 """Benchmark: preprocess=cupy against the host's torch reference (lookup + counts + aligned layout).
 
-One GPU, one process. For N*K from 8 to 8M (DeepSeek-V3-like routing: E = 256 experts, top-8, EP 8,
+One GPU, one process. For N*K from 8 to 8M (DeepSeek-V3-like routing: E = 256 experts, top-8, EP 8 (`--ep`),
 rank 0 holds 32 experts through an expert map, block_m = 16, int32 ids, a quarter of the rows padding
 with the non_local sentinel), every size on fresh random ids:
 
@@ -163,12 +163,12 @@ def kernel_breakdown(stage: CupyPreprocess, ids: torch.Tensor, buffers: Any, rep
     return {name: statistics.median(times) for name, times in per.items()}
 
 
-def routed_ids(nk: int, sentinel: int, gen: torch.Generator) -> torch.Tensor:
+def routed_ids(nk: int, sentinel: int, gen: torch.Generator, ep: int = EP) -> torch.Tensor:
     """Fresh random received ids [nk / K, K]: random global ids, the last quarter of each source slice padding."""
     rows = max(1, nk // TOP_K)
     k = nk // rows
     ids = torch.randint(0, E, (rows, k), generator=gen, dtype=torch.int32)
-    per_source = max(1, rows // EP)
+    per_source = max(1, rows // ep)
     for s in range(0, rows, per_source):
         real = per_source - per_source // 4
         ids[s + real: s + per_source] = sentinel
@@ -209,13 +209,13 @@ def check(got: Any, ref: Any) -> None:
             raise SystemExit("MISMATCH between cupy and torch: refusing to time a wrong result")
 
 
-def bench_context() -> BuildContext:
-    """The benchmark's layer on GPU 0: rank RANK of EP ranks over E experts through an expert map, the
+def bench_context(ep: int = EP) -> BuildContext:
+    """The benchmark's layer on GPU 0: rank RANK of ``ep`` ranks over E experts through an expert map, the
     non_local sentinel (shared by this script, profile_preprocess.py and phase_times.py)."""
-    placement = ExpertPlacement.contiguous(E, EP)
+    placement = ExpertPlacement.contiguous(E, ep)
     local = placement.local_experts(RANK, use_map=True, device="cuda")
     sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])  # non_local
-    return BuildContext(rank=RANK, ep_size=EP, device=torch.device("cuda", 0), placement=placement, local=local,
+    return BuildContext(rank=RANK, ep_size=ep, device=torch.device("cuda", 0), placement=placement, local=local,
                         hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
                         sentinel=sentinel)
 
@@ -243,9 +243,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--sizes", type=int, nargs="*", default=SIZES)
+    parser.add_argument("--ep", type=int, default=EP, help=f"expert-parallel ranks over the {E} experts (default "
+                        f"{EP}: {E // EP} local experts; 4: {E // 4}, the lane kernels' two experts per lane)")
     args = parser.parse_args()
 
-    ctx = bench_context()
+    ctx = bench_context(args.ep)
     sentinel = int(ctx.sentinel)
     ours = {path: CupyPreprocess(ctx, path=path) for path in ("auto", "warp", "block", "grid")}
     peer = TorchPreprocess(ctx, mode="safe")
@@ -269,7 +271,7 @@ def main() -> int:
     gen = fresh_generator()
     rows_out, compare, breakdown = [], [], {}
     for nk in args.sizes:
-        ids = routed_ids(nk, sentinel, gen)
+        ids = routed_ids(nk, sentinel, gen, args.ep)
         stage = ours["auto"]
         buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
         check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
@@ -349,7 +351,7 @@ def main() -> int:
         "min_speedup": min(r["speedup"] for r in rows_out),
     }
     result = {"bench": "preprocess", "gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "config": {"global_experts": E, "ep_size": EP, "rank": RANK, "local_experts": ctx.local.count,
+              "config": {"global_experts": E, "ep_size": args.ep, "rank": RANK, "local_experts": ctx.local.count,
                          "top_k": TOP_K, "block_m": BLOCK_M, "id_dtype": "int32", "sentinel": "non_local",
                          "padding_rows": "1/4 of each source slice", "map": "shared memory",
                          "timer": "triton.testing.do_bench median (CUDA events, L2 flushed)",

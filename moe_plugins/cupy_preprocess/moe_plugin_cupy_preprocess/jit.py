@@ -35,8 +35,9 @@ SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
 
 WARP_KERNEL = "warp_preprocess<{id_type}, {ipt}>"
-LANE_KERNEL = "lane_preprocess<{id_type}, {ipt}>"
-BLOCK_LANE_KERNEL = "block_lane_preprocess<{id_type}, {ipt}>"
+LANE_KERNEL = "lane_preprocess<{id_type}, {ipt}, {epl}>"
+BLOCK_LANE_KERNEL = "block_lane_preprocess<{id_type}, {ipt}, {epl}>"
+LANE_EPLS = (1, 2)  # local experts per lane: plan.experts_per_lane
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
 FUSED_KERNEL = "grid_fused<{id_type}>"
@@ -53,8 +54,10 @@ COOPERATIVE_LAUNCH_ATTR = 95  # cudaDevAttrCooperativeLaunch
 def name_expressions() -> tuple[str, ...]:
     """Every kernel the module exports, as NVRTC name expressions (template instantiations)."""
     names = [WARP_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in WARP_IPTS]
-    names += [LANE_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in LANE_IPTS]
-    names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i) for t in ID_TYPES.values() for i in BLOCK_IPTS]
+    names += [LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in LANE_IPTS
+              for e in LANE_EPLS]
+    names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in BLOCK_IPTS
+              for e in LANE_EPLS]
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]

@@ -111,11 +111,13 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
                         blocks_ptr, total_ptr, plan.block_m, plan.capacity]
     if plan.path == "warp":
         kernel = plan.kernel_names[0]
-        step = Step(kernel, kernels.handle(f"{kernel}<{id_name}, {plan.ipt}>"), 1, 32, plan.smem_block_bytes,
-                    outputs, takes_ids=True)
+        params = f"{id_name}, {plan.ipt}, {plan.experts_per_lane}" if plan.lanes else f"{id_name}, {plan.ipt}"
+        step = Step(kernel, kernels.handle(f"{kernel}<{params}>"), 1, 32, plan.smem_block_bytes, outputs,
+                    takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block" and plan.lanes:
-        step = Step("block_lane_preprocess", kernels.handle(f"block_lane_preprocess<{id_name}, {plan.ipt}>"),
+        name = f"block_lane_preprocess<{id_name}, {plan.ipt}, {plan.experts_per_lane}>"
+        step = Step("block_lane_preprocess", kernels.handle(name),
                     plan.grid_blocks, plan.block_threads, plan.smem_block_bytes, outputs + [plan.owned_rows],
                     takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)

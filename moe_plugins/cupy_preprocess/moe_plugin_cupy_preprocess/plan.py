@@ -7,8 +7,8 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     one launch of ONE warp, ``ipt`` slots per lane (``num_slots <= 32 * 16``, ``num_local <=
     WARP_MAX_LOCAL``); ``path=auto`` up to `WARP_PATH_AUTO_MAX`. Decode sizes: no ``__syncthreads``, no
     block scan, one dependent memory round trip with a shared-memory map. ``lane_preprocess`` (``lanes``:
-    at most `LANE_MAX_LOCAL` local experts and `LANE_MAX_SLOTS` slots, one expert per lane, counts and
-    positions from ballots in registers) or ``warp_preprocess`` (shared per-chunk counters) otherwise.
+    at most `LANE_MAX_LOCAL` local experts and `LANE_MAX_SLOTS` slots, one or two experts per lane, counts
+    and positions from ballots in registers) or ``warp_preprocess`` (shared per-chunk counters) otherwise.
 ``block`` path
     one launch of ``grid_blocks`` independent blocks of up to 1024 threads, ``ipt`` slots per thread
     (``num_slots <= 1024 * 16``; ``path=auto`` up to `BLOCK_LANE_AUTO_MAX` / `BLOCK_PATH_AUTO_MAX`). Every
@@ -99,9 +99,10 @@ WARP_MAX_LOCAL = 128
 experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints."""
 LANE_IPTS = (1, 4)
 LANE_MAX_SLOTS = 32 * LANE_IPTS[-1]
-LANE_MAX_LOCAL = 32
-"""lane_preprocess's bounds: one local expert per lane, and per 32-slot chunk six ballots held in registers
-(the ballots of more chunks would crowd the registers; up to 128 slots covers `WARP_PATH_AUTO_MAX`)."""
+LANE_MAX_LOCAL = 64
+"""The lane kernels' bounds (HC_LANE_MAX_EPL): lane e stands for local experts e and e + 32
+(`experts_per_lane`); lane_preprocess holds per 32-slot chunk 6-7 ballots in registers (the ballots of more
+chunks would crowd the registers; up to 128 slots covers `WARP_PATH_AUTO_MAX`)."""
 WARP_PATH_AUTO_MAX = 128
 """``path=auto`` takes the one-warp kernel up to this many slots (when ``num_local <= WARP_MAX_LOCAL``).
 Measured on an H100 (GPU run 4, commit afebe7f, GPU_RESULTS.md), in a CUDA graph: warp 3.15 / 4.11 / 7.22 us
@@ -189,7 +190,12 @@ class Plan:
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
-    lanes: bool = False  # one local expert per lane: lane_preprocess / block_lane_preprocess (warp / block path)
+    lanes: bool = False  # lane_preprocess / block_lane_preprocess (warp / block path): experts by lane
+
+    @property
+    def experts_per_lane(self) -> int:
+        """The lane kernels' EPL template argument (0 without them)."""
+        return experts_per_lane(self.num_local) if self.lanes else 0
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -260,16 +266,22 @@ def _block_grid(nk: int, ipt: int, active_warps: int, id_dtype: str, num_sms: in
     return max(1, -(-rows // owned)), sub, owned
 
 
-def _block_lane_smem_ints(map_entries: int, warps: int) -> int:
-    """block_lane_preprocess's dynamic shared memory: map, a row of 32 expert counts (then positions) and a bad
-    count per warp, the 32 experts' totals and first blocks, the total of blocks."""
-    return map_entries + warps * 33 + 2 * 32 + 1
+def experts_per_lane(num_local: int) -> int:
+    """Local experts each lane of the lane kernels stands for (lane e: experts e, e + 32): 1 up to 32, else 2."""
+    return 1 if num_local <= 32 else 2
+
+
+def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
+    """block_lane_preprocess's dynamic shared memory: map, a row of 32 * EPL expert counts (then positions) and
+    a bad count per warp, the experts' totals and first blocks, the total of blocks."""
+    experts = 32 * experts_per_lane(num_local)
+    return map_entries + warps * (experts + 1) + 2 * experts + 1
 
 
 def _block_lane_fits(num_local: int, map_entries: int, warps: int, smem_optin: int) -> bool:
     """Whether block_lane_preprocess can run ``warps`` warps: at most `LANE_MAX_LOCAL` local experts, and its
     shared memory fits next to the map."""
-    return num_local <= LANE_MAX_LOCAL and _block_lane_smem_ints(map_entries, warps) * 4 <= smem_optin
+    return num_local <= LANE_MAX_LOCAL and _block_lane_smem_ints(map_entries, warps, num_local) * 4 <= smem_optin
 
 
 def _warp_smem_ints(map_entries: int, ipt: int, num_local: int) -> int:
@@ -453,7 +465,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                 sub=sub, owned_rows=owned_rows,
                 chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
-                smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps)) * 4 if block_lanes
+                smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps), num_local) * 4 if block_lanes
                 else _block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,
                 smem_place_bytes=_place_smem_ints(window) * 4 if chosen == "grid" and bm and not fused else 0,

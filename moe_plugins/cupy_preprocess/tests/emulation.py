@@ -74,11 +74,12 @@ class EmulatedKernels:
             params = [t.strip() for t in targs.rstrip(">").split(",")] if targs else []
             id64 = int(bool(params) and params[0] == "long long")
             if base == "lane_preprocess":
-                self._entry[name] = functools.partial(self._call, lib.emu_lane, id64, int(params[1]))
+                self._entry[name] = functools.partial(self._call, lib.emu_lane, id64, int(params[1]), int(params[2]))
             elif base == "warp_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_warp, id64, int(params[1]))
             elif base == "block_lane_preprocess":
-                self._entry[name] = functools.partial(self._call, lib.emu_block_lane, id64, int(params[1]))
+                self._entry[name] = functools.partial(self._call, lib.emu_block_lane, id64, int(params[1]),
+                                                      int(params[2]))
             elif base == "block_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_block, id64, int(params[1]), int(params[2]))
             elif base == "grid_count":

@@ -34,10 +34,11 @@ CASES = [
     (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # lane_preprocess (128 slots), global map
     (256, 8, 1, "guard_slot", 1, 8, torch.int32, {}),  # lane_preprocess (64 slots), shared map
     (24, 1, 0, "out_of_range", 20, 1, torch.int32, {}),  # lane_preprocess (20 slots), no map
+    (256, 4, 2, "guard_slot", 4, 8, torch.int32, {}),  # lane_preprocess, two experts per lane (64 local, 128 slots)
     (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block_lane_preprocess (3 blocks), map in shared memory
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block_lane_preprocess, invalid ids counted
     (24, 1, 0, "out_of_range", 100, 8, torch.int32, {}),  # block_lane_preprocess, no map
-    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block_preprocess (64 local experts), no map
+    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block_lane_preprocess, two experts per lane, no map
     (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # grid_fused, shared map, keys in smem
     (256, 8, 5, "negative", 8000, 8, torch.int32, {}),  # grid_fused at 512K slots (128 blocks), invalid ids
     (20_000, 64, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # grid_fused, global map, 312 experts
@@ -76,6 +77,8 @@ def main() -> int:
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:
                     kernels_run.add("grid_fused re-read past a full list")
             kernels_run.update(plan.kernel_names)
+            if plan.experts_per_lane == 2:
+                kernels_run.add(f"{plan.kernel_names[0]} two experts per lane")
             if plan.fused and plan.two_phase:
                 kernels_run.add("grid_fused two-phase")
             if plan.fused and block_m:  # grid_fused's phase-1 loop is instantiated per map mode
@@ -87,9 +90,10 @@ def main() -> int:
             except AssertionError as exc:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
-    missing = {"lane_preprocess", "warp_preprocess", "block_lane_preprocess", "block_preprocess", "grid_fused",
-               "grid_fused two-phase", "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1", "grid_fused map mode 2",
-               "grid_fused re-read past a full list"} - kernels_run
+    missing = {"lane_preprocess", "lane_preprocess two experts per lane", "warp_preprocess", "block_lane_preprocess",
+               "block_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
+               "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1",
+               "grid_fused map mode 2", "grid_fused re-read past a full list"} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")
         return 1

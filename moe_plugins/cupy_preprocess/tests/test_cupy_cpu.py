@@ -171,7 +171,14 @@ def test_path_choice_and_items_per_thread() -> None:
     assert warp.block_threads == 32 and not warp.lanes and warp.kernel_names == ("warp_preprocess",)
     assert warp.smem_block_bytes == (256 + 16 * 32 + 32) * 4  # map, chunk counters, group starts
     many = plan_for(100, 1, torch.int32, 16, LANE_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0))
-    assert many.path == "warp" and many.kernel_names == ("warp_preprocess",)
+    assert many.path == "warp" and many.kernel_names == ("warp_preprocess",) and many.experts_per_lane == 0
+    # lane e stands for experts e and e + 32 past 32 local experts
+    assert LANE_MAX_LOCAL == 64
+    assert [plan_for(100, 1, torch.int32, 16, n, MapChoice(MAP_NONE, 0)).experts_per_lane for n in (1, 32, 33, 64)] \
+        == [1, 1, 2, 2]
+    two = plan_for(5000, 1, torch.int32, 16, 64, MapChoice(MAP_SHARED, 256))  # 20 warps, 64 experts per row
+    assert two.kernel_names == ("block_lane_preprocess",) and two.experts_per_lane == 2
+    assert two.smem_block_bytes == (256 + 20 * 65 + 2 * 64 + 1) * 4
     assert plan_for(LANE_MAX_SLOTS, 1, torch.int64, 16, LANE_MAX_LOCAL, MapChoice(MAP_NONE, 0)).lanes
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL + 1, MapChoice(MAP_NONE, 0)).path == "block"
     assert plan_for(8, 1, torch.int32, 16, WARP_MAX_LOCAL, MapChoice(MAP_NONE, 0)).path == "warp"
@@ -179,15 +186,17 @@ def test_path_choice_and_items_per_thread() -> None:
         plan(513, "warp")
 
 
-def test_block_path_takes_the_lane_kernel_up_to_32_local_experts() -> None:
+def test_block_path_takes_the_lane_kernel_up_to_64_local_experts() -> None:
     def plan(nk: int, num_local: int, **options: object) -> object:
         return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 257), "block", **options)
 
-    lanes = plan(4000, LANE_MAX_LOCAL)  # ipt 4: 32 warps, 4 blocks of 8 warps each
-    assert lanes.lanes and lanes.kernel_names == ("block_lane_preprocess",)
+    lanes = plan(4000, 32)  # ipt 4: 32 warps, 4 blocks of 8 warps each
+    assert lanes.lanes and lanes.kernel_names == ("block_lane_preprocess",) and lanes.experts_per_lane == 1
     assert (lanes.ipt, lanes.active_warps, lanes.block_threads) == (4, 32, 1024)
     assert (lanes.grid_blocks, lanes.owned_rows, lanes.sub) == (4, 8, 4)
     assert lanes.smem_block_bytes == (257 + 32 * 33 + 65) * 4  # map, per warp 32 counts and a bad count, totals
+    two = plan(4000, LANE_MAX_LOCAL)  # two experts per lane: rows of 64
+    assert two.lanes and two.experts_per_lane == 2 and two.smem_block_bytes == (257 + 32 * 65 + 129) * 4
     assert plan(0, 5).smem_block_bytes == (257 + 33 + 65) * 4, "an empty batch still runs one warp"
     assert plan(4000, 7, block_grid=3).grid_blocks == 3
     for other in (plan(4000, LANE_MAX_LOCAL + 1), plan(4000, 8, lanes=False)):

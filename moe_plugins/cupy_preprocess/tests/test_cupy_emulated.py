@@ -78,12 +78,13 @@ def test_every_sentinel_on_both_paths(kernels: EmulatedKernels, sentinel: str, p
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_block_path_sizes_and_id_dtypes(kernels: EmulatedKernels, dtype: torch.dtype, lanes: bool) -> None:
     # 8 x 2 x 4 = 64 slots (ipt 1), 4 x 128 x 8 = 4096 (ipt 4), 4 x 400 x 4 = 6400 (ipt 8, 25 warps),
-    # 8 x 200 x 8 = 12800 (ipt 16, 25 warps); 32 local experts (block_lane_preprocess unless lanes=False) at
-    # ep 8, 64 at ep 4.
+    # 8 x 200 x 8 = 12800 (ipt 16, 25 warps); 32 local experts at ep 8, 64 at ep 4 (block_lane_preprocess with
+    # one or two experts per lane unless lanes=False).
     for i, (ep, rows, k) in enumerate([(8, 2, 4), (4, 128, 8), (4, 400, 4), (8, 200, 8)]):
         case = make_case(256, ep, ep - 1, "non_local", rows, k, seed=10 + i, dtype=dtype, round_robin=bool(i % 2))
         got, plan = run(kernels, case, 16, path="block", lanes=lanes)  # 12800 is past the auto switch
-        assert plan.path == "block" and plan.ipt == (1, 4, 8, 16)[i] and plan.lanes == (lanes and ep == 8)
+        assert plan.path == "block" and plan.ipt == (1, 4, 8, 16)[i] and plan.lanes == lanes
+        assert plan.experts_per_lane == (0 if not lanes else 1 if ep == 8 else 2)
         assert_matches(got, reference(case, 16), 16, f"{ep}x{rows}x{k}")
 
 
@@ -94,8 +95,8 @@ def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int,
                                           lanes: bool) -> None:
     # Every block maps and counts all slots and places its own (virtual) warps: 800 slots (ipt 1), 2400 (ipt 4,
     # 19 warps: ragged shares), 7200 (ipt 8, 29 warps) and 12160 (ipt 16), with and without a layout, safe
-    # and faithful; 32 or 16 local experts: block_lane_preprocess, or block_preprocess with lanes=False.
-    for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 100, 6), (4, 300, 6), (8, 190, 8)]):
+    # and faithful; 32, 64 or 16 local experts: block_lane_preprocess, or block_preprocess with lanes=False.
+    for i, (ep, rows, k) in enumerate([(4, 50, 4), (4, 100, 6), (2, 600, 6), (8, 190, 8)]):
         case = make_case(128, ep, 1, "negative" if i == 1 else "non_local", rows, k, seed=40 + i + blocks, dtype=dtype,
                          round_robin=bool(i % 2))
         for block_m in (None, 1, 16):
@@ -270,10 +271,11 @@ def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKe
 # N*K at and around the slots-per-lane steps (32, 128: also lane_preprocess's bound) and warp_preprocess's
 # bound (512), and 0.
 WARP_SIZES = [0, 1, 7, 31, 32, 33, 127, 128, 129, 300, 511, 512]
-# (sentinel, experts, ep_size): 32 local experts (lane_preprocess up to 128 slots) with a map, 24 and 40 without
-# one (either side of lane_preprocess's 32), 128 with a map (warp_preprocess at every size).
-WARP_LAYERS = [("non_local", 256, 8), ("guard_slot", 256, 8), ("out_of_range", 24, 1), ("out_of_range", 40, 1),
-               ("negative", 256, 8), ("negative", 512, 4)]
+# (sentinel, experts, ep_size): 32 and 64 local experts (lane_preprocess up to 128 slots, one or two experts per
+# lane) with a map; 24, 40 and 65 without one (either side of 32 and past the lane kernels' 64); 128 with a map
+# (warp_preprocess at every size).
+WARP_LAYERS = [("non_local", 256, 8), ("guard_slot", 256, 4), ("out_of_range", 24, 1), ("out_of_range", 40, 1),
+               ("out_of_range", 65, 1), ("negative", 256, 8), ("negative", 512, 4)]
 
 
 @pytest.mark.parametrize("nk", WARP_SIZES)
@@ -301,15 +303,17 @@ def test_warp_kernel_sizes_sentinels_and_maps(kernels: EmulatedKernels, nk: int,
                     assert int(got.invalid_count) == int((case.ids == -1).sum()), what
 
 
-@pytest.mark.parametrize("num_local", [1, 2, 17, LANE_MAX_LOCAL])
+@pytest.mark.parametrize("num_local", [1, 2, 17, 32, 33, 50, LANE_MAX_LOCAL])
 @pytest.mark.parametrize("nk", [5, LANE_MAX_SLOTS])
 def test_lane_kernel_every_slot_local(kernels: EmulatedKernels, num_local: int, nk: int) -> None:
     """lane_preprocess with every slot local (no map): a lane's expert taking whole chunks, blocks that span
-    chunks, every lane an expert (32) or most lanes none (1, 2): counts, starts, block ids."""
+    chunks, every lane an expert (32, 64: two per lane) or most lanes none (1, 2, 33): counts, starts, block
+    ids."""
     case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=nk, top_k=1, seed=nk + num_local)
     for block_m in (1, 3, 16, 64):
         got, plan = run(kernels, case, block_m)
         assert plan.kernel_names == ("lane_preprocess",) and plan.ipt == (1 if nk <= 32 else 4)
+        assert plan.experts_per_lane == (1 if num_local <= 32 else 2)
         assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} nk={nk} block_m={block_m}")
         assert_layout_valid(got, block_m)
 

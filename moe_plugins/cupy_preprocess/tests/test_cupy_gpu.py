@@ -134,13 +134,13 @@ def test_every_sentinel_and_ep_size_matches_the_reference(stage: Callable[..., C
 
 
 @pytest.mark.parametrize("sentinel", SENTINELS)
-@pytest.mark.parametrize("ep_size", [8, 16, 64])
+@pytest.mark.parametrize("ep_size", [4, 8, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess], sentinel: str, ep_size: int,
                                            dtype: torch.dtype) -> None:
-    """lane_preprocess (one local expert per lane: <= 32 local experts, <= 128 slots), the decode kernel of
-    `path=auto` for E=256 over EP >= 8: 1 to 128 slots, map in shared or global memory, with and without a
-    layout, against the reference."""
+    """lane_preprocess (one or two local experts per lane: <= 64 local experts, <= 128 slots), the decode
+    kernel of `path=auto` for E=256 over EP >= 4: 1 to 128 slots, map in shared or global memory, with and
+    without a layout, against the reference."""
     for nk in (1, 8, 31, 32, 33, 64, 127, 128):
         rank = seed(sentinel, ep_size, nk) % ep_size
         top_k = 8 if nk % 8 == 0 else 1
@@ -162,6 +162,30 @@ def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess],
                     assert_layout_valid(got, block_m)
                 if sentinel == "negative":
                     assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
+
+
+@pytest.mark.parametrize("num_experts, ep_size", [(256, 4), (192, 4), (256, 8)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_block_lane_kernel_up_to_64_local_experts(stage: Callable[..., CupyPreprocess], num_experts: int,
+                                                  ep_size: int, dtype: torch.dtype) -> None:
+    """block_lane_preprocess with 64, 48 (two experts per lane) and 32 local experts, 129 to 16384 slots (1 to
+    16 slots per thread, 1 to 16 blocks), guarded and poisoned, with and without a layout."""
+    for nk in (129, 1000, 1032, 4096, 8000, 8200, 16384):
+        rank = seed("block-lane", num_experts, nk) % ep_size
+        case = make_case(num_experts, ep_size, rank, "guard_slot" if nk % 2 else "non_local",
+                         rows_per_rank=-(-nk // (8 * ep_size)), top_k=8, seed=seed("block-lane", num_experts, nk, dtype),
+                         dtype=dtype)
+        case = Case(case.placement, rank, case.local, case.sentinel, case.ids.to(DEVICE), case.real_rows)
+        backend = stage(case, path="block")
+        for block_m in (None, 16, 64):
+            plan = backend.plan(*case.ids.shape, dtype, block_m)
+            assert plan.kernel_names == ("block_lane_preprocess",)
+            assert plan.experts_per_lane == (1 if case.local.count <= 32 else 2)
+            what = f"E={num_experts} ep={ep_size} nk={case.ids.numel()} {dtype} block_m={block_m} seed={BASE_SEED}"
+            got = run_guarded(backend, case.ids, block_m)
+            assert_matches(got, torch_reference(case, block_m), block_m, what)
+            if block_m:
+                assert_layout_valid(got, block_m)
 
 
 SIZES = [1, 7, 8, 1000, 4096, 16384, 16385, 65539, 1 << 20, 1 << 23]
@@ -373,10 +397,11 @@ class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
 # --- last: an unchecked read below the table (if a GPU faulted on it, only this test would see the broken
 # context) ------------------------------------------------------------------------------------------------
 
-# (path, rows per rank of 4, experts: 16 or 64 local, kernel)
+# (path, rows per rank of 4, experts: 16, 64 or 128 local, kernel)
 @pytest.mark.parametrize("path, rows, num_experts, kernel", [
-    ("warp", 4, 64, "lane_preprocess"), ("warp", 15, 64, "warp_preprocess"), ("block", 300, 64, "block_lane_preprocess"),
-    ("block", 300, 256, "block_preprocess"), ("grid", 300, 64, "grid_fused")])
+    ("warp", 4, 64, "lane_preprocess"), ("warp", 4, 256, "lane_preprocess"), ("warp", 15, 64, "warp_preprocess"),
+    ("block", 300, 64, "block_lane_preprocess"), ("block", 300, 256, "block_lane_preprocess"),
+    ("block", 300, 512, "block_preprocess"), ("grid", 300, 64, "grid_fused")])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,
                                                                  rows: int, num_experts: int, kernel: str, map_in: str,

@@ -1,6 +1,6 @@
 // Fused expert-map preprocess for hostcore: global top-k ids -> local ids, per-expert counts and the
 // aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: lane_preprocess
-// (one warp, one local expert per lane) or warp_preprocess (one warp) for the smallest batches,
+// (one warp, one or two local experts per lane) or warp_preprocess (one warp) for the smallest batches,
 // block_preprocess (independent blocks that each count every slot and place their own) for small inputs,
 // grid_fused (one cooperative launch of a co-resident grid) for large ones.
 // grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
@@ -735,49 +735,69 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Lane path (the smallest decode batches): ONE warp, num_local <= 32, nk <= 32 * SPL (SPL <= 4). Lane e
-// owns local expert e, so every count and position comes from ballots held in registers: no shared
-// counters to zero, fill or read back, and a single __syncwarp (for the shared map). Same contract, same
+// Lane path (the smallest decode batches): ONE warp, num_local <= 32 * EPL (EPL <= 2 experts per lane),
+// nk <= 32 * SPL (SPL <= 4). Lane e owns local experts e and e + 32, so every count and position comes from
+// ballots held in registers: no shared counters to zero, fill or read back, and a single __syncwarp (for
+// the shared map). Same contract, same
 // arguments and same outputs as warp_preprocess. Why (GPU_RESULTS.md, runs 13-15): warp_preprocess at
 // N*K = 8 ran 513 dependent warp instructions at ~10 cycles each; the time is that chain, not memory.
 //
-// Per chunk c of 32 slots, six ballots describe every key at once (ChunkKeys): valid (the lanes with a local
-// key) and bit[b] (the lanes whose key has bit b set). The lanes whose key is e are then
+// Per chunk c of 32 slots, 1 + bits ballots describe every key at once (ChunkKeys, bits = 5 for 32 experts,
+// 6 for 64): valid (the lanes with a local key) and bit[b] (the lanes whose key has bit b set). The lanes whose key is e are then
 //   valid & AND_b (bit b of e ? bit[b] : ~bit[b]),
 // which every lane can evaluate for ANY e: for its own key (its peers, hence its rank in the chunk) and for
 // its own expert (that expert's count in the chunk). Positions keep the stable order of the torch reference:
 //   (group start of k) + (slots of k in earlier chunks) + (lanes of k below this one in the chunk),
-// where lane k holds the first two terms for every chunk and one shuffle per slot fetches them.
+// where lane k % 32 holds the first two terms for every chunk and one shuffle per slot (per expert of a lane)
+// fetches them.
 // It starts like warp_preprocess (warp_start: loads, map copy, `sorted` set to nk); the __syncwarp after it
 // orders those stores before the slot stores that overwrite some of them.
 // Dynamic shared memory: [map: map_size if shared] (faithful negative reads land below it, as elsewhere).
 // ---------------------------------------------------------------------------------------------------
-#define HC_LANE_KEY_BITS 5  // keys 0..31: one local expert per lane
+#define HC_LANE_MAX_EPL 2  // local experts per lane in the lane kernels: at most 64 local experts
 
-// The keys of a 32-slot chunk as six ballots: the lanes with a local key, and per bit b the lanes whose key
-// has bit b set.
+// Key bits of the lane kernels with EPL experts per lane (keys 0 .. 32 * EPL - 1).
+__host__ __device__ constexpr int lane_key_bits(int epl) { return epl == 1 ? 5 : 6; }
+
+// The keys of a 32-slot chunk as 1 + BITS ballots: the lanes with a local key, and per bit b < BITS the lanes
+// whose key has bit b set.
 struct ChunkKeys {
     unsigned valid;
-    unsigned bit[HC_LANE_KEY_BITS];
+    unsigned bit[lane_key_bits(HC_LANE_MAX_EPL)];
 };
 
+template <int BITS>
 __device__ __forceinline__ ChunkKeys chunk_keys(int k) {
     ChunkKeys ck;
     ck.valid = __ballot_sync(HC_FULL_MASK, k >= 0);
 #pragma unroll
-    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) ck.bit[b] = __ballot_sync(HC_FULL_MASK, k & (1 << b));
+    for (int b = 0; b < BITS; ++b) ck.bit[b] = __ballot_sync(HC_FULL_MASK, k & (1 << b));
     return ck;
 }
 
-// Lanes of the chunk whose key is e (0 <= e < 32): one AND-XOR per bit (bit b of e clear: the complement).
+// Lanes of the chunk whose key is e (0 <= e < 2^BITS): one AND-XOR per bit (bit b of e clear: the complement).
+template <int BITS>
 __device__ __forceinline__ unsigned lanes_with_key(const ChunkKeys& ck, int e) {
     unsigned m = ck.valid;
 #pragma unroll
-    for (int b = 0; b < HC_LANE_KEY_BITS; ++b) m &= ck.bit[b] ^ (((unsigned)e >> b & 1u) - 1u);
+    for (int b = 0; b < BITS; ++b) m &= ck.bit[b] ^ (((unsigned)e >> b & 1u) - 1u);
     return m;
 }
 
-template <typename IdT, int SPL>
+// lanes[k % 32] of lane k % 32, for the EPL values lanes[j] every lane holds for its experts lane + 32 j: one
+// shuffle per expert of a lane, then the one for k's j.
+template <int EPL>
+__device__ __forceinline__ int from_expert_lane(const int (&lanes)[EPL], int k) {
+    int v = __shfl_sync(HC_FULL_MASK, lanes[0], k & 31);
+#pragma unroll
+    for (int j = 1; j < EPL; ++j) {
+        const int vj = __shfl_sync(HC_FULL_MASK, lanes[j], k & 31);
+        if (k >> 5 == j) v = vj;
+    }
+    return v;
+}
+
+template <typename IdT, int SPL, int EPL>
 __global__ void __launch_bounds__(32)
 lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
                 int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
@@ -792,6 +812,7 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     __syncwarp();  // the map copy is visible to the whole warp; the fill is ordered before the slot stores
     HC_MARK(1);
 
+    constexpr int BITS = lane_key_bits(EPL);
     int key[SPL];
     ChunkKeys ck[SPL];
     int bad_total = 0;
@@ -802,34 +823,47 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
                                local_ids, bad);
         key[c] = k;
         bad_total += __popc(__ballot_sync(HC_FULL_MASK, bad));
-        ck[c] = chunk_keys(k);
+        ck[c] = chunk_keys<BITS>(k);
     }
     if (lane == 0) invalid[0] = bad_total;  // the same value in every lane: no atomic, no read of the counter
 
-    // This lane's expert: its slots before each chunk, and its total.
-    int before[SPL];
-    int count = 0;
+    // This lane's experts lane + 32 j: their slots before each chunk, and their totals.
+    int before[EPL][SPL];
+    int count[EPL];
 #pragma unroll
-    for (int c = 0; c < SPL; ++c) {
-        before[c] = count;
-        count += __popc(lanes_with_key(ck[c], lane));
+    for (int j = 0; j < EPL; ++j) {
+        count[j] = 0;
+#pragma unroll
+        for (int c = 0; c < SPL; ++c) {
+            before[j][c] = count[j];
+            count[j] += __popc(lanes_with_key<BITS>(ck[c], lane + 32 * j));
+        }
+        if (lane + 32 * j < num_local) counts[lane + 32 * j] = count[j];
     }
-    if (lane < num_local) counts[lane] = count;
     if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
     HC_MARK(2);
 
-    // Group sizes in blocks (one division per lane), a warp scan for the starts, the block ids.
-    const int nblocks = (count + block_m - 1) / block_m;
-    const int incl = warp_inclusive_scan(nblocks);
-    const int first_block = incl - nblocks;
-    const int total_blocks = __shfl_sync(HC_FULL_MASK, incl, 31);
-    for (int q = 0; q < nblocks; ++q) block_ids[first_block + q] = lane;
+    // Group sizes in blocks (one division per expert), warp scans for the starts (experts 0-31, then 32-63),
+    // the block ids.
+    int first_block[EPL];
+    int total_blocks = 0;
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+        const int nblocks = (count[j] + block_m - 1) / block_m;
+        const int incl = warp_inclusive_scan(nblocks);
+        first_block[j] = total_blocks + incl - nblocks;
+        total_blocks += __shfl_sync(HC_FULL_MASK, incl, 31);
+        for (int q = 0; q < nblocks; ++q) block_ids[first_block[j] + q] = lane + 32 * j;
+    }
     HC_MARK(3);
 #pragma unroll
     for (int c = 0; c < SPL; ++c) {
         const int k = key[c];
-        const int base = __shfl_sync(HC_FULL_MASK, first_block * block_m + before[c], k & 31);
-        if (k >= 0) sorted[base + __popc(lanes_with_key(ck[c], k) & hc_lanemask_lt())] = c * 32 + lane;
+        int start[EPL];  // the position of this lane's experts' first slot in chunk c
+#pragma unroll
+        for (int j = 0; j < EPL; ++j) start[j] = first_block[j] * block_m + before[j][c];
+        const int base = from_expert_lane<EPL>(start, k);
+        if (k >= 0) sorted[base + __popc(lanes_with_key<BITS>(ck[c], k) & hc_lanemask_lt())] = c * 32 + lane;
     }
     hc_fill_warp(block_ids, total_blocks, capacity / block_m, -1);
     if (lane == 0) total_out[0] = total_blocks * block_m;
@@ -837,25 +871,27 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Block path for <= 32 local experts: block_lane_preprocess, up to 32 warps whose lane e stands for expert e.
+// Block path for <= 32 * EPL local experts: block_lane_preprocess, up to 32 warps whose lane e stands for
+// experts e and e + 32 (EPL = 2).
 // Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
 // Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
-// stands for local expert e. Every block maps and counts ALL slots; block b stores local_ids for, and places,
+// stands for local experts e + 32 j, j < EPL. Every block maps and counts ALL slots; block b stores local_ids for, and places,
 // the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
 //   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
 //   2. per chunk: map (the map mode a template constant) and count each local slot on the warp's own row
 //      wpos[w][key] (shared atomics: a row per warp); barrier;
-//   3. warp 0, lane e: exclusive prefix of column e over the warps (independent loads, then adds), expert e's
-//      blocks, a warp scan for the group starts; wpos[w][e] becomes the position of warp w's first slot of
-//      expert e; barrier;
+//   3. warp 0, lane e, for each of its experts x = e + 32 j: exclusive prefix of column x over the warps
+//      (independent loads, then adds), expert x's blocks, a warp scan for the group starts (chained over j);
+//      wpos[w][x] becomes the position of warp w's first slot of expert x; barrier;
 //   4. warp e of the grid writes expert e's padding entries and block ids (all lanes; on a grid of fewer
-//      warps than experts lane e of warp 0 of block e % gridDim.x does, alone), the grid the tails
+//      warps than experts lane e % 32 of warp 0 of block e % gridDim.x does, alone), the grid the tails
 //      past the total (16-byte stores), and the owned warps place their slots: wpos[w][k] + (in earlier
 //      chunks) + (in lower lanes), the torch reference's stable order. Every entry of `sorted` is written
 //      exactly once.
 // (A first version let every warp sum its whole column after step 2, saving two barriers: at 32 warps those
 // 32 x 32 shared loads took 1.6 us, GPU run 26 in GPU_RESULTS.md.)
-// Dynamic shared memory: [map: map_size if shared][wpos: 32 * warps][tot: 32][fblk: 33][wbad: warps]
+// Dynamic shared memory: [map: map_size if shared][wpos: 32 * EPL * warps][tot: 32 * EPL][fblk: 32 * EPL + 1]
+// [wbad: warps]
 // (map first: faithful negative reads land below the allocation, as in the other kernels).
 // ---------------------------------------------------------------------------------------------------
 
@@ -878,7 +914,7 @@ __device__ __forceinline__ void lane_count_chunks(const IdT (&raw)[IPT], int seg
     }
 }
 
-template <typename IdT, int IPT>
+template <typename IdT, int IPT, int EPL>
 __global__ void __launch_bounds__(HC_BLOCK_THREADS, 1)
 block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
                       int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
@@ -887,10 +923,12 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     extern __shared__ int smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int* smap = smem;
-    int* wpos = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][32]
-    int* tot = wpos + nwarps * 32;                                   // [32]: slots per expert
-    int* fblk = tot + 32;                                            // [33]: first block per expert, total
-    int* wbad = fblk + 33;                                           // [nwarps]
+    constexpr int EW = 32 * EPL;                                     // experts per row
+    constexpr int BITS = lane_key_bits(EPL);
+    int* wpos = smem + (map_mode == HC_MAP_SHARED ? map_size : 0);  // [nwarps][EW]
+    int* tot = wpos + nwarps * EW;                                   // [EW]: slots per expert
+    int* fblk = tot + EW;                                            // [EW + 1]: first block per expert, total
+    int* wbad = fblk + EW + 1;                                       // [nwarps]
     const bool owner = warp >= (int)blockIdx.x * owned_warps && warp < ((int)blockIdx.x + 1) * owned_warps;
     const int seg = warp * 32 * IPT;
     HC_MARK(0);
@@ -902,7 +940,8 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
         raw[c] = i < nk ? ids[i] : (IdT)0;
     }
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-    wpos[warp * 32 + lane] = 0;
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) wpos[warp * EW + lane + 32 * j] = 0;
     __syncthreads();  // the map copy, the zero rows
     HC_MARK(1);
 
@@ -911,7 +950,7 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     int* my_local_ids = owner ? local_ids : nullptr;
 #define HC_LANE_COUNT(MODE, FAITHFUL)                                                                         \
     lane_count_chunks<IdT, IPT, MODE, FAITHFUL>(raw, seg, nk, smap, gmap, map_size, first, num_local, my_local_ids, \
-                                                key, wpos + warp * 32, bad_warp)
+                                                key, wpos + warp * EW, bad_warp)
     if (map_mode == HC_MAP_SHARED) faithful ? HC_LANE_COUNT(HC_MAP_SHARED, 1) : HC_LANE_COUNT(HC_MAP_SHARED, 0);
     else if (map_mode == HC_MAP_GLOBAL) faithful ? HC_LANE_COUNT(HC_MAP_GLOBAL, 1) : HC_LANE_COUNT(HC_MAP_GLOBAL, 0);
     else HC_LANE_COUNT(HC_MAP_NONE, 0);
@@ -922,37 +961,44 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 
     const bool aligned = block_m > 0;
     if (warp == 0) {
-        int total = 0;  // column `lane` (expert lane's slots per warp) is read twice: a total, then the prefixes
-#pragma unroll 8
-        for (int r = 0; r < nwarps; ++r) total += wpos[r * 32 + lane];
         if (blockIdx.x == 0) {
-            if (lane < num_local) counts[lane] = total;
             const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
             if (lane == 0) invalid[0] = bad;
         }
-        if (aligned) {
-            const int nblocks = (total + block_m - 1) / block_m;
-            const int incl = warp_inclusive_scan(nblocks);
-            int run = (incl - nblocks) * block_m;  // the group start
+        int blocks_before = 0;  // blocks of the experts below lane + 32 j's range (warp-uniform)
+#pragma unroll
+        for (int j = 0; j < EPL; ++j) {
+            const int x = lane + 32 * j;
+            int total = 0;  // column x (expert x's slots per warp) is read twice: a total, then the prefixes
 #pragma unroll 8
-            for (int r = 0; r < nwarps; ++r) {
-                const int x = wpos[r * 32 + lane];
-                wpos[r * 32 + lane] = run;
-                run += x;
+            for (int r = 0; r < nwarps; ++r) total += wpos[r * EW + x];
+            if (blockIdx.x == 0 && x < num_local) counts[x] = total;
+            if (aligned) {
+                const int nblocks = (total + block_m - 1) / block_m;
+                const int incl = warp_inclusive_scan(nblocks);
+                const int first_block = blocks_before + incl - nblocks;
+                int run = first_block * block_m;  // the group start
+#pragma unroll 8
+                for (int r = 0; r < nwarps; ++r) {
+                    const int c = wpos[r * EW + x];
+                    wpos[r * EW + x] = run;
+                    run += c;
+                }
+                tot[x] = total;
+                fblk[x] = first_block;
+                blocks_before += __shfl_sync(HC_FULL_MASK, incl, 31);
             }
-            tot[lane] = total;
-            fblk[lane] = incl - nblocks;
-            if (lane == 31) fblk[32] = incl;
         }
+        if (aligned && lane == 0) fblk[EW] = blocks_before;
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
     __syncthreads();  // positions, totals, first blocks
     HC_MARK(3);
 
-    const int total_blocks = fblk[32];
+    const int total_blocks = fblk[EW];
     // Expert e's padding entries and block ids: warp e of the grid, its lanes over the entries; on a grid of
-    // fewer warps than experts, lane e of warp 0 of block e % gridDim.x (one warp looping over 32 experts took
-    // 1.6 us, GPU run 30).
+    // fewer warps than experts, lane e % 32 of warp 0 of block e % gridDim.x (one warp looping over 32 experts
+    // took 1.6 us, GPU run 30).
     if ((int)gridDim.x * nwarps >= num_local) {
         const int e = blockIdx.x * nwarps + warp;
         if (e < num_local) {
@@ -960,25 +1006,34 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
             for (int p = b0 * block_m + tot[e] + lane; p < b1 * block_m; p += 32) sorted[p] = nk;
             for (int q = b0 + lane; q < b1; q += 32) block_ids[q] = e;
         }
-    } else if (warp == 0 && lane < num_local && lane % (int)gridDim.x == (int)blockIdx.x) {
-        const int b0 = fblk[lane], b1 = fblk[lane + 1];
-        for (int p = b0 * block_m + tot[lane]; p < b1 * block_m; ++p) sorted[p] = nk;
-        for (int q = b0; q < b1; ++q) block_ids[q] = lane;
+    } else if (warp == 0) {
+#pragma unroll
+        for (int j = 0; j < EPL; ++j) {
+            const int e = lane + 32 * j;
+            if (e < num_local && e % (int)gridDim.x == (int)blockIdx.x) {
+                const int b0 = fblk[e], b1 = fblk[e + 1];
+                for (int p = b0 * block_m + tot[e]; p < b1 * block_m; ++p) sorted[p] = nk;
+                for (int q = b0; q < b1; ++q) block_ids[q] = e;
+            }
+        }
     }
     const int gtid = blockIdx.x * blockDim.x + threadIdx.x, gsize = gridDim.x * blockDim.x;
     hc_fill(sorted, total_blocks * block_m, capacity, nk, gtid, gsize);
     hc_fill(block_ids, total_blocks, capacity / block_m, -1, gtid, gsize);
     if (gtid == 0) total_out[0] = total_blocks * block_m;
     if (!owner) return;
-    int next = wpos[warp * 32 + lane];  // expert `lane`: position of this warp's next slot
+    int next[EPL];  // experts lane + 32 j: position of this warp's next slot
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) next[j] = wpos[warp * EW + lane + 32 * j];
     const unsigned lower = hc_lanemask_lt();
 #pragma unroll
     for (int c = 0; c < IPT; ++c) {
         const int k = key[c];
-        const ChunkKeys ck = chunk_keys(k);
-        const int base = __shfl_sync(HC_FULL_MASK, next, k & 31);
-        if (k >= 0) sorted[base + __popc(lanes_with_key(ck, k) & lower)] = seg + c * 32 + lane;
-        next += __popc(lanes_with_key(ck, lane));
+        const ChunkKeys ck = chunk_keys<BITS>(k);
+        const int base = from_expert_lane<EPL>(next, k);
+        if (k >= 0) sorted[base + __popc(lanes_with_key<BITS>(ck, k) & lower)] = seg + c * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < EPL; ++j) next[j] += __popc(lanes_with_key<BITS>(ck, lane + 32 * j));
     }
     HC_MARK(4);
 }
@@ -1692,29 +1747,53 @@ template __global__ void warp_preprocess<long long, 4>(const long long*, int, co
                                                  int*, int*, int*, int*, int*, int, int);
 template __global__ void warp_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*,
+template __global__ void lane_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*,
+template __global__ void lane_preprocess<int, 1, 2>(const int*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
+template __global__ void lane_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
+template __global__ void lane_preprocess<int, 4, 2>(const int*, int, const int*, int, int, int, int, int, int*,
                                                  int*, int*, int*, int*, int*, int, int);
-template __global__ void block_lane_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int,
+template __global__ void lane_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<long long, 1, 2>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void lane_preprocess<long long, 4, 2>(const long long*, int, const int*, int, int, int, int, int, int*,
+                                                 int*, int*, int*, int*, int*, int, int);
+template __global__ void block_lane_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 1, 2>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 8>(const int*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 16>(const int*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 4, 2>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 8, 1>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 8, 2>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 8>(const long long*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 16, 1>(const int*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int,
+template __global__ void block_lane_preprocess<int, 16, 2>(const int*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 1, 2>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 4, 2>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 8, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 8, 2>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 16, 1>(const long long*, int, const int*, int, int, int, int, int,
+    int*, int*, int*, int*, int*, int*, int, int, int);
+template __global__ void block_lane_preprocess<long long, 16, 2>(const long long*, int, const int*, int, int, int, int, int,
     int*, int*, int*, int*, int*, int*, int, int, int);
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);

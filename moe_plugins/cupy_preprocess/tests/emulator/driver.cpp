@@ -27,19 +27,19 @@ void run_warp(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     });
 }
 
-template <typename IdT, int SPL>
+template <typename IdT, int SPL, int EPL>
 void run_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
-        lane_preprocess<IdT, SPL>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
+        lane_preprocess<IdT, SPL, EPL>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
                                   I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12),
                                   P<int>(a, 13), I(a, 14), I(a, 15));
     });
 }
 
-template <typename IdT, int IPT>
+template <typename IdT, int IPT, int EPL>
 void run_block_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch(grid, block, smem, [a] {
-        block_lane_preprocess<IdT, IPT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
+        block_lane_preprocess<IdT, IPT, EPL>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
                                         I(a, 6), I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11),
                                         P<int>(a, 12), P<int>(a, 13), I(a, 14), I(a, 15), I(a, 16));
     });
@@ -103,34 +103,41 @@ extern "C" int emu_warp(int id64, int spl, unsigned grid, unsigned block, size_t
     return 0;
 }
 
-extern "C" int emu_lane(int id64, int spl, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    if (block != 32) return 2;  // one warp: __syncwarp is its only barrier
-    if (id64) {
-        if (spl == 1) run_lane<long long, 1>(grid, block, smem, a);
-        else if (spl == 4) run_lane<long long, 4>(grid, block, smem, a);
-        else return 1;
-    } else {
-        if (spl == 1) run_lane<int, 1>(grid, block, smem, a);
-        else if (spl == 4) run_lane<int, 4>(grid, block, smem, a);
-        else return 1;
-    }
-    return 0;
-}
-
-// The ipt instantiations of plan.BLOCK_IPTS.
-template <typename IdT>
-int block_lane_variant(int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    if (ipt == 1) run_block_lane<IdT, 1>(grid, block, smem, a);
-    else if (ipt == 4) run_block_lane<IdT, 4>(grid, block, smem, a);
-    else if (ipt == 8) run_block_lane<IdT, 8>(grid, block, smem, a);
-    else if (ipt == 16) run_block_lane<IdT, 16>(grid, block, smem, a);
+// The spl instantiations of plan.LANE_IPTS, for EPL experts per lane.
+template <typename IdT, int EPL>
+int lane_variant(int spl, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (spl == 1) run_lane<IdT, 1, EPL>(grid, block, smem, a);
+    else if (spl == 4) run_lane<IdT, 4, EPL>(grid, block, smem, a);
     else return 1;
     return 0;
 }
 
-extern "C" int emu_block_lane(int id64, int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    return id64 ? block_lane_variant<long long>(ipt, grid, block, smem, a)
-                : block_lane_variant<int>(ipt, grid, block, smem, a);
+extern "C" int emu_lane(int id64, int spl, int epl, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (block != 32) return 2;  // one warp: __syncwarp is its only barrier
+    if (epl != 1 && epl != 2) return 1;
+    if (id64) return epl == 1 ? lane_variant<long long, 1>(spl, grid, block, smem, a)
+                              : lane_variant<long long, 2>(spl, grid, block, smem, a);
+    return epl == 1 ? lane_variant<int, 1>(spl, grid, block, smem, a) : lane_variant<int, 2>(spl, grid, block, smem, a);
+}
+
+// The ipt instantiations of plan.BLOCK_IPTS, for EPL experts per lane.
+template <typename IdT, int EPL>
+int block_lane_variant(int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (ipt == 1) run_block_lane<IdT, 1, EPL>(grid, block, smem, a);
+    else if (ipt == 4) run_block_lane<IdT, 4, EPL>(grid, block, smem, a);
+    else if (ipt == 8) run_block_lane<IdT, 8, EPL>(grid, block, smem, a);
+    else if (ipt == 16) run_block_lane<IdT, 16, EPL>(grid, block, smem, a);
+    else return 1;
+    return 0;
+}
+
+extern "C" int emu_block_lane(int id64, int ipt, int epl, unsigned grid, unsigned block, size_t smem,
+                              const int64_t* a) {
+    if (epl != 1 && epl != 2) return 1;
+    if (id64) return epl == 1 ? block_lane_variant<long long, 1>(ipt, grid, block, smem, a)
+                              : block_lane_variant<long long, 2>(ipt, grid, block, smem, a);
+    return epl == 1 ? block_lane_variant<int, 1>(ipt, grid, block, smem, a)
+                    : block_lane_variant<int, 2>(ipt, grid, block, smem, a);
 }
 
 extern "C" int emu_count(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {

@@ -450,10 +450,13 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                               "use map_in=global or path=grid")
     windows = max(1, -(-num_local // window))
     tiles = max(1, -(-nk // TILE))
-    # Only as many threads as hold slots or handle an expert of the window: tiny batches run on one warp.
+    # Only as many threads as hold slots or (block_preprocess) handle an expert of the window: tiny batches run
+    # on one warp. block_lane_preprocess's lanes stand for the experts, and its shared memory holds a row per
+    # launched warp.
     block_threads = 0
     if chosen == "block":
-        block_threads = min(BLOCK_THREADS, max(32 * active_warps, -(-window // 32) * 32, 32))
+        expert_threads = 0 if block_lanes else -(-window // 32) * 32
+        block_threads = min(BLOCK_THREADS, max(32 * active_warps, expert_threads, 32))
     fused = None
     if chosen == "grid" and fused_occupancy is not None:
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy)

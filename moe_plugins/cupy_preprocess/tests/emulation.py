@@ -49,7 +49,8 @@ def build(workdir: Path) -> ctypes.CDLL | None:
         if result.returncode != 0:
             raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{result.stderr}")
     lib = ctypes.CDLL(str(out))
-    for name in ("emu_lane", "emu_warp", "emu_block_lane", "emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused"):
+    for name in ("emu_lane", "emu_warp", "emu_block_lane", "emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused",
+                 "emu_smem_overflows"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -114,6 +115,10 @@ class EmulatedKernels:
             rc = self._entry[step.handle](step.grid, block, step.smem, step.words)
             if rc != 0:
                 raise RuntimeError(f"emulated {step.handle} refused its launch (rc={rc})")
+            overflows = self.lib.emu_smem_overflows()
+            if overflows:
+                raise RuntimeError(f"emulated {step.handle}: {overflows} of its {step.grid} blocks wrote past the "
+                                   f"{step.smem} bytes of dynamic shared memory it was launched with")
 
 
 class FewScanThreads(EmulatedKernels):

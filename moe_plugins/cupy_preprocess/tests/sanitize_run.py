@@ -39,6 +39,7 @@ CASES = [
     (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block_lane_preprocess, invalid ids counted
     (24, 1, 0, "out_of_range", 100, 8, torch.int32, {}),  # block_lane_preprocess, no map
     (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block_lane_preprocess, two experts per lane, no map
+    (256, 4, 1, "non_local", 1, 8, torch.int32, {"path": "block"}),  # block_lane, 64 local experts, one warp
     (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # grid_fused, shared map, keys in smem
     (256, 8, 5, "negative", 8000, 8, torch.int32, {}),  # grid_fused at 512K slots (128 blocks), invalid ids
     (20_000, 64, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # grid_fused, global map, 312 experts

@@ -197,6 +197,13 @@ def test_block_path_takes_the_lane_kernel_up_to_64_local_experts() -> None:
     assert lanes.smem_block_bytes == (257 + 32 * 33 + 65) * 4  # map, per warp 32 counts and a bad count, totals
     two = plan(4000, LANE_MAX_LOCAL)  # two experts per lane: rows of 64
     assert two.lanes and two.experts_per_lane == 2 and two.smem_block_bytes == (257 + 32 * 65 + 129) * 4
+    # The kernel lays out a row per launched warp: the shared memory must count every one of them.
+    for nk in (0, 1, 32, 33, 500, 1025, 8000, BLOCK_MAX_SLOTS):
+        for num_local in (1, 32, 33, 64):
+            p = plan(nk, num_local)
+            assert p.lanes and p.block_threads == 32 * max(1, p.active_warps), (nk, num_local)
+            rows = p.block_threads // 32
+            assert p.smem_block_bytes == (257 + rows * (32 * p.experts_per_lane + 1) + 64 * p.experts_per_lane + 1) * 4
     assert plan(0, 5).smem_block_bytes == (257 + 33 + 65) * 4, "an empty batch still runs one warp"
     assert plan(4000, 7, block_grid=3).grid_blocks == 3
     for other in (plan(4000, LANE_MAX_LOCAL + 1), plan(4000, 8, lanes=False)):

@@ -318,6 +318,20 @@ def test_lane_kernel_every_slot_local(kernels: EmulatedKernels, num_local: int, 
         assert_layout_valid(got, block_m)
 
 
+@pytest.mark.parametrize("num_local", [33, 64])
+@pytest.mark.parametrize("nk", [1, 5, 32])
+def test_block_lane_kernel_on_one_warp_of_slots(kernels: EmulatedKernels, num_local: int, nk: int) -> None:
+    """path=block with at most 32 slots and two experts per lane: one warp, and shared memory for one warp's
+    row (the first version launched a warp per 32 experts with shared memory for one row: the emulator's
+    guard words and the GPU, an illegal address, both caught the overflow)."""
+    case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=nk, top_k=1, seed=nk * 100 + num_local)
+    for block_m in (None, 16):
+        got, plan = run(kernels, case, block_m, path="block")
+        assert plan.kernel_names == ("block_lane_preprocess",) and plan.experts_per_lane == 2
+        assert plan.block_threads == 32
+        assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} nk={nk} block_m={block_m}")
+
+
 @pytest.mark.parametrize("num_local", [1, 31, 33, 64, WARP_MAX_LOCAL])
 def test_warp_kernel_expert_ownership_per_lane(kernels: EmulatedKernels, num_local: int) -> None:
     """1..4 experts per lane (ceil(num_local / 32)), no map, every slot local: counts, starts, block ids."""

@@ -168,3 +168,6 @@ extern "C" int emu_fused(int id64, unsigned grid, unsigned block, size_t smem, c
     else run_fused<int>(grid, block, smem, a);
     return 0;
 }
+
+// Blocks that wrote past their dynamic shared memory since the last call (see hc_block::check_guard).
+extern "C" int emu_smem_overflows() { return hc_smem_overflows.exchange(0); }

@@ -9,7 +9,9 @@
 // (compute-sanitizer racecheck/memcheck/initcheck).
 //
 // Dynamic shared memory is filled with garbage before each block (to catch reads of unwritten
-// counters); 64 zero words sit below it, like the global map's head.
+// counters); 64 zero words sit below it, like the global map's head, and guard words above it: a block
+// that writes past the size it was launched with is counted in hc_smem_overflows (on a GPU such a write
+// faults or lands in another block's memory).
 #pragma once
 
 #include <algorithm>
@@ -48,6 +50,9 @@ struct hc_block_state {
 inline thread_local hc_block_state* hc_state = nullptr;
 inline thread_local int* hc_dynamic_smem = nullptr;
 constexpr int HC_SMEM_HEAD = 64;
+constexpr int HC_SMEM_TAIL = 256;
+constexpr int HC_SMEM_GUARD = 0x5eed5eed;
+inline std::atomic<int> hc_smem_overflows{0};  // blocks that wrote into their guard words
 
 using std::max;
 using std::min;
@@ -136,17 +141,29 @@ inline unsigned __match_any_sync(unsigned, int v) {
     });
 }
 
-// One block's barriers, exchange slots and dynamic shared memory (garbage-filled; 64 zero words below it).
+// One block's barriers, exchange slots and dynamic shared memory (garbage-filled; 64 zero words below it,
+// HC_SMEM_TAIL guard words above it).
 struct hc_block {
     hc_block_state state;
     std::vector<int> smem;
+    size_t words;
 
-    hc_block(unsigned block, size_t smem_bytes, unsigned b) {
+    hc_block(unsigned block, size_t smem_bytes, unsigned b) : words((smem_bytes + 3) / 4) {
         state.block_barrier = std::make_unique<std::barrier<>>(block);
         for (unsigned w = 0; w < block / 32; ++w) state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
         state.exchange.assign(block, 0);
-        smem.assign(HC_SMEM_HEAD + smem_bytes / 4 + 1, 0);
-        for (size_t i = HC_SMEM_HEAD; i < smem.size(); ++i) smem[i] = (int)(0x5bd1e995u * (i + b));
+        smem.assign(HC_SMEM_HEAD + words + HC_SMEM_TAIL, HC_SMEM_GUARD);
+        for (size_t i = 0; i < HC_SMEM_HEAD; ++i) smem[i] = 0;
+        for (size_t i = HC_SMEM_HEAD; i < HC_SMEM_HEAD + words; ++i) smem[i] = (int)(0x5bd1e995u * (i + b));
+    }
+
+    // After the block ran: count it in hc_smem_overflows if it wrote past its dynamic shared memory.
+    void check_guard() const {
+        for (size_t i = HC_SMEM_HEAD + words; i < smem.size(); ++i)
+            if (smem[i] != HC_SMEM_GUARD) {
+                ++hc_smem_overflows;
+                return;
+            }
     }
 };
 
@@ -173,6 +190,7 @@ inline void hc_launch(unsigned grid, unsigned block, size_t smem_bytes, const st
         threads.reserve(block);
         hc_start_block(blk, b, block, kernel, threads);
         for (auto& th : threads) th.join();
+        blk.check_guard();
     }
 }
 
@@ -187,4 +205,5 @@ inline void hc_launch_cooperative(unsigned grid, unsigned block, size_t smem_byt
     threads.reserve((size_t)grid * block);
     for (unsigned b = 0; b < grid; ++b) hc_start_block(*blocks[b], b, block, kernel, threads);
     for (auto& th : threads) th.join();
+    for (const auto& blk : blocks) blk->check_guard();
 }

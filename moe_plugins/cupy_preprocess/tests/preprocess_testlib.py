@@ -145,10 +145,12 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
         misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
         head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
         pieces = -(-(plan.capacity - head) // TAIL_PIECE)
-        per_queue = -(-pieces // FUSED_TAIL_QUEUES)
         warps = plan.grid_blocks * GRID_THREADS // 32
+        queues = min(FUSED_TAIL_QUEUES, warps)  # a one-block grid serves 16 queues
+        per_queue = -(-pieces // queues)
         for q in range(FUSED_TAIL_QUEUES):
-            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, FUSED_TAIL_QUEUES))
+            served = q < queues
+            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, queues)) if served else 0
             got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
             assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
 

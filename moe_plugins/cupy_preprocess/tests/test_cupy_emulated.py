@@ -242,6 +242,18 @@ def test_rank_without_local_experts_and_empty_batches(kernels: EmulatedKernels, 
     assert got.aligned.sorted_slot_ids.numel() == 0 and int(got.aligned.num_slots_post_padded) == 0
 
 
+def test_fused_grid_of_one_block_writes_the_whole_tail(kernels: EmulatedKernels) -> None:
+    """A one-block grid_fused (16 warps) with a tail of 31 pieces: every piece must have a warp to serve it (the
+    first version kept 32 tail queues and left queues 16-31 unwritten on one block, GPU run 39)."""
+    case = make_case(256, 1, 0, "out_of_range", rows_per_rank=24, top_k=8, seed=39)
+    # 192 slots on 4 of the 256 local experts: capacity 192 x 64, total 4 x 64 (a tail of 23 pieces)
+    ids = torch.randint(0, 4, case.ids.shape, generator=torch.Generator().manual_seed(39), dtype=case.ids.dtype)
+    case = Case(case.placement, case.rank, case.local, case.sentinel, ids, case.real_rows)
+    got, plan = run(kernels, case, 64, path="grid")
+    assert plan.fused and plan.grid_blocks == 1 and plan.capacity - int(got.aligned.num_slots_post_padded) > 16 * 512
+    assert_matches(got, reference(case, 64), 64, "one-block grid_fused, 256 local experts, block_m=64")
+
+
 # (path, rows per rank of 4, lanes, kernel)
 @pytest.mark.parametrize("path, rows_per_rank, lanes, kernel", [
     ("warp", 8, True, "lane_preprocess"), ("warp", 30, True, "warp_preprocess"),

@@ -1617,8 +1617,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
     // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and
-    // the pieces into HC_TAIL_QUEUES runs of consecutive pieces. Grid warp gw serves queue gw % 32 (warp
-    // gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
+    // the pieces into `queues` runs of consecutive pieces: HC_TAIL_QUEUES, or one per warp on a grid of fewer
+    // warps (one block), so that every queue is served. Grid warp gw serves queue gw % queues (with 32 queues,
+    // warp gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
     // counter, one piece per ranking round (so the stores stream to memory while it ranks) and then until
     // the queue is empty. The counters balance the grid: with a fixed slice per warp, the blocks of some
     // SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35). One counter for the
@@ -1629,8 +1630,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
                                                            & 15u)) & 15u) >> 2));
     if (me == 0 && warp == 0 && lane < head - total) sorted[total + lane] = nk;
     const int tail_pieces = (capacity - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
-    const int queue = (me * nwarps + warp) % HC_TAIL_QUEUES;
-    const int per_queue = (tail_pieces + HC_TAIL_QUEUES - 1) / HC_TAIL_QUEUES;
+    const int queues = min(HC_TAIL_QUEUES, G * nwarps);
+    const int queue = (me * nwarps + warp) % queues;
+    const int per_queue = (tail_pieces + queues - 1) / queues;
     const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
     unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
     int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next

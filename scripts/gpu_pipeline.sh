@@ -15,6 +15,7 @@ set -u -o pipefail
 N="${1:?usage: bash scripts/gpu_pipeline.sh N}"
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_pipeline_out}"
+mkdir -p "$OUT"
 WORK=/tmp/gpu_pipeline_work
 rm -rf "$WORK" && mkdir -p "$WORK"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1

@@ -738,12 +738,13 @@ warp_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // Lane path (the smallest decode batches): ONE warp, num_local <= 32 * EPL (EPL <= 2 experts per lane),
 // nk <= 32 * SPL (SPL <= 4). Lane e owns local experts e and e + 32, so every count and position comes from
 // ballots held in registers: no shared counters to zero, fill or read back, and a single __syncwarp (for
-// the shared map). Same contract, same
-// arguments and same outputs as warp_preprocess. Why (GPU_RESULTS.md, runs 13-15): warp_preprocess at
-// N*K = 8 ran 513 dependent warp instructions at ~10 cycles each; the time is that chain, not memory.
+// the shared map). Same contract, same arguments and same outputs as warp_preprocess. Why (GPU_RESULTS.md,
+// runs 13-15): warp_preprocess at N*K = 8 ran 513 dependent warp instructions at ~10 cycles each; the time is
+// that chain, not memory.
 //
 // Per chunk c of 32 slots, 1 + bits ballots describe every key at once (ChunkKeys, bits = 5 for 32 experts,
-// 6 for 64): valid (the lanes with a local key) and bit[b] (the lanes whose key has bit b set). The lanes whose key is e are then
+// 6 for 64): valid (the lanes with a local key) and bit[b] (the lanes whose key has bit b set). The lanes
+// whose key is e are then
 //   valid & AND_b (bit b of e ? bit[b] : ~bit[b]),
 // which every lane can evaluate for ANY e: for its own key (its peers, hence its rank in the chunk) and for
 // its own expert (that expert's count in the chunk). Positions keep the stable order of the torch reference:
@@ -784,8 +785,8 @@ __device__ __forceinline__ unsigned lanes_with_key(const ChunkKeys& ck, int e) {
     return m;
 }
 
-// lanes[k % 32] of lane k % 32, for the EPL values lanes[j] every lane holds for its experts lane + 32 j: one
-// shuffle per expert of a lane, then the one for k's j.
+// The value held for expert k (< 32 * EPL): every lane holds lanes[j] for its experts lane + 32 j, so this is
+// lanes[k / 32] of lane k % 32 (one shuffle per j; the one for k's j is kept).
 template <int EPL>
 __device__ __forceinline__ int from_expert_lane(const int (&lanes)[EPL], int k) {
     int v = __shfl_sync(HC_FULL_MASK, lanes[0], k & 31);
@@ -875,8 +876,8 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
 // experts e and e + 32 (EPL = 2).
 // Same contract and outputs as block_preprocess; gridDim.x independent blocks, no inter-block communication.
 // Warp w owns the IPT consecutive 32-slot chunks [w * 32 * IPT, (w + 1) * 32 * IPT) and lane e of every warp
-// stands for local experts e + 32 j, j < EPL. Every block maps and counts ALL slots; block b stores local_ids for, and places,
-// the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
+// stands for local experts e + 32 j, j < EPL. Every block maps and counts ALL slots; block b stores local_ids
+// for, and places, the slots of warps [b * owned_warps, (b + 1) * owned_warps) only. Steps:
 //   1. every warp loads its ids (all IPT loads in flight) while the block copies the map; barrier;
 //   2. per chunk: map (the map mode a template constant) and count each local slot on the warp's own row
 //      wpos[w][key] (shared atomics: a row per warp); barrier;

@@ -1358,6 +1358,26 @@ template <> struct hc_vec<long long> {
     __device__ static void store(int* p, const int (&l)[2]) { *reinterpret_cast<int2*>(p) = make_int2(l[0], l[1]); }
 };
 
+// grid_fused phase 2: one expert's counts in blocks first, first + step, ... < G (`row` = its row of cta_hist,
+// written by other blocks: read through L2), HC_HIST_BATCH loads issued before they are summed (a plain loop
+// waits one L2 round trip per element). Adds them to `all`, and those of blocks below `me` to `before`.
+__device__ __forceinline__ void sum_block_counts(const int* row, int first, int step, int G, int me, int& all,
+                                                 int& before) {
+    for (int g0 = first; g0 < G; g0 += HC_HIST_BATCH * step) {
+        int v[HC_HIST_BATCH];
+#pragma unroll
+        for (int u = 0; u < HC_HIST_BATCH; ++u) {
+            const int g = g0 + u * step;
+            v[u] = g < G ? __ldcg(row + g) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < HC_HIST_BATCH; ++u) {
+            all += v[u];
+            before += g0 + u * step < me ? v[u] : 0;
+        }
+    }
+}
+
 // Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), row[k]
 // the position of the warp's next slot of expert k (only this warp touches its row). The lowest lane of
 // each group of equal keys reads and advances row[k] and hands the start to its group by a shuffle; the
@@ -1553,19 +1573,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         // 3.3 us more in a block whose SM neighbour was already streaming its tail stores.
         if (lane < wl) {
             int all = 0, before = 0;
-            for (int g0 = warp; g0 < G; g0 += nwarps * HC_HIST_BATCH) {
-                int v[HC_HIST_BATCH];
-#pragma unroll
-                for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                    const int g = g0 + u * nwarps;
-                    v[u] = g < G ? __ldcg(cta_hist + lane * G + g) : 0;
-                }
-#pragma unroll
-                for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                    all += v[u];
-                    before += g0 + u * nwarps < me ? v[u] : 0;
-                }
-            }
+            sum_block_counts(cta_hist + lane * G, warp, nwarps, G, me, all, before);
             atomicAdd(&tot[lane], all);
             atomicAdd(&run[lane], before);
         }
@@ -1601,28 +1609,15 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     } else {
         // The general path: more experts than lanes, or the two-barrier column scan.
         if (!two_phase) {
-            // per (a power of two) threads for each expert, each sums a strided part of the expert's row
-            // (coalesced reads). The loads are issued HC_HIST_BATCH at a time before they are summed: a plain
-            // loop waits one L2 round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
+            // `per` (a power of two) threads for each expert, each sums a strided part of the expert's row
+            // (coalesced reads; in a plain loop, 16 round trips in a row at G = 256: several microseconds).
             int lg = 0;
             while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
             const int per = 1 << lg;
             for (int j = tid; j < wl * per; j += blockDim.x) {
                 const int k = j >> lg, r = j & (per - 1);
                 int all = 0, before = 0;
-                for (int g0 = r; g0 < G; g0 += HC_HIST_BATCH * per) {
-                    int v[HC_HIST_BATCH];
-#pragma unroll
-                    for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                        const int g = g0 + u * per;
-                        v[u] = g < G ? __ldcg(cta_hist + k * G + g) : 0;
-                    }
-#pragma unroll
-                    for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                        all += v[u];
-                        before += g0 + u * per < me ? v[u] : 0;
-                    }
-                }
+                sum_block_counts(cta_hist + k * G, r, per, G, me, all, before);
                 atomicAdd(&tot[k], all);
                 atomicAdd(&run[k], before);
             }

@@ -1276,9 +1276,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
-//      invalid count. With at most 32 local experts (and one barrier) lane k of warp w sums expert k over
-//      the blocks w, w + 16, ..., and warp 0 alone scans the group starts and turns cnt into positions
-//      (step 3's first part): two block barriers instead of eight. (The grid writes the padding entries and block ids at the very end, after phase 3.)
+//      invalid count. With at most 32 local experts warp 0 alone scans the group starts and turns cnt into
+//      positions (step 3's first part): one block barrier where a block scan and the transform take five. (The grid writes the padding entries and block ids at the very end, after phase 3.)
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
 //      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
 //      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
@@ -1563,25 +1562,49 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         sum = warp_sum(sum);
         if (lane == 0) invalid[0] = sum;
     }
-    int total = 0;  // entries of `sorted` in use (aligned only)
-    if (!two_phase && wl <= 32) {
-        // At most 32 local experts, lane k = expert k: warp w sums the counts of blocks w, w + 16, ...
-        // (HC_HIST_BATCH loads in flight) into tot/run (zeroed in phase 1; one shared atomic per lane), then
-        // warp 0 alone takes the counts, the group starts (a warp scan) and every warp's row of positions.
-        // Two block barriers from the grid barrier to phase 3, where the general path below takes eight
-        // (a zeroing, a block scan and the transform): 2.4-3.2 us at every size in trace run 40, and up to
-        // 3.3 us more in a block whose SM neighbour was already streaming its tail stores.
-        if (lane < wl) {
+    if (!two_phase) {
+        // `per` (a power of two) threads for each expert, each sums a strided part of the expert's row into
+        // tot/run (zeroed in phase 1). Consecutive threads read consecutive blocks: a lane per expert reading
+        // its own row took 15-45 us at 8M (run 42: every block's warps hit the same few L2 lines 32 rows apart).
+        int lg = 0;
+        while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
+        const int per = 1 << lg;
+        for (int j = tid; j < wl * per; j += blockDim.x) {
+            const int k = j >> lg, r = j & (per - 1);
             int all = 0, before = 0;
-            sum_block_counts(cta_hist + lane * G, warp, nwarps, G, me, all, before);
-            atomicAdd(&tot[lane], all);
-            atomicAdd(&run[lane], before);
+            sum_block_counts(cta_hist + k * G, r, per, G, me, all, before);
+            atomicAdd(&tot[k], all);
+            atomicAdd(&run[k], before);
         }
         __syncthreads();
-        HC_MARK(6);
+    } else {
+        for (int k = me; k < wl; k += G) {
+            for (int g = tid; g < G; g += blockDim.x) col[g] = __ldcg(cta_hist + k * G + g);
+            __syncthreads();
+            const int total_k = block_exclusive_scan(col, G, scratch);
+            for (int g = tid; g < G; g += blockDim.x) cta_hist[k * G + g] = col[g];
+            if (tid == 0) counts[k] = total_k;
+            __syncthreads();  // col is rewritten by the next column
+        }
+        grid_barrier(arrivals);
+        for (int k = tid; k < wl; k += blockDim.x) {
+            tot[k] = __ldcg(counts + k);
+            run[k] = __ldcg(cta_hist + k * G + me);
+        }
+        __syncthreads();
+    }
+    HC_MARK(6);
+    // tot[k]: expert k's slots; run[k]: its slots in lower blocks. Then: counts (block 0, one barrier; the
+    // two-barrier scan wrote them already), the padded group starts gs[0..wl] and (phase 3's setup) cnt[w][k]
+    // -> the position of warp w's first slot of expert k: group start + lower blocks' + lower warps' slots.
+    int total = 0;  // entries of `sorted` in use (aligned only)
+    if (wl <= 32) {
+        // Lane k of warp 0 does all of it for expert k: a warp scan for the group starts, its column of cnt.
+        // One block barrier where the general path below takes five (a block scan and the transform):
+        // 2.4-3.2 us from the grid barrier to phase 3 in trace run 40.
         if (warp == 0) {
             const int count = lane < wl ? tot[lane] : 0;
-            if (me == 0 && lane < wl) counts[lane] = count;
+            if (me == 0 && !two_phase && lane < wl) counts[lane] = count;
             if (aligned) {
                 const int padded = hc_round_up(count, block_m);
                 const int incl = warp_inclusive_scan(padded);
@@ -1607,40 +1630,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         __syncthreads();  // positions, group starts
         total = gs[wl];
     } else {
-        // The general path: more experts than lanes, or the two-barrier column scan.
-        if (!two_phase) {
-            // `per` (a power of two) threads for each expert, each sums a strided part of the expert's row
-            // (coalesced reads; in a plain loop, 16 round trips in a row at G = 256: several microseconds).
-            int lg = 0;
-            while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
-            const int per = 1 << lg;
-            for (int j = tid; j < wl * per; j += blockDim.x) {
-                const int k = j >> lg, r = j & (per - 1);
-                int all = 0, before = 0;
-                sum_block_counts(cta_hist + k * G, r, per, G, me, all, before);
-                atomicAdd(&tot[k], all);
-                atomicAdd(&run[k], before);
-            }
-            __syncthreads();
-            if (me == 0)
-                for (int k = tid; k < wl; k += blockDim.x) counts[k] = tot[k];
-        } else {
-            for (int k = me; k < wl; k += G) {
-                for (int g = tid; g < G; g += blockDim.x) col[g] = __ldcg(cta_hist + k * G + g);
-                __syncthreads();
-                const int total_k = block_exclusive_scan(col, G, scratch);
-                for (int g = tid; g < G; g += blockDim.x) cta_hist[k * G + g] = col[g];
-                if (tid == 0) counts[k] = total_k;
-                __syncthreads();  // col is rewritten by the next column
-            }
-            grid_barrier(arrivals);
-            for (int k = tid; k < wl; k += blockDim.x) {
-                tot[k] = __ldcg(counts + k);
-                run[k] = __ldcg(cta_hist + k * G + me);
-            }
-            __syncthreads();
-        }
-        HC_MARK(6);
+        if (me == 0 && !two_phase)
+            for (int k = tid; k < wl; k += blockDim.x) counts[k] = tot[k];
         if (!aligned) return;
         for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
         __syncthreads();
@@ -1650,8 +1641,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (me == 0) total_out[0] = total;
         }
         __syncthreads();
-        // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
-        // this block's lower-block prefix + lower warps' counts.
         for (int k = tid; k < wl; k += blockDim.x) {
             int c[nwarps];
 #pragma unroll

@@ -1276,8 +1276,7 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
-//      invalid count. With at most 32 local experts warp 0 alone scans the group starts and turns cnt into
-//      positions (step 3's first part): one block barrier where a block scan and the transform take five. (The grid writes the padding entries and block ids at the very end, after phase 3.)
+//      invalid count. (The grid writes the padding entries and block ids at the very end, after phase 3.)
 //   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
 //      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
 //      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
@@ -1356,26 +1355,6 @@ template <> struct hc_vec<long long> {
     }
     __device__ static void store(int* p, const int (&l)[2]) { *reinterpret_cast<int2*>(p) = make_int2(l[0], l[1]); }
 };
-
-// grid_fused phase 2: one expert's counts in blocks first, first + step, ... < G (`row` = its row of cta_hist,
-// written by other blocks: read through L2), HC_HIST_BATCH loads issued before they are summed (a plain loop
-// waits one L2 round trip per element). Adds them to `all`, and those of blocks below `me` to `before`.
-__device__ __forceinline__ void sum_block_counts(const int* row, int first, int step, int G, int me, int& all,
-                                                 int& before) {
-    for (int g0 = first; g0 < G; g0 += HC_HIST_BATCH * step) {
-        int v[HC_HIST_BATCH];
-#pragma unroll
-        for (int u = 0; u < HC_HIST_BATCH; ++u) {
-            const int g = g0 + u * step;
-            v[u] = g < G ? __ldcg(row + g) : 0;
-        }
-#pragma unroll
-        for (int u = 0; u < HC_HIST_BATCH; ++u) {
-            all += v[u];
-            before += g0 + u * step < me ? v[u] : 0;
-        }
-    }
-}
 
 // Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), row[k]
 // the position of the warp's next slot of expert k (only this warp touches its row). The lowest lane of
@@ -1518,7 +1497,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
     HC_MARK(0);
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-    for (int j = tid; j < (nwarps + 2) * wl; j += blockDim.x) cnt[j] = 0;  // cnt, and tot/run for phase 2
+    for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
     if (tid == 0) scratch[33] = 0;
     __syncthreads();
     HC_MARK(1);
@@ -1563,20 +1542,36 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         if (lane == 0) invalid[0] = sum;
     }
     if (!two_phase) {
-        // `per` (a power of two) threads for each expert, each sums a strided part of the expert's row into
-        // tot/run (zeroed in phase 1). Consecutive threads read consecutive blocks: a lane per expert reading
-        // its own row took 15-45 us at 8M (run 42: every block's warps hit the same few L2 lines 32 rows apart).
+        for (int k = tid; k < wl; k += blockDim.x) tot[k] = run[k] = 0;
+        __syncthreads();
+        // per (a power of two) threads for each expert, each sums a strided part of the expert's row
+        // (coalesced reads). The loads are issued HC_HIST_BATCH at a time before they are summed: a plain
+        // loop waits one L2 round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
         int lg = 0;
         while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
         const int per = 1 << lg;
         for (int j = tid; j < wl * per; j += blockDim.x) {
             const int k = j >> lg, r = j & (per - 1);
             int all = 0, before = 0;
-            sum_block_counts(cta_hist + k * G, r, per, G, me, all, before);
+            for (int g0 = r; g0 < G; g0 += HC_HIST_BATCH * per) {
+                int v[HC_HIST_BATCH];
+#pragma unroll
+                for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                    const int g = g0 + u * per;
+                    v[u] = g < G ? __ldcg(cta_hist + k * G + g) : 0;
+                }
+#pragma unroll
+                for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                    all += v[u];
+                    before += g0 + u * per < me ? v[u] : 0;
+                }
+            }
             atomicAdd(&tot[k], all);
             atomicAdd(&run[k], before);
         }
         __syncthreads();
+        if (me == 0)
+            for (int k = tid; k < wl; k += blockDim.x) counts[k] = tot[k];
     } else {
         for (int k = me; k < wl; k += G) {
             for (int g = tid; g < G; g += blockDim.x) col[g] = __ldcg(cta_hist + k * G + g);
@@ -1594,70 +1589,32 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         __syncthreads();
     }
     HC_MARK(6);
-    // tot[k]: expert k's slots; run[k]: its slots in lower blocks. Then: counts (block 0, one barrier; the
-    // two-barrier scan wrote them already), the padded group starts gs[0..wl] and (phase 3's setup) cnt[w][k]
-    // -> the position of warp w's first slot of expert k: group start + lower blocks' + lower warps' slots.
-    int total = 0;  // entries of `sorted` in use (aligned only)
-    if (wl <= 32) {
-        // Lane k of warp 0 does all of it for expert k: a warp scan for the group starts, its column of cnt.
-        // One block barrier where the general path below takes five (a block scan and the transform):
-        // 2.4-3.2 us from the grid barrier to phase 3 in trace run 40.
-        if (warp == 0) {
-            const int count = lane < wl ? tot[lane] : 0;
-            if (me == 0 && !two_phase && lane < wl) counts[lane] = count;
-            if (aligned) {
-                const int padded = hc_round_up(count, block_m);
-                const int incl = warp_inclusive_scan(padded);
-                if (lane < wl) {
-                    int c[nwarps];
-#pragma unroll
-                    for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + lane];
-                    gs[lane] = incl - padded;
-                    int r = incl - padded + run[lane];
-#pragma unroll
-                    for (int w = 0; w < nwarps; ++w) {
-                        cnt[w * wl + lane] = r;
-                        r += c[w];
-                    }
-                }
-                if (lane == 31) {
-                    gs[wl] = incl;
-                    if (me == 0) total_out[0] = incl;
-                }
-            }
-        }
-        if (!aligned) return;
-        __syncthreads();  // positions, group starts
-        total = gs[wl];
-    } else {
-        if (me == 0 && !two_phase)
-            for (int k = tid; k < wl; k += blockDim.x) counts[k] = tot[k];
-        if (!aligned) return;
-        for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
-        __syncthreads();
-        total = block_exclusive_scan(gs, wl, scratch);
-        if (tid == 0) {
-            gs[wl] = total;
-            if (me == 0) total_out[0] = total;
-        }
-        __syncthreads();
-        for (int k = tid; k < wl; k += blockDim.x) {
-            int c[nwarps];
-#pragma unroll
-            for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
-            int r = gs[k] + run[k];
-#pragma unroll
-            for (int w = 0; w < nwarps; ++w) {
-                cnt[w * wl + k] = r;
-                r += c[w];
-            }
-        }
-        __syncthreads();
+    if (!aligned) return;
+    for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
+    __syncthreads();
+    const int total = block_exclusive_scan(gs, wl, scratch);
+    if (tid == 0) {
+        gs[wl] = total;
+        if (me == 0) total_out[0] = total;
     }
-    // From here on every warp works alone (no block barrier).
-    HC_MARK(7);
+    __syncthreads();
 
     // ---- phase 3: every warp places its local slots ----------------------------------------------
+    // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
+    // this block's lower-block prefix + lower warps' counts.
+    for (int k = tid; k < wl; k += blockDim.x) {
+        int c[nwarps];
+#pragma unroll
+        for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
+        int r = gs[k] + run[k];
+#pragma unroll
+        for (int w = 0; w < nwarps; ++w) {
+            cnt[w * wl + k] = r;
+            r += c[w];
+        }
+    }
+    __syncthreads();  // the last block barrier: from here on every warp works alone
+    HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
     // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and

@@ -229,7 +229,7 @@ class Plan:
 
         Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
         per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count and
-        the tail-piece counter of phase 3 (`buffers.PreprocessBuffers`).
+        the counters of phase 3's tail queues (`buffers.PreprocessBuffers`).
         """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}

@@ -7,6 +7,8 @@ outside the buffers was.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from emulation import EmulatedKernels, FewScanThreads, build
@@ -16,9 +18,9 @@ from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matche
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, PLACE_QUEUE, TILE,
-                                             TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, Plan, choose_map,
-                                             plan_for)
+from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE, PLACE_QUEUE,
+                                             TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, MapChoice, Plan,
+                                             choose_map, plan_for)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +254,22 @@ def test_fused_grid_of_one_block_writes_the_whole_tail(kernels: EmulatedKernels)
     got, plan = run(kernels, case, 64, path="grid")
     assert plan.fused and plan.grid_blocks == 1 and plan.capacity - int(got.aligned.num_slots_post_padded) > 16 * 512
     assert_matches(got, reference(case, 64), 64, "one-block grid_fused, 256 local experts, block_m=64")
+
+
+def test_fused_grid_refuses_misaligned_sync_words(kernels: EmulatedKernels) -> None:
+    """grid_fused keeps a 64-bit barrier count in ``done``: buffers whose ``done`` is not 8-byte aligned are
+    refused with a message, before any launch."""
+    case = make_case(64, 1, 0, "out_of_range", rows_per_rank=40, top_k=8, seed=7)  # no map
+    plan = plan_for(*case.ids.shape, case.ids.dtype, 16, case.local.count, MapChoice(MAP_NONE, 0), "grid",
+                    num_sms=kernels.num_sms)
+    assert plan.fused
+    buffers, _ = guarded_buffers(plan, "cpu")
+    store = torch.zeros(buffers.done.numel() + 1, dtype=torch.int32)
+    shifted = dataclasses.replace(buffers, done=store[1:])  # 4 bytes past an aligned allocation
+    launches = len(kernels.launches)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        launch(kernels, plan, case.ids.contiguous(), None, MapChoice(MAP_NONE, 0), case.local.first, False, shifted)
+    assert len(kernels.launches) == launches
 
 
 # (path, rows per rank of 4, lanes, kernel)

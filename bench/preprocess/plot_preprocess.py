@@ -1,4 +1,6 @@
-"""Plot a preprocess benchmark JSON (bench_preprocess.py) into a PNG: time and bandwidth against N*K.
+"""Plot a preprocess benchmark JSON (bench_preprocess.py) into a PNG: time and bandwidth against N*K, and (when
+the JSON has them) the decode-size path comparisons: every kernel that can run there, timed in CUDA graphs in the
+same process.
 
     python3 bench/preprocess/plot_preprocess.py bench/results/preprocess-h100.json bench/results/preprocess-h100.png
 """
@@ -19,7 +21,9 @@ def main(src: str, dst: str) -> int:
         data = json.load(f)
     rows = data["rows"]
     nk = [r["num_slots"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    compare = data.get("path_compare") or []
+    fig, axes = plt.subplots(1, 3 if compare else 2, figsize=(19.5 if compare else 13, 5))
+    left, right = axes[0], axes[1]
     left.loglog(nk, [r["ours_us"] for r in rows], "o-", label="cupy (events, L2 flushed)")
     left.loglog(nk, [r["peer_us"] for r in rows], "s-", label="torch reference")
     floor = [(n, r["copy_floor_us"]) for n, r in zip(nk, rows) if r.get("copy_floor_us")]
@@ -55,6 +59,8 @@ def main(src: str, dst: str) -> int:
     right.set_title("bandwidth")
     right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
+    if compare:
+        plot_path_compare(axes[2], compare, data.get("launch_graph_us"))
     cfg = data.get("config", {})
     code = data.get("code_version", "").split(":")[0]
     fig.text(0.5, 0.005, f"E={cfg.get('global_experts')} EP={cfg.get('ep_size')} top-{cfg.get('top_k')} "
@@ -63,6 +69,30 @@ def main(src: str, dst: str) -> int:
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(dst, dpi=120)
     return 0
+
+
+# The kernel each path comparison entry ran (bench_preprocess.py: "<path>" runs the lane kernels where they fit,
+# "<path>_no_lanes" the older kernel of that path).
+KERNEL_OF = {"warp": "lane_preprocess", "warp_no_lanes": "warp_preprocess", "block": "block_lane_preprocess",
+             "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
+
+
+def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) -> None:
+    """Per kernel, its CUDA-graph time at each decode size where the benchmark timed it."""
+    names = sorted({key[:-len("_graph_us")] for entry in compare for key in entry if key.endswith("_graph_us")},
+                   key=list(KERNEL_OF).index)
+    for name in names:
+        points = [(e["num_slots"], e[f"{name}_graph_us"]) for e in compare if e.get(f"{name}_graph_us")]
+        ax.loglog(*zip(*points), "o-" if "no_lanes" not in name else "x--",
+                  label=f"path={name.replace('_no_lanes', '')}: {KERNEL_OF.get(name, name)}")
+    if launch_graph_us:
+        ax.axhline(launch_graph_us, color="green", ls=":", alpha=0.6,
+                   label=f"empty kernel in a CUDA graph {launch_graph_us:.2f} us")
+    ax.set_xlabel("N*K slots")
+    ax.set_ylabel("microseconds per call in a CUDA graph (median)")
+    ax.set_title("decode sizes: each kernel, same process")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -798,6 +798,23 @@ __device__ __forceinline__ int from_expert_lane(const int (&lanes)[EPL], int k) 
     return v;
 }
 
+// The aligned layout's groups, in expert order, for the experts lane + 32 j with count[j] slots each (all lanes
+// call it): nblocks[j] = the group's blocks (block_m entries each), first_block[j] = its first block; returns
+// the blocks of all groups. Warp scans chained over j: experts 0-31, then 32-63.
+template <int EPL>
+__device__ __forceinline__ int lane_first_blocks(const int (&count)[EPL], int block_m, int (&nblocks)[EPL],
+                                                 int (&first_block)[EPL]) {
+    int total_blocks = 0;
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+        nblocks[j] = (count[j] + block_m - 1) / block_m;
+        const int incl = warp_inclusive_scan(nblocks[j]);
+        first_block[j] = total_blocks + incl - nblocks[j];
+        total_blocks += __shfl_sync(HC_FULL_MASK, incl, 31);
+    }
+    return total_blocks;
+}
+
 template <typename IdT, int SPL, int EPL>
 __global__ void __launch_bounds__(32)
 lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
@@ -844,18 +861,12 @@ lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gma
     if (block_m <= 0) return;  // counts, local_ids and the invalid count are all there is without a layout
     HC_MARK(2);
 
-    // Group sizes in blocks (one division per expert), warp scans for the starts (experts 0-31, then 32-63),
-    // the block ids.
-    int first_block[EPL];
-    int total_blocks = 0;
+    // The groups' first blocks, and the block ids of this lane's experts.
+    int nblocks[EPL], first_block[EPL];
+    const int total_blocks = lane_first_blocks<EPL>(count, block_m, nblocks, first_block);
 #pragma unroll
-    for (int j = 0; j < EPL; ++j) {
-        const int nblocks = (count[j] + block_m - 1) / block_m;
-        const int incl = warp_inclusive_scan(nblocks);
-        first_block[j] = total_blocks + incl - nblocks;
-        total_blocks += __shfl_sync(HC_FULL_MASK, incl, 31);
-        for (int q = 0; q < nblocks; ++q) block_ids[first_block[j] + q] = lane + 32 * j;
-    }
+    for (int j = 0; j < EPL; ++j)
+        for (int q = 0; q < nblocks[j]; ++q) block_ids[first_block[j] + q] = lane + 32 * j;
     HC_MARK(3);
 #pragma unroll
     for (int c = 0; c < SPL; ++c) {
@@ -966,31 +977,33 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
             const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
             if (lane == 0) invalid[0] = bad;
         }
-        int blocks_before = 0;  // blocks of the experts below lane + 32 j's range (warp-uniform)
+        int total[EPL];  // column x = lane + 32 j (expert x's slots per warp) is read twice: a total, then the prefixes
 #pragma unroll
         for (int j = 0; j < EPL; ++j) {
             const int x = lane + 32 * j;
-            int total = 0;  // column x (expert x's slots per warp) is read twice: a total, then the prefixes
+            total[j] = 0;
 #pragma unroll 8
-            for (int r = 0; r < nwarps; ++r) total += wpos[r * EW + x];
-            if (blockIdx.x == 0 && x < num_local) counts[x] = total;
-            if (aligned) {
-                const int nblocks = (total + block_m - 1) / block_m;
-                const int incl = warp_inclusive_scan(nblocks);
-                const int first_block = blocks_before + incl - nblocks;
-                int run = first_block * block_m;  // the group start
+            for (int r = 0; r < nwarps; ++r) total[j] += wpos[r * EW + x];
+            if (blockIdx.x == 0 && x < num_local) counts[x] = total[j];
+        }
+        if (aligned) {
+            int nblocks[EPL], first_block[EPL];
+            const int total_blocks = lane_first_blocks<EPL>(total, block_m, nblocks, first_block);
+#pragma unroll
+            for (int j = 0; j < EPL; ++j) {
+                const int x = lane + 32 * j;
+                int run = first_block[j] * block_m;  // the group start
 #pragma unroll 8
                 for (int r = 0; r < nwarps; ++r) {
                     const int c = wpos[r * EW + x];
                     wpos[r * EW + x] = run;
                     run += c;
                 }
-                tot[x] = total;
-                fblk[x] = first_block;
-                blocks_before += __shfl_sync(HC_FULL_MASK, incl, 31);
+                tot[x] = total[j];
+                fblk[x] = first_block[j];
             }
+            if (lane == 0) fblk[EW] = total_blocks;
         }
-        if (aligned && lane == 0) fblk[EW] = blocks_before;
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
     __syncthreads();  // positions, totals, first blocks
@@ -1711,99 +1724,58 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
 extern "C" __global__ void empty_kernel(int) {}
 
 #ifdef HOSTCORE_NVCC_CHECK
-// The instantiations jit.py asks NVRTC for, so that nvcc -c reports their resources.
-template __global__ void block_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 4, 4>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 8, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 8, 8>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 16, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<int, 16, 16>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 4, 4>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 8, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 8, 8>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void block_preprocess<long long, 16, 16>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int, int, int);
-template __global__ void warp_preprocess<int, 1>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void warp_preprocess<int, 4>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void warp_preprocess<int, 16>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void warp_preprocess<long long, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void warp_preprocess<long long, 4>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void warp_preprocess<long long, 16>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 1, 2>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<int, 4, 2>(const int*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 1, 2>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void lane_preprocess<long long, 4, 2>(const long long*, int, const int*, int, int, int, int, int, int*,
-                                                 int*, int*, int*, int*, int*, int, int);
-template __global__ void block_lane_preprocess<int, 1, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 1, 2>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 4, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 4, 2>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 8, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 8, 2>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 16, 1>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<int, 16, 2>(const int*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 1, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 1, 2>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 4, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 4, 2>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 8, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 8, 2>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 16, 1>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
-template __global__ void block_lane_preprocess<long long, 16, 2>(const long long*, int, const int*, int, int, int, int, int,
-    int*, int*, int*, int*, int*, int*, int, int, int);
+// The instantiations jit.py asks NVRTC for, so that nvcc -c reports their resources. Every single-launch
+// kernel starts with the same parameters (HC_PARAMS: ids ... capacity); some take a few ints more.
+#define HC_PARAMS(IdT) \
+    const IdT*, int, const int*, int, int, int, int, int, int*, int*, int*, int*, int*, int*, int, int
+template __global__ void block_preprocess<int, 1, 1>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 4, 1>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 4, 4>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 8, 1>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 8, 8>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 16, 1>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<int, 16, 16>(HC_PARAMS(int), int, int, int);
+template __global__ void block_preprocess<long long, 1, 1>(HC_PARAMS(long long), int, int, int);
+template __global__ void block_preprocess<long long, 4, 1>(HC_PARAMS(long long), int, int, int);
+template __global__ void block_preprocess<long long, 4, 4>(HC_PARAMS(long long), int, int, int);
+template __global__ void block_preprocess<long long, 8, 1>(HC_PARAMS(long long), int, int, int);
+template __global__ void block_preprocess<long long, 8, 8>(HC_PARAMS(long long), int, int, int);
+template __global__ void block_preprocess<long long, 16, 16>(HC_PARAMS(long long), int, int, int);
+template __global__ void warp_preprocess<int, 1>(HC_PARAMS(int));
+template __global__ void warp_preprocess<int, 4>(HC_PARAMS(int));
+template __global__ void warp_preprocess<int, 16>(HC_PARAMS(int));
+template __global__ void warp_preprocess<long long, 1>(HC_PARAMS(long long));
+template __global__ void warp_preprocess<long long, 4>(HC_PARAMS(long long));
+template __global__ void warp_preprocess<long long, 16>(HC_PARAMS(long long));
+template __global__ void lane_preprocess<int, 1, 1>(HC_PARAMS(int));
+template __global__ void lane_preprocess<int, 1, 2>(HC_PARAMS(int));
+template __global__ void lane_preprocess<int, 4, 1>(HC_PARAMS(int));
+template __global__ void lane_preprocess<int, 4, 2>(HC_PARAMS(int));
+template __global__ void lane_preprocess<long long, 1, 1>(HC_PARAMS(long long));
+template __global__ void lane_preprocess<long long, 1, 2>(HC_PARAMS(long long));
+template __global__ void lane_preprocess<long long, 4, 1>(HC_PARAMS(long long));
+template __global__ void lane_preprocess<long long, 4, 2>(HC_PARAMS(long long));
+template __global__ void block_lane_preprocess<int, 1, 1>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 1, 2>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 4, 1>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 4, 2>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 8, 1>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 8, 2>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 16, 1>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<int, 16, 2>(HC_PARAMS(int), int);
+template __global__ void block_lane_preprocess<long long, 1, 1>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 1, 2>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 4, 1>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 4, 2>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 8, 1>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 8, 2>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 16, 1>(HC_PARAMS(long long), int);
+template __global__ void block_lane_preprocess<long long, 16, 2>(HC_PARAMS(long long), int);
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,
                                                int*, int*, unsigned char*, int, int, int, int);
-template __global__ void grid_fused<int>(const int*, int, const int*, int, int, int, int, int, int*, int*, int*, int*,
-                                         int*, int*, int, int, int*, int*, unsigned*, int, int, int);
-template __global__ void grid_fused<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int*,
-                                               int*, int*, int*, int*, int, int, int*, int*, unsigned*, int, int, int);
+template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int);
+template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int);
+#undef HC_PARAMS
 #endif

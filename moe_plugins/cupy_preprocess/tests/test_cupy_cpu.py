@@ -140,7 +140,7 @@ def test_path_choice_and_items_per_thread() -> None:
     assert [plan(n, "block").block_threads for n in (0, 8, 100, 1000, 5000, BLOCK_MAX_SLOTS)] == \
         [32, 32, 128, 1024, 640, 1024]
     assert plan_for(8, 1, torch.int32, 16, 300, MapChoice(MAP_NONE, 0)).block_threads == 320
-    # auto: the block path up to BLOCK_LANE_AUTO_MAX with <= 32 local experts (block_lane_preprocess), else up to
+    # auto: the block path up to BLOCK_LANE_AUTO_MAX with <= 64 local experts (block_lane_preprocess), else up to
     # BLOCK_PATH_AUTO_MAX (block_preprocess; grid_fused wins at 16384 on the H100); forced up to 16384
     assert (BLOCK_LANE_AUTO_MAX, BLOCK_PATH_AUTO_MAX) == (BLOCK_MAX_SLOTS, 8192)
     assert plan(BLOCK_LANE_AUTO_MAX).path == "block" and plan(BLOCK_LANE_AUTO_MAX).lanes

@@ -28,13 +28,13 @@ r.names(Stage.PREPROCESS), 'failures:', r.failures); from moe_plugin_cupy_prepro
 print('cupy available:', availability_reason() or 'yes')" 2>&1 | tee -a "$ENV"
 
 if want tests; then
-  timeout 180 python3 -m pytest moe_plugins/cupy_preprocess -m gpu -q -rs --durations=12 -p no:cacheprovider \
+  timeout 300 python3 -m pytest moe_plugins/cupy_preprocess -m gpu -q -rs --durations=12 -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest-gpu.log"
   STATUS[tests]=$(tail -1 "$OUT/pytest-gpu.log")
 fi
 
 if want bench; then
-  timeout 130 python3 bench/preprocess/bench_preprocess.py --out "$BENCH_JSON" 2>&1 | tee "$OUT/bench.log"
+  timeout 200 python3 bench/preprocess/bench_preprocess.py --out "$BENCH_JSON" 2>&1 | tee "$OUT/bench.log"
   STATUS[bench]="rc=$?"
 fi
 

@@ -47,7 +47,8 @@ import torch
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.launch import Step, launch
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import WARP_MAX_SLOTS, design_bytes, moved_bytes, plan_for
+from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, CLUSTER_MAX_SLOTS, WARP_MAX_SLOTS, design_bytes,
+                                             moved_bytes, plan_for)
 
 from hostcore import cuda_graphs
 from hostcore.backends.preprocess_torch import TorchPreprocess
@@ -55,9 +56,10 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement
 
 E, EP, RANK, TOP_K, BLOCK_M = 256, 8, 0, 8, 16
-SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
-PATH_COMPARE = [8, 64, 128, 256, 512, 2048, 4096, 8192, 16384]
-# warp_preprocess (<= 512 slots) is compared with block_preprocess where it runs; block vs grid above that.
+SIZES = [8, 64, 512, 2048, 4096, 8192, 16384, 32768, 65536, 262144, 1 << 20, 1 << 22, 1 << 23]
+PATH_COMPARE = [8, 64, 128, 256, 512, 2048, 4096, 8192, 16384, 32768, 65536]
+# warp_preprocess (<= 512 slots) is compared with block_preprocess where it runs; block vs grid above that (past
+# 16384 slots the block path is the cluster kernel's alone, up to CLUSTER_MAX_SLOTS).
 BREAKDOWN = [8, 512, 16384, 65536, 1 << 20, 1 << 23]
 DECODE_MAX, BANDWIDTH_MIN = 16384, 1 << 20
 
@@ -317,15 +319,22 @@ def main() -> int:
         if nk in PATH_COMPARE:
             entry = {"num_slots": nk}
             paths = ("warp", "block") if nk <= WARP_MAX_SLOTS else ("block", "grid")
+            if nk > CLUSTER_MAX_SLOTS or (nk > BLOCK_MAX_SLOTS and not ours["block"].clusters):
+                paths = ("grid",)
             timed = []
             for path in paths:
                 stage_p = ours[path]
                 b = stage_p.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
                 variants = [(path, b)]
-                if b.plan.lanes:  # A/B: the same path on its kernel without lanes (warp_ / block_preprocess)
-                    plain = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_p.map, path,
-                                     stage_p.kernels.smem_optin, stage_p.kernels.num_sms, lanes=False)
-                    variants.append((f"{path}_no_lanes", PreprocessBuffers.allocate(plain, stage_p.device)))
+                # A/B in the same process: the cluster kernel against block_lane_preprocess's independent blocks,
+                # and the lane kernels against warp_ / block_preprocess (those stop at BLOCK_MAX_SLOTS).
+                for name, option in (("no_cluster", {"lanes": True}), ("no_lanes", {"lanes": False})):
+                    if (name == "no_cluster" and not b.plan.cluster) or (name == "no_lanes" and not b.plan.lanes) \
+                            or (path == "block" and nk > BLOCK_MAX_SLOTS):
+                        continue
+                    other = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage_p.map, path,
+                                     stage_p.kernels.smem_optin, stage_p.kernels.num_sms, clusters=False, **option)
+                    variants.append((f"{path}_{name}", PreprocessBuffers.allocate(other, stage_p.device)))
                 for name, b in variants:
                     check(stage_p.preprocess_into(ids, b), peer.preprocess(ids, BLOCK_M))
                     entry[f"{name}_us"] = median_us(lambda: stage_p.preprocess_into(ids, b))

@@ -72,9 +72,11 @@ def main(src: str, dst: str) -> int:
 
 
 # The kernel each path comparison entry ran (bench_preprocess.py: "<path>" runs the lane kernels where they fit,
+# the block path's as one thread-block cluster past 1024 slots on sm_90; "<path>_no_cluster" the independent blocks,
 # "<path>_no_lanes" the older kernel of that path).
-KERNEL_OF = {"warp": "lane_preprocess", "warp_no_lanes": "warp_preprocess", "block": "block_lane_preprocess",
-             "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
+KERNEL_OF = {"warp": "lane_preprocess", "warp_no_lanes": "warp_preprocess",
+             "block": "block_lane_preprocess, cluster_lane_preprocess past 1024 slots",
+             "block_no_cluster": "block_lane_preprocess", "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
 
 
 def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) -> None:
@@ -83,14 +85,14 @@ def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) ->
                    key=list(KERNEL_OF).index)
     for name in names:
         points = [(e["num_slots"], e[f"{name}_graph_us"]) for e in compare if e.get(f"{name}_graph_us")]
-        ax.loglog(*zip(*points), "o-" if "no_lanes" not in name else "x--",
-                  label=f"path={name.replace('_no_lanes', '')}: {KERNEL_OF.get(name, name)}")
+        ax.loglog(*zip(*points), "x--" if name.endswith(("_no_lanes", "_no_cluster")) else "o-",
+                  label=f"path={name.split('_')[0]}: {KERNEL_OF.get(name, name)}")
     if launch_graph_us:
         ax.axhline(launch_graph_us, color="green", ls=":", alpha=0.6,
                    label=f"empty kernel in a CUDA graph {launch_graph_us:.2f} us")
     ax.set_xlabel("N*K slots")
     ax.set_ylabel("microseconds per call in a CUDA graph (median)")
-    ax.set_title("decode sizes: each kernel, same process")
+    ax.set_title("up to 64K slots: each kernel, same process")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
 

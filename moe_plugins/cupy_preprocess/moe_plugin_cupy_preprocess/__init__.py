@@ -42,6 +42,9 @@ OPTIONS = {
                                 "(a block per 1024 slots), else the grid path (one cooperative grid_fused "
                                 "launch); warp (<= 512 slots), block (<= 16384) or grid force one",
                    ("auto", "warp", "block", "grid")),
+    "clusters": Option(bool, True, "on GPUs with thread-block clusters (sm_90+), the block path past 1024 slots (<= 64 "
+                                   "local experts) runs one cluster of 8 blocks that split the slots, and path=block "
+                                   "goes up to 65536 slots; false keeps the independent blocks"),
 }
 
 
@@ -70,11 +73,12 @@ def _availability() -> str | None:
     return None
 
 
-def build(ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto"):  # noqa: ANN201
+def build(ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto",  # noqa: ANN201
+          clusters: bool = True):
     """Factory: the `CupyPreprocess` stage object for ``ctx`` (imports the GPU parts only here)."""
     from .backend import CupyPreprocess
 
-    return CupyPreprocess(ctx, mode=mode, map_in=map_in, path=path)
+    return CupyPreprocess(ctx, mode=mode, map_in=map_in, path=path, clusters=clusters)
 
 
 def warm_up() -> str:

@@ -51,9 +51,10 @@ MODES = ("safe", "checked", "faithful")
 class CupyPreprocess:
     """Fused expert-map preprocess on CuPy RawKernels; see the module docstring for modes and ownership."""
 
-    def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto", *,
-                 kernels: KernelSet | None = None) -> None:
-        """Build for ``ctx`` (its device, placement and map). ``kernels`` is for tests and benchmarks only:
+    def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto",
+                 clusters: bool = True, *, kernels: KernelSet | None = None) -> None:
+        """Build for ``ctx`` (its device, placement and map). ``clusters=False`` keeps the block path off the
+        thread-block cluster kernel on GPUs that have clusters. ``kernels`` is for tests and benchmarks only:
         another `KernelSet` (a CPU emulation of the kernels, which runs on ``ctx.device`` as given with no GPU
         or CuPy; or `jit.kernels_from_source` of another version of the source)."""
         if mode not in MODES:
@@ -72,6 +73,7 @@ class CupyPreprocess:
             self.device = torch.device(ctx.device)
         self.mode = mode
         self.path = path
+        self.clusters = clusters and kernels.clusters
         self.local = ctx.local
         self.kernels = kernels
         table = ctx.local.expert_map
@@ -94,7 +96,8 @@ class CupyPreprocess:
         if found is None:
             occupancy = self.kernels.fused_occupancy(ID_TYPES[id_dtype]) if id_dtype in ID_TYPES else None
             found = self._plans[key] = plan_for(rows, top_k, id_dtype, block_m, self.local.count, self.map, self.path,
-                                                self.kernels.smem_optin, self.kernels.num_sms, occupancy)
+                                                self.kernels.smem_optin, self.kernels.num_sms, occupancy,
+                                                clusters=self.clusters)
         return found
 
     def make_buffers(self, rows: int, top_k: int, block_m: int | None = None,

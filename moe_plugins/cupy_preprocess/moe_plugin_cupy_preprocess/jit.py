@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .plan import BLOCK_IPTS, BLOCK_VARIANTS, GRID_THREADS, LANE_IPTS
+from .plan import BLOCK_IPTS, BLOCK_VARIANTS, CLUSTER_IPTS, GRID_THREADS, LANE_IPTS
 
 SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -37,6 +37,7 @@ COMPILE_OPTIONS = ("-std=c++17",)
 WARP_KERNEL = "warp_preprocess<{id_type}, {ipt}>"
 LANE_KERNEL = "lane_preprocess<{id_type}, {ipt}, {epl}>"
 BLOCK_LANE_KERNEL = "block_lane_preprocess<{id_type}, {ipt}, {epl}>"
+CLUSTER_LANE_KERNEL = "cluster_lane_preprocess<{id_type}, {ipt}, {epl}>"
 LANE_EPLS = (1, 2)  # local experts per lane: plan.experts_per_lane
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
@@ -46,8 +47,9 @@ PLACE_KERNEL = "grid_place"
 EMPTY_KERNEL = "empty_kernel"
 ID_TYPES = {"int32": "int", "int64": "long long"}
 WARP_IPTS = (1, 4, 16)
-DYNAMIC_SMEM_PREFIXES = ("lane_preprocess", "warp_preprocess", "block_lane_preprocess", "block_preprocess",
-                         "grid_count", "grid_place", "grid_fused")
+DYNAMIC_SMEM_PREFIXES = ("lane_preprocess", "warp_preprocess", "block_lane_preprocess", "cluster_lane_preprocess",
+                         "block_preprocess", "grid_count", "grid_place", "grid_fused")
+CLUSTER_MIN_MAJOR = 9  # thread-block clusters: compute capability 9.0 (Hopper) and later
 COOPERATIVE_LAUNCH_ATTR = 95  # cudaDevAttrCooperativeLaunch
 
 
@@ -57,6 +59,8 @@ def name_expressions() -> tuple[str, ...]:
     names += [LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in LANE_IPTS
               for e in LANE_EPLS]
     names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in BLOCK_IPTS
+              for e in LANE_EPLS]
+    names += [CLUSTER_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in CLUSTER_IPTS
               for e in LANE_EPLS]
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
@@ -86,13 +90,15 @@ def _compile(source: str) -> Any:
 class Kernels:
     """The compiled kernels on one device (`launch.KernelSet`), dynamic shared memory raised to the opt-in maximum.
 
-    ``functions`` maps name expressions to the RawKernels, ``pointers`` to their ``CUfunction`` handles.
+    ``functions`` maps name expressions to the RawKernels, ``pointers`` to their ``CUfunction`` handles;
+    ``clusters``: the device launches thread-block clusters (cluster_lane_preprocess).
     """
 
     device_index: int
     smem_optin: int
     num_sms: int
     cooperative: bool
+    clusters: bool
     functions: dict[str, Any]
     pointers: dict[str, int]
 
@@ -157,8 +163,9 @@ def kernels_from_source(device_index: int, source: str) -> Kernels:
         pointers = {name: int(fn.kernel.ptr) for name, fn in functions.items()}
         runtime = cupy.cuda.runtime
         cooperative = bool(runtime.deviceGetAttribute(COOPERATIVE_LAUNCH_ATTR, device_index))
-    num_sms = int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-    return Kernels(device_index, optin, num_sms, cooperative, functions, pointers)
+    props = torch.cuda.get_device_properties(device_index)
+    clusters = props.major >= CLUSTER_MIN_MAJOR
+    return Kernels(device_index, optin, int(props.multi_processor_count), cooperative, clusters, functions, pointers)
 
 
 def smem_optin(device_index: int) -> int:

@@ -53,6 +53,7 @@ class KernelSet(Protocol):
 
     smem_optin: int  # the most dynamic shared memory a block may ask for, in bytes
     num_sms: int  # streaming multiprocessors: the fused grid is sized from them
+    clusters: bool  # thread-block clusters can be launched (sm_90+): cluster_lane_preprocess can run
 
     def handle(self, name: str) -> Any:
         """The launchable handle of the kernel named by its jit name expression."""
@@ -114,6 +115,11 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
         params = f"{id_name}, {plan.ipt}, {plan.experts_per_lane}" if plan.lanes else f"{id_name}, {plan.ipt}"
         step = Step(kernel, kernels.handle(f"{kernel}<{params}>"), 1, 32, plan.smem_block_bytes, outputs,
                     takes_ids=True)
+        return Sequence([step], shape, plan.id_dtype, device_index)
+    if plan.cluster:
+        name = f"cluster_lane_preprocess<{id_name}, {plan.ipt}, {plan.experts_per_lane}>"
+        step = Step("cluster_lane_preprocess", kernels.handle(name), plan.grid_blocks, plan.block_threads,
+                    plan.smem_block_bytes, outputs, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.path == "block" and plan.lanes:
         name = f"block_lane_preprocess<{id_name}, {plan.ipt}, {plan.experts_per_lane}>"

@@ -16,6 +16,10 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     placement spreads over the blocks without any grid-wide barrier. Decode sizes. ``block_lane_preprocess``
     (``lanes``: at most `LANE_MAX_LOCAL` local experts; a shared row per warp, warp 0 scans the columns) or
     ``block_preprocess`` (shared counters per virtual warp, windows of experts) otherwise.
+    ``cluster_lane_preprocess`` (``cluster``: devices with thread-block clusters, sm_90+) instead of
+    block_lane_preprocess past one block's share of slots (up to `CLUSTER_MAX_SLOTS`): ONE cluster of
+    `CLUSTER_BLOCKS` blocks that split the slots (``ipt`` per thread, ``block_threads`` per block) and exchange
+    their counts through distributed shared memory, so no block maps or counts another's slots.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -115,6 +119,13 @@ BLOCK_OWNED_SLOTS = 1024
 every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
+CLUSTER_BLOCKS = 8
+"""HC_CLUSTER_BLOCKS: cluster_lane_preprocess runs as one thread-block cluster of this many blocks (compiled in
+with ``__cluster_dims__``; 8 is the cluster size every sm_90 device supports)."""
+CLUSTER_IPTS = (1, 2, 4, 8)
+CLUSTER_MAX_SLOTS = CLUSTER_BLOCKS * BLOCK_THREADS * CLUSTER_IPTS[-1]
+CLUSTER_AUTO_MAX = BLOCK_MAX_SLOTS
+"""``path=auto`` takes the block path up to this many slots when it runs cluster_lane_preprocess."""
 BLOCK_LANE_AUTO_MAX = BLOCK_MAX_SLOTS
 """``path=auto`` takes the block path up to this many slots when it runs block_lane_preprocess (at most
 `LANE_MAX_LOCAL` local experts). Measured on an H100 (GPU run 28, GPU_RESULTS.md) at 16384 slots: 10.78 us
@@ -191,6 +202,7 @@ class Plan:
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
     lanes: bool = False  # lane_preprocess / block_lane_preprocess (warp / block path): experts by lane
+    cluster: bool = False  # block path: cluster_lane_preprocess (grid_blocks = CLUSTER_BLOCKS, lanes)
 
     @property
     def experts_per_lane(self) -> int:
@@ -203,6 +215,8 @@ class Plan:
         if self.path == "warp":
             return ("lane_preprocess",) if self.lanes else ("warp_preprocess",)
         if self.path == "block":
+            if self.cluster:
+                return ("cluster_lane_preprocess",)
             return ("block_lane_preprocess",) if self.lanes else ("block_preprocess",)
         if self.fused:
             return ("grid_fused",)
@@ -276,6 +290,19 @@ def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
     a bad count per warp, the experts' totals and first blocks, the total of blocks."""
     experts = 32 * experts_per_lane(num_local)
     return map_entries + warps * (experts + 1) + 2 * experts + 1
+
+
+def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
+    """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then the block's slots per expert
+    and invalid count, which the other blocks of the cluster read."""
+    return _block_lane_smem_ints(map_entries, warps, num_local) + 32 * experts_per_lane(num_local) + 1
+
+
+def _cluster_shape(nk: int) -> tuple[int, int]:
+    """``(ipt, warps per block)`` of cluster_lane_preprocess for ``nk`` slots (``nk <= CLUSTER_MAX_SLOTS``): the
+    fewest slots per thread, then the fewest warps that hold them over the cluster's blocks."""
+    ipt = next(i for i in CLUSTER_IPTS if CLUSTER_BLOCKS * BLOCK_THREADS * i >= nk)
+    return ipt, max(1, -(-nk // (CLUSTER_BLOCKS * 32 * ipt)))
 
 
 def _block_lane_fits(num_local: int, map_entries: int, warps: int, smem_optin: int) -> bool:
@@ -375,14 +402,17 @@ def check_block_m(block_m: object) -> int:
 def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, num_local: int, map_choice: MapChoice,
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
-             two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True) -> Plan:
+             two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True,
+             clusters: bool = False) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
     GPU); ``None`` means no cooperative launch on this device: the grid path takes the three launches.
     ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`);
     ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`);
-    ``lanes=False`` (benchmarks) keeps warp_preprocess / block_preprocess where the lane kernels would run.
+    ``lanes=False`` (benchmarks) keeps warp_preprocess / block_preprocess where the lane kernels would run;
+    ``clusters`` says the device launches thread-block clusters (sm_90+): the block path then takes
+    cluster_lane_preprocess past one block's share of slots (not with a fixed ``block_grid``).
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -397,10 +427,15 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     if capacity > INT32_MAX:
         raise ContractError(f"the aligned layout for {nk} slots, {num_local} local experts and block_m={bm} needs "
                             f"{capacity} entries, past int32 indexing; use a smaller block_m or split the batch")
-    if path == "block" and nk > BLOCK_MAX_SLOTS:
-        raise ConfigError(f"path=block handles at most {BLOCK_MAX_SLOTS} slots (one block of {BLOCK_THREADS} threads x "
-                          f"{BLOCK_IPTS[-1]}), got {rows} x {top_k} = {nk}; use path=auto or path=grid")
     map_smem = map_choice.size if map_choice.mode == MAP_SHARED else 0
+    cluster_ok = clusters and lanes and block_grid is None and BLOCK_OWNED_SLOTS < nk <= CLUSTER_MAX_SLOTS and \
+        _cluster_lane_smem_ints(map_smem, _cluster_shape(nk)[1], num_local) * 4 <= smem_optin and \
+        num_local <= LANE_MAX_LOCAL
+    if path == "block" and nk > BLOCK_MAX_SLOTS and not cluster_ok:
+        most = f"{CLUSTER_MAX_SLOTS} with a thread-block cluster (sm_90+, at most {LANE_MAX_LOCAL} local experts), " \
+            if clusters else ""
+        raise ConfigError(f"path=block handles at most {most}{BLOCK_MAX_SLOTS} slots on one block of {BLOCK_THREADS} "
+                          f"threads x {BLOCK_IPTS[-1]}, got {rows} x {top_k} = {nk}; use path=auto or path=grid")
     warp_ipt = next((i for i in WARP_IPTS if 32 * i >= nk), 0)
     warp_ok = bool(warp_ipt) and num_local <= WARP_MAX_LOCAL and \
         _warp_smem_ints(map_smem, warp_ipt, num_local) * 4 <= smem_optin
@@ -409,7 +444,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                           f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
     if path == "auto":
         block_lane_ok = lanes and _block_lane_fits(num_local, map_smem, BLOCK_THREADS // 32, smem_optin)
-        block_max = BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
+        block_max = CLUSTER_AUTO_MAX if cluster_ok else BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
         chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= block_max else "grid")
     else:
         chosen = path
@@ -420,6 +455,13 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                     path="warp", capacity=capacity, window=max(1, num_local), windows=1, ipt=warp_ipt,
                     active_warps=1, block_threads=32, tiles=1, smem_block_bytes=smem_ints * 4, smem_count_bytes=0,
                     smem_place_bytes=0, lanes=lanes)
+    if chosen == "block" and cluster_ok:
+        ipt, warps = _cluster_shape(nk)
+        return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
+                    path="block", capacity=capacity, window=max(1, num_local), windows=1, ipt=ipt, active_warps=warps,
+                    block_threads=32 * warps, tiles=1, grid_blocks=CLUSTER_BLOCKS,
+                    smem_block_bytes=_cluster_lane_smem_ints(map_smem, warps, num_local) * 4, smem_count_bytes=0,
+                    smem_place_bytes=0, lanes=True, cluster=True)
     window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0
     active_warps = -(-nk // (32 * ipt)) if chosen == "block" else 0

@@ -49,8 +49,8 @@ def build(workdir: Path) -> ctypes.CDLL | None:
         if result.returncode != 0:
             raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{result.stderr}")
     lib = ctypes.CDLL(str(out))
-    for name in ("emu_lane", "emu_warp", "emu_block_lane", "emu_block", "emu_count", "emu_scan", "emu_place", "emu_fused",
-                 "emu_smem_overflows"):
+    for name in ("emu_lane", "emu_warp", "emu_block_lane", "emu_cluster_lane", "emu_block", "emu_count", "emu_scan",
+                 "emu_place", "emu_fused", "emu_smem_overflows"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -64,6 +64,7 @@ class EmulatedKernels:
 
     smem_optin = DEFAULT_SMEM_OPTIN
     num_sms = 2
+    clusters = True  # as an H100: the block path takes cluster_lane_preprocess where the plan allows it
     scan_threads: int | None = None  # grid_scan's block size (None: as launched)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
@@ -80,6 +81,9 @@ class EmulatedKernels:
                 self._entry[name] = functools.partial(self._call, lib.emu_warp, id64, int(params[1]))
             elif base == "block_lane_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_block_lane, id64, int(params[1]),
+                                                      int(params[2]))
+            elif base == "cluster_lane_preprocess":
+                self._entry[name] = functools.partial(self._call, lib.emu_cluster_lane, id64, int(params[1]),
                                                       int(params[2]))
             elif base == "block_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_block, id64, int(params[1]), int(params[2]))

@@ -1,11 +1,12 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
-Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks,
-the single-launch grid_fused with one and with two grid barriers, with each map mode and with lists too short for a
-warp's local slots, the three split grid kernels for many local experts, map in shared memory, in global memory and
-absent, int32 and int64 ids, a rank without local experts) on fresh random inputs, and compares each result with
-the torch reference computed on the CPU (so that only our kernels and torch's copies run on the GPU). Exits 1 on a
-mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
+Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
+as one thread-block cluster, the single-launch grid_fused with one and with two grid barriers, with each map mode
+and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in
+shared memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random
+inputs, and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's
+copies run on the GPU). Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it
+found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """
@@ -35,10 +36,14 @@ CASES = [
     (256, 8, 1, "guard_slot", 1, 8, torch.int32, {}),  # lane_preprocess (64 slots), shared map
     (24, 1, 0, "out_of_range", 20, 1, torch.int32, {}),  # lane_preprocess (20 slots), no map
     (256, 4, 2, "guard_slot", 4, 8, torch.int32, {}),  # lane_preprocess, two experts per lane (64 local, 128 slots)
-    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # block_lane_preprocess (3 blocks), map in shared memory
-    (256, 8, 7, "negative", 40, 8, torch.int64, {}),  # block_lane_preprocess, invalid ids counted
+    (256, 8, 1, "non_local", 40, 8, torch.int32, {"clusters": False}),  # block_lane_preprocess (3 blocks), shared map
+    (256, 8, 7, "negative", 40, 8, torch.int64, {"clusters": False}),  # block_lane_preprocess, invalid ids counted
+    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # cluster_lane_preprocess (2560 slots), shared map
+    (256, 8, 5, "negative", 100, 8, torch.int64, {"map_in": "global"}),  # cluster_lane, global map, invalid ids
+    (256, 4, 2, "non_local", 1250, 8, torch.int32, {"path": "block"}),  # cluster_lane: 40000 slots, 8 per thread,
+    # two experts per lane
     (24, 1, 0, "out_of_range", 100, 8, torch.int32, {}),  # block_lane_preprocess, no map
-    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # block_lane_preprocess, two experts per lane, no map
+    (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # cluster_lane_preprocess, two experts per lane, no map
     (256, 4, 1, "non_local", 1, 8, torch.int32, {"path": "block"}),  # block_lane, 64 local experts, one warp
     (256, 8, 2, "guard_slot", 700, 8, torch.int32, {"path": "grid"}),  # grid_fused, shared map, keys in smem
     (256, 8, 5, "negative", 8000, 8, torch.int32, {}),  # grid_fused at 512K slots (128 blocks), invalid ids
@@ -47,8 +52,11 @@ CASES = [
     (20_000, 8, 3, "non_local", 700, 8, torch.int64, {"path": "grid"}),  # 2500 experts: split kernels, global map
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "grid"}),  # split kernels, two expert windows
     (3000, 2, 1, "non_local", 1500, 4, torch.int32, {"path": "block"}),  # two windows, 12 blocks, a row per warp
-    (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block"}),  # block_lane: 16000 int64 slots, 16 blocks
-    (256, 8, 3, "guard_slot", 100, 8, torch.int32, {"path": "block"}),  # block_lane: 6400 slots, 7 blocks, ipt 8
+    (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block", "clusters": False}),  # block_lane: 16000 int64
+    # slots, 16 blocks
+    (256, 8, 3, "guard_slot", 100, 8, torch.int32, {"path": "block", "clusters": False}),  # block_lane: 6400 slots,
+    # 7 blocks, ipt 8
+    (256, 8, 0, "negative", 250, 8, torch.int64, {"path": "block"}),  # cluster_lane: 16000 int64 slots, ipt 2
     (512, 4, 0, "negative", 1000, 4, torch.int64, {"path": "block"}),  # block_preprocess, 128 local experts: 16000
     # int64 slots, 16 blocks, ipt 16
     (4, 8, 6, "negative", 30, 2, torch.int32, {"path": "grid"}),  # grid_fused without a local expert
@@ -92,7 +100,8 @@ def main() -> int:
                 print(f"MISMATCH case {i} {case.local.count} local experts {options}: {exc} (seed {seed})")
                 return 1
     missing = {"lane_preprocess", "lane_preprocess two experts per lane", "warp_preprocess", "block_lane_preprocess",
-               "block_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
+               "block_lane_preprocess two experts per lane", "cluster_lane_preprocess",
+               "cluster_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
                "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1",
                "grid_fused map mode 2", "grid_fused re-read past a full list"} - kernels_run
     if missing:

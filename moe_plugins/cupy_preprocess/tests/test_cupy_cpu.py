@@ -24,7 +24,7 @@ from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX,
-                                             DEFAULT_SMEM_OPTIN, GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL,
+                                             CLUSTER_AUTO_MAX, CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, DEFAULT_SMEM_OPTIN, GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL,
                                              LANE_MAX_SLOTS, MAP_GLOBAL, MAP_NONE, MAP_SHARED, MAX_WINDOW,
                                              PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
                                              WARP_PATH_AUTO_MAX, MapChoice, check_block_m, choose_map, moved_bytes,
@@ -52,7 +52,7 @@ def test_registered_with_its_options() -> None:
     assert backend.distribution == "moe-plugin-cupy-preprocess"
     assert backend.options["mode"].default == "safe"
     assert set(backend.options["mode"].choices) == {"safe", "checked", "faithful"}
-    assert set(backend.options) == {"mode", "map_in", "path"}
+    assert set(backend.options) == {"mode", "map_in", "path", "clusters"}
 
 
 def test_extras_name_the_cupy_wheels() -> None:
@@ -110,7 +110,7 @@ def test_selecting_it_here_raises_backend_unavailable() -> None:
 
 def test_bad_options_are_refused_by_the_registry() -> None:
     backend = Registry.discover().get(Stage.PREPROCESS, "cupy")
-    assert coerce_options(backend, {}) == {"mode": "safe", "map_in": "auto", "path": "auto"}
+    assert coerce_options(backend, {}) == {"mode": "safe", "map_in": "auto", "path": "auto", "clusters": True}
     with pytest.raises(ConfigError, match="must be one of safe, checked, faithful, got 'fast'"):
         coerce_options(backend, {"mode": "fast"})
     with pytest.raises(ConfigError, match="no option 'map'.*Did you mean 'map_in'"):
@@ -210,6 +210,40 @@ def test_block_path_takes_the_lane_kernel_up_to_64_local_experts() -> None:
         assert not other.lanes and other.kernel_names == ("block_preprocess",)
     with pytest.raises(ConfigError, match="the block kernel needs .* use map_in=global or path=grid"):
         plan_for(4000, 1, torch.int32, 16, 8, MapChoice(MAP_SHARED, DEFAULT_SMEM_OPTIN // 4 - 100), "block")
+
+
+def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
+    def plan(nk: int, num_local: int = 32, path: str = "block", **options: object) -> object:
+        return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 257), path, clusters=True,
+                        **options)
+
+    # Past one block's 1024 slots: 8 blocks, the fewest slots per thread, then the fewest warps per block.
+    assert (CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX) == (8, 65536, BLOCK_MAX_SLOTS)
+    shapes = {nk: (plan(nk).ipt, plan(nk).block_threads) for nk in (1025, 2048, 8192, 8193, 16384, 30000, 65536)}
+    assert shapes == {1025: (1, 160), 2048: (1, 256), 8192: (1, 1024), 8193: (2, 544), 16384: (2, 1024),
+                      30000: (4, 960), 65536: (8, 1024)}
+    for nk in (1025, 16384, CLUSTER_MAX_SLOTS):
+        p = plan(nk)
+        assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",) and p.grid_blocks == 8
+        assert CLUSTER_BLOCKS * p.block_threads * p.ipt >= nk and p.active_warps == p.block_threads // 32
+        rows = p.block_threads // 32  # map, per warp 32 counts and a bad count, totals, first blocks, block totals
+        assert p.smem_block_bytes == (257 + rows * 33 + 65 + 33) * 4
+    assert plan(20000, LANE_MAX_LOCAL).smem_block_bytes == (257 + 20 * 65 + 129 + 65) * 4  # rows of 64 experts
+    # One block's share or less, a fixed block count, more than 64 local experts, lanes=False, no clusters: the
+    # other block kernels; past 16384 slots path=block then refuses (with clusters it names their bound).
+    assert plan(1024).kernel_names == ("block_lane_preprocess",)
+    assert plan(4000, block_grid=3).kernel_names == ("block_lane_preprocess",)
+    assert plan(4000, LANE_MAX_LOCAL + 1).kernel_names == ("block_preprocess",)
+    assert plan(4000, lanes=False).kernel_names == ("block_preprocess",)
+    assert plan_for(4000, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 257), "block").kernel_names == \
+        ("block_lane_preprocess",)
+    with pytest.raises(ConfigError, match=r"at most 65536 with a thread-block cluster .*16384 slots.*got 65537"):
+        plan(CLUSTER_MAX_SLOTS + 1)
+    with pytest.raises(ConfigError, match=r"at most 65536 with a thread-block cluster .*got 20000 x 1"):
+        plan(20000, LANE_MAX_LOCAL + 1)
+    # auto: the cluster up to CLUSTER_AUTO_MAX, then grid_fused
+    assert plan(CLUSTER_AUTO_MAX, path="auto").cluster and plan(CLUSTER_AUTO_MAX + 1, path="auto").path == "grid"
+    assert plan(100, path="auto").kernel_names == ("lane_preprocess",)
 
 
 def test_expert_windows_and_shared_memory_fit() -> None:

@@ -21,6 +21,7 @@ from moe_plugin_cupy_preprocess.launch import launch
 from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE, PLACE_QUEUE,
                                              TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, MapChoice, Plan,
                                              choose_map, plan_for)
+from moe_plugin_cupy_preprocess.plan import CLUSTER_BLOCKS
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +35,18 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
         path: str = "auto", fused: bool = True, launches: int = 1,
         two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None,
-        lanes: bool = True) -> tuple[LocalRouting, Plan]:
+        lanes: bool = True, clusters: bool = False) -> tuple[LocalRouting, Plan]:
     """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
     each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
     launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks;
-    ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run."""
+    ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run; ``clusters=True``
+    plans as a device with thread-block clusters (cluster_lane_preprocess past one block's slots)."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
                     fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
-                    block_grid=block_grid, lanes=lanes)
+                    block_grid=block_grid, lanes=lanes, clusters=clusters)
     buffers, backing = guarded_buffers(plan, "cpu")
     device_map = None if table is None else map_with_head(table, "cpu")[1]
     for _ in range(launches):
@@ -112,6 +114,56 @@ def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int,
                 assert_matches(got, ref, block_m, f"{blocks} blocks, {case.ids.numel()} slots, block_m={block_m} {mode}")
                 if block_m:
                     assert_layout_valid(got, block_m)
+
+
+# --- the cluster kernel: 8 blocks that split the slots ----------------------------------------------------
+
+# (global experts, ep, rows per rank, top_k): ep * rows * top_k = 1056 and 2400 slots (1 per thread), 9024 (2),
+# 20032 (4) and 40000 (8), ragged last warps and blocks; 32 local experts (one per lane) and 64 (two per lane).
+CLUSTER_CASES = [(256, 8, 33, 4), (128, 2, 150, 8), (256, 4, 282, 8), (256, 8, 313, 8), (256, 4, 1250, 8)]
+
+
+@pytest.mark.parametrize("shape", CLUSTER_CASES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cluster_kernel_against_the_reference(kernels: EmulatedKernels, shape: tuple[int, int, int, int],
+                                              dtype: torch.dtype) -> None:
+    experts, ep, rows, k = shape
+    case = make_case(experts, ep, ep - 1, "negative" if rows % 2 else "non_local", rows, k, seed=rows + ep, dtype=dtype,
+                     round_robin=ep == 4)
+    for block_m in (None, 1, 16, 64):
+        got, plan = run(kernels, case, block_m, path="block", clusters=True)  # past 16K slots auto takes the grid
+        assert plan.kernel_names == ("cluster_lane_preprocess",) and plan.experts_per_lane == (1 if ep == 8 else 2)
+        assert plan.ipt == {1056: 1, 2400: 1, 9024: 2, 20032: 4, 40000: 8}[case.ids.numel()]
+        assert kernels.launches[-1][1:3] == (CLUSTER_BLOCKS, plan.block_threads)
+        assert_matches(got, reference(case, block_m), block_m, f"{shape} {dtype} block_m={block_m}")
+        if block_m:
+            assert_layout_valid(got, block_m)
+
+
+@pytest.mark.parametrize("sentinel", ["non_local", "guard_slot", "out_of_range", "negative"])
+@pytest.mark.parametrize("map_in", ["shared", "global"])
+def test_cluster_kernel_every_sentinel_map_place_and_mode(kernels: EmulatedKernels, sentinel: str, map_in: str) -> None:
+    if sentinel == "out_of_range" and map_in == "global":
+        pytest.skip("no map to place")
+    case = make_case(64, 2, 1, sentinel, rows_per_rank=700, top_k=4, seed=hash((sentinel, map_in)) % 1000)  # 5600
+    # (faithful with -1 padding misroutes on purpose: test_faithful_reproduces_the_misrouting_that_safe_counts)
+    for mode in ("safe", "faithful") if sentinel != "negative" else ("safe",):
+        got, plan = run(kernels, case, 16, mode=mode, map_in=map_in, clusters=True)
+        assert plan.cluster and plan.ipt == 1
+        assert_matches(got, reference(case, 16, mode), 16, f"{sentinel} {map_in} {mode}")
+    if sentinel == "negative":
+        assert int(got.invalid_count) > 0 or case.real_rows == case.ids.shape[0]
+
+
+def test_cluster_kernel_with_few_warps_per_expert_and_replays(kernels: EmulatedKernels) -> None:
+    """1025 slots: 8 blocks of 5 warps (40 warps < 64 experts: the padding falls back to one lane per expert);
+    every slot local with no map; three launches into the same poisoned buffers."""
+    case = make_case(64, 1, 0, "out_of_range", rows_per_rank=1025, top_k=1, seed=77)
+    for block_m in (1, 16, 64):
+        got, plan = run(kernels, case, block_m, clusters=True, launches=3)
+        assert plan.cluster and plan.block_threads == 160 and plan.experts_per_lane == 2
+        assert_matches(got, reference(case, block_m), block_m, f"block_m={block_m}")
+        assert_layout_valid(got, block_m)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -272,21 +324,22 @@ def test_fused_grid_refuses_misaligned_sync_words(kernels: EmulatedKernels) -> N
     assert len(kernels.launches) == launches
 
 
-# (path, rows per rank of 4, lanes, kernel)
+# (path, rows per rank of 4, lanes, kernel); the cluster kernel with clusters, at 4 x 300 x 4 = 4800 slots
 @pytest.mark.parametrize("path, rows_per_rank, lanes, kernel", [
     ("warp", 8, True, "lane_preprocess"), ("warp", 30, True, "warp_preprocess"),
     ("block", 50, True, "block_lane_preprocess"), ("block", 50, False, "block_preprocess"),
-    ("grid", 50, True, "grid_fused")])
+    ("block", 300, True, "cluster_lane_preprocess"), ("grid", 50, True, "grid_fused")])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, rows_per_rank: int,
                                                              lanes: bool, kernel: str, map_in: str) -> None:
+    clusters = kernel == "cluster_lane_preprocess"
     case = make_case(32, 4, 0, "negative", rows_per_rank=rows_per_rank, top_k=4, seed=8)
     padding = case.ids == -1
     assert bool(padding.any())
-    safe, plan = run(kernels, case, 16, path=path, map_in=map_in, lanes=lanes)
+    safe, plan = run(kernels, case, 16, path=path, map_in=map_in, lanes=lanes, clusters=clusters)
     assert plan.kernel_names == (kernel,)
     assert int(safe.invalid_count) == int(padding.sum()) and bool((safe.local_ids[padding] == -1).all())
-    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes)
+    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes, clusters=clusters)
     assert faithful.invalid_count is None
     # The emulator, like the H100 for shared memory and the zero head for global memory, reads 0 below the
     # table: every padding slot becomes a slot of local expert 0.

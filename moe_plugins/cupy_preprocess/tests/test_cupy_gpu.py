@@ -164,28 +164,40 @@ def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess],
                     assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
 
 
+# The lane block kernels and their sizes: block_lane_preprocess (independent blocks, clusters off) from one warp of
+# slots to 16384 (1 to 16 slots per thread, 1 to 16 blocks); cluster_lane_preprocess (one cluster of 8 blocks) from
+# 1032 to 65536 (1 to 8 slots per thread, ragged last warps and blocks).
+LANE_BLOCK_KERNELS = {"block_lane_preprocess": (False, (20, 129, 1000, 1032, 4096, 8000, 8200, 16384)),
+                      "cluster_lane_preprocess": (True, (1032, 2048, 8200, 16384, 30000, 65536))}
+
+
+@pytest.mark.parametrize("kernel", list(LANE_BLOCK_KERNELS))
 @pytest.mark.parametrize("num_experts, ep_size", [(256, 4), (192, 4), (256, 8)])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_block_lane_kernel_up_to_64_local_experts(stage: Callable[..., CupyPreprocess], num_experts: int,
-                                                  ep_size: int, dtype: torch.dtype) -> None:
-    """block_lane_preprocess with 64, 48 (two experts per lane) and 32 local experts, one warp of slots to 16384
-    (1 to 16 slots per thread, 1 to 16 blocks), guarded and poisoned, with and without a layout."""
-    for nk in (20, 129, 1000, 1032, 4096, 8000, 8200, 16384):
-        rank = seed("block-lane", num_experts, nk) % ep_size
-        case = make_case(num_experts, ep_size, rank, "guard_slot" if nk % 2 else "non_local",
-                         rows_per_rank=-(-nk // (8 * ep_size)), top_k=8, seed=seed("block-lane", num_experts, nk, dtype),
-                         dtype=dtype)
-        case = Case(case.placement, rank, case.local, case.sentinel, case.ids.to(DEVICE), case.real_rows)
-        backend = stage(case, path="block")
+def test_lane_block_kernels_up_to_64_local_experts(stage: Callable[..., CupyPreprocess], kernel: str, num_experts: int,
+                                                   ep_size: int, dtype: torch.dtype) -> None:
+    """64, 48 (two experts per lane) and 32 local experts, guarded and poisoned, with and without a layout; every
+    sentinel kind's ids in turn (-1 padding counted)."""
+    clusters, sizes = LANE_BLOCK_KERNELS[kernel]
+    for nk in (n for n in sizes if n <= MAX_SLOTS):
+        rank = seed(kernel, num_experts, nk) % ep_size
+        sentinel = ("guard_slot", "non_local", "negative")[nk % 3]
+        case = on_device(make_case(num_experts, ep_size, rank, sentinel, rows_per_rank=-(-nk // (8 * ep_size)),
+                                   top_k=8, seed=seed(kernel, num_experts, nk, dtype), dtype=dtype))
+        backend = stage(case, path="block", clusters=clusters)
+        if clusters and not backend.clusters:
+            pytest.skip("this GPU has no thread-block clusters (sm_90+)")
         for block_m in (None, 16, 64):
             plan = backend.plan(*case.ids.shape, dtype, block_m)
-            assert plan.kernel_names == ("block_lane_preprocess",)
+            assert plan.kernel_names == (kernel,)
             assert plan.experts_per_lane == (1 if case.local.count <= 32 else 2)
             what = f"E={num_experts} ep={ep_size} nk={case.ids.numel()} {dtype} block_m={block_m} seed={BASE_SEED}"
             got = run_guarded(backend, case.ids, block_m)
             assert_matches(got, torch_reference(case, block_m), block_m, what)
             if block_m:
                 assert_layout_valid(got, block_m)
+            if sentinel == "negative":
+                assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
 
 
 SIZES = [1, 7, 8, 1000, 4096, 16384, 16385, 65539, 1 << 20, 1 << 23]
@@ -400,7 +412,8 @@ class TestCupyConformanceGridPathGlobalMap(PreprocessContract):
 # (path, rows per rank of 4, experts: 16, 64 or 128 local, kernel)
 @pytest.mark.parametrize("path, rows, num_experts, kernel", [
     ("warp", 4, 64, "lane_preprocess"), ("warp", 4, 256, "lane_preprocess"), ("warp", 15, 64, "warp_preprocess"),
-    ("block", 300, 64, "block_lane_preprocess"), ("block", 300, 256, "block_lane_preprocess"),
+    ("block", 30, 64, "block_lane_preprocess"), ("block", 30, 256, "block_lane_preprocess"),
+    ("block", 300, 64, "cluster_lane_preprocess"), ("block", 300, 256, "cluster_lane_preprocess"),
     ("block", 300, 512, "block_preprocess"), ("grid", 300, 64, "grid_fused")])
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable[..., CupyPreprocess], path: str,

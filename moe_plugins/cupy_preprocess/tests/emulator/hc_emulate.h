@@ -1,7 +1,9 @@
 // A CPU emulation of the small part of CUDA that csrc/preprocess.cu uses, for tests without a GPU.
 //
 // Every CUDA thread of a block is an OS thread; blocks run one after another (hc_launch), or all at once
-// for a cooperative launch (hc_launch_cooperative: grid-wide barriers need every block running). __syncthreads is a
+// for a cooperative launch (hc_launch_cooperative: grid-wide barriers need every block running) and for a
+// launch of one thread-block cluster (hc_launch_cluster: the cluster barrier's two halves and each block's view of
+// the others' dynamic shared memory, the hc_cluster_* functions the .cu takes from here under HC_EMULATOR). __syncthreads is a
 // barrier of the block's threads, __syncwarp and the warp intrinsics (shfl, match_any) are barriers of
 // the warp's 32 threads around an exchange buffer. This checks the kernels' logic (indexing, scans,
 // stable ranks, window and tile bookkeeping, what the launch sequence hands from kernel to kernel) on
@@ -21,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -30,6 +33,8 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define HC_EMULATOR 1
+#define HC_CLUSTER_DIMS
 
 struct hc_dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -53,6 +58,22 @@ constexpr int HC_SMEM_HEAD = 64;
 constexpr int HC_SMEM_TAIL = 256;
 constexpr int HC_SMEM_GUARD = 0x5eed5eed;
 inline std::atomic<int> hc_smem_overflows{0};  // blocks that wrote into their guard words
+
+// The one cluster of a cluster launch: a barrier of all its threads, every block's dynamic shared memory.
+struct hc_cluster_state {
+    std::unique_ptr<std::barrier<>> barrier;
+    std::vector<int*> smem;
+};
+inline thread_local hc_cluster_state* hc_cluster = nullptr;
+inline thread_local std::optional<std::barrier<>::arrival_token> hc_cluster_token;
+
+inline void hc_cluster_arrive() { hc_cluster_token.emplace(hc_cluster->barrier->arrive()); }
+inline void hc_cluster_wait() {
+    hc_cluster->barrier->wait(std::move(*hc_cluster_token));
+    hc_cluster_token.reset();
+}
+// Only addresses in the dynamic shared memory have a peer (the kernels keep everything there).
+inline const int* hc_cluster_peer(const int* p, int rank) { return hc_cluster->smem.at(rank) + (p - hc_dynamic_smem); }
 
 using std::max;
 using std::min;
@@ -169,12 +190,13 @@ struct hc_block {
 
 // Start block b's threads (they run kernel() with their block's state) and append them to `threads`.
 inline void hc_start_block(hc_block& blk, unsigned b, unsigned block, const std::function<void()>& kernel,
-                           std::vector<std::thread>& threads) {
+                           std::vector<std::thread>& threads, hc_cluster_state* cluster = nullptr) {
     for (unsigned t = 0; t < block; ++t)
-        threads.emplace_back([t, b, &blk, &kernel] {
+        threads.emplace_back([t, b, &blk, &kernel, cluster] {
             threadIdx = {t, 1, 1};
             blockIdx = {b, 1, 1};
             hc_state = &blk.state;
+            hc_cluster = cluster;
             hc_dynamic_smem = blk.smem.data() + HC_SMEM_HEAD;
             kernel();
         });
@@ -204,6 +226,25 @@ inline void hc_launch_cooperative(unsigned grid, unsigned block, size_t smem_byt
     std::vector<std::thread> threads;
     threads.reserve((size_t)grid * block);
     for (unsigned b = 0; b < grid; ++b) hc_start_block(*blocks[b], b, block, kernel, threads);
+    for (auto& th : threads) th.join();
+    for (const auto& blk : blocks) blk->check_guard();
+}
+
+// A launch of ONE thread-block cluster of `grid` blocks: every block's threads run at the same time, and the
+// cluster barrier counts all of them.
+inline void hc_launch_cluster(unsigned grid, unsigned block, size_t smem_bytes, const std::function<void()>& kernel) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    std::vector<std::unique_ptr<hc_block>> blocks;
+    hc_cluster_state cluster;
+    cluster.barrier = std::make_unique<std::barrier<>>((std::ptrdiff_t)grid * block);
+    for (unsigned b = 0; b < grid; ++b) {
+        blocks.push_back(std::make_unique<hc_block>(block, smem_bytes, b));
+        cluster.smem.push_back(blocks.back()->smem.data() + HC_SMEM_HEAD);
+    }
+    std::vector<std::thread> threads;
+    threads.reserve((size_t)grid * block);
+    for (unsigned b = 0; b < grid; ++b) hc_start_block(*blocks[b], b, block, kernel, threads, &cluster);
     for (auto& th : threads) th.join();
     for (const auto& blk : blocks) blk->check_guard();
 }

@@ -293,9 +293,9 @@ def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
 
 
 def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
-    """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then the block's slots per expert
-    and invalid count, which the other blocks of the cluster read."""
-    return _block_lane_smem_ints(map_entries, warps, num_local) + 32 * experts_per_lane(num_local) + 1
+    """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then a row per block of the cluster
+    (its slots per expert and invalid count, stored there by that block)."""
+    return _block_lane_smem_ints(map_entries, warps, num_local) + CLUSTER_BLOCKS * (32 * experts_per_lane(num_local) + 1)
 
 
 def _cluster_shape(nk: int) -> tuple[int, int]:

@@ -91,26 +91,33 @@ __device__ __forceinline__ int hc_round_up(int x, int m) { return (x + m - 1) / 
 
 // Thread-block clusters (sm_90+; cluster_lane_preprocess only). The launch is ONE cluster of HC_CLUSTER_BLOCKS
 // blocks (a compile-time size: a plain cuLaunchKernel takes it, and 8 is the size every sm_90 device
-// guarantees). hc_cluster_arrive / hc_cluster_wait are the two halves of a cluster-wide barrier of every thread
-// (release / acquire: shared-memory writes before the arrive are visible to every block after the wait);
-// hc_cluster_peer maps an address of this block's shared memory to the same address in block `rank`'s.
-// The CPU emulator (tests/emulator/hc_emulate.h) defines HC_EMULATOR and its own versions of all three.
+// guarantees). A cluster barrier is an arrive by every thread of the cluster, then a wait: hc_cluster_arrive_release
+// makes the calling thread's earlier writes (to any block's shared memory) visible to every thread after its wait,
+// hc_cluster_arrive_relaxed orders nothing (threads that wrote nothing another block reads). hc_cluster_peer maps an
+// address of this block's shared memory to the same address in block `rank`'s (distributed shared memory).
+// The CPU emulator (tests/emulator/hc_emulate.h) defines HC_EMULATOR and its own versions of these.
 #define HC_CLUSTER_BLOCKS 8
 #ifndef HC_EMULATOR
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define HC_CLUSTER_DIMS __cluster_dims__(HC_CLUSTER_BLOCKS, 1, 1)
-__device__ __forceinline__ void hc_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void hc_cluster_arrive_release() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void hc_cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void hc_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-__device__ __forceinline__ const int* hc_cluster_peer(const int* p, int rank) {
+__device__ __forceinline__ int* hc_cluster_peer(int* p, int rank) {
     unsigned long long out;
-    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<unsigned long long>(p)), "r"(rank));
-    return reinterpret_cast<const int*>(out);
+    asm("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<unsigned long long>(p)), "r"(rank));
+    return reinterpret_cast<int*>(out);
 }
 #else  // compiled for an older GPU: plan.py never launches the cluster kernel there
 #define HC_CLUSTER_DIMS
-__device__ __forceinline__ void hc_cluster_arrive() { __trap(); }
+__device__ __forceinline__ void hc_cluster_arrive_release() { __trap(); }
+__device__ __forceinline__ void hc_cluster_arrive_relaxed() { __trap(); }
 __device__ __forceinline__ void hc_cluster_wait() { __trap(); }
-__device__ __forceinline__ const int* hc_cluster_peer(const int* p, int) { __trap(); return p; }
+__device__ __forceinline__ int* hc_cluster_peer(int* p, int) { __trap(); return p; }
 #endif
 #endif
 
@@ -1149,15 +1156,19 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 // distributed shared memory: no global workspace, no grid barrier. Same contract and outputs as the other kernels.
 //   1. every warp loads its ids while the block copies the map; barrier;
 //   2. map, store local_ids, count each local slot on the warp's own row (lane_count); barrier;
-//   3. warp 0: the block's slots per expert (column sums) and invalid count into `btot`; cluster barrier;
-//   4. warp 0, lane e, for experts x = e + 32 j: x's slots in every block of the cluster (HC_CLUSTER_BLOCKS
-//      independent loads from the peers' btot): x's total and its slots in lower blocks, then the group starts
-//      and every warp's first position of x (lane_group_starts); block 0 stores counts and the invalid count;
-//      every thread arrives at the second cluster barrier (no peer's shared memory is read after this); barrier;
-//   5. as block_lane_preprocess's step 4 (lane_layout_writes, lane_place_chunks), every warp placing its own
-//      chunks; then the wait at the second cluster barrier: a block's shared memory must outlive its peers' reads.
+//   3. warp 0: the block's slots per expert (column sums) and invalid count, stored as row `rank` of `peers` in
+//      EVERY block of the cluster (remote shared-memory stores); one cluster barrier (release by warp 0);
+//   4. warp 0, lane e, for experts x = e + 32 j: from its own `peers`, x's total and its slots in lower blocks, then
+//      the group starts and every warp's first position of x (lane_group_starts); block 0 stores counts and the
+//      invalid count; barrier;
+//   5. as block_lane_preprocess's step 4 (lane_layout_writes, lane_place_chunks), every warp placing its own chunks.
+// Pushing the rows instead of reading the peers' after the barrier: the reads after it are local, and no block
+// touches another's shared memory after the barrier, so a block may exit without waiting for the others (the
+// first version read the peers' totals after the barrier and waited at a second one before exiting: 1.0-1.2 us
+// for that step, GPU run 46).
 // Dynamic shared memory: [map: map_size if shared][wpos: 32 * EPL * warps][tot: 32 * EPL][fblk: 32 * EPL + 1]
-// [wbad: warps][btot: 32 * EPL + 1] (map first: faithful negative reads land below the allocation).
+// [wbad: warps][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1] (map first: faithful negative reads land below
+// the allocation).
 // ---------------------------------------------------------------------------------------------------
 template <typename IdT, int IPT, int EPL>
 __global__ void HC_CLUSTER_DIMS __launch_bounds__(HC_BLOCK_THREADS, 1)
@@ -1173,7 +1184,7 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     int* tot = wpos + nwarps * EW;                                   // [EW]: slots per expert
     int* fblk = tot + EW;                                            // [EW + 1]: first block per expert, total
     int* wbad = fblk + EW + 1;                                       // [nwarps]
-    int* btot = wbad + nwarps;  // [EW + 1]: this block's slots per expert, then its invalid count (read by peers)
+    int* peers = wbad + nwarps;  // [HC_CLUSTER_BLOCKS][EW + 1]: block r's slots per expert and invalid count
     const int rank = blockIdx.x;  // the launch is one cluster: gridDim.x == HC_CLUSTER_BLOCKS
     const int seg = (rank * nwarps + warp) * 32 * IPT;
     HC_MARK(0);
@@ -1201,13 +1212,20 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     if (warp == 0) {
         int total[EPL];
         lane_column_totals<EPL>(wpos, nwarps, total);
-#pragma unroll
-        for (int j = 0; j < EPL; ++j) btot[lane + 32 * j] = total[j];
         const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
-        if (lane == 0) btot[EW] = bad;
+        int* mine = peers + rank * (EW + 1);
+#pragma unroll
+        for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) {
+            int* row = hc_cluster_peer(mine, r);
+#pragma unroll
+            for (int j = 0; j < EPL; ++j) row[lane + 32 * j] = total[j];
+            if (lane == 0) row[EW] = bad;
+        }
+        hc_cluster_arrive_release();
+    } else {
+        hc_cluster_arrive_relaxed();
     }
-    hc_cluster_arrive();
-    hc_cluster_wait();  // every block's btot
+    hc_cluster_wait();  // every block's row of `peers`
     HC_MARK(3);
 
     const bool aligned = block_m > 0;
@@ -1215,17 +1233,15 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         int total[EPL], below[EPL];
 #pragma unroll
         for (int j = 0; j < EPL; ++j) {
-            int v[HC_CLUSTER_BLOCKS];
-#pragma unroll
-            for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) v[r] = hc_cluster_peer(btot, r)[lane + 32 * j];
             total[j] = below[j] = 0;
 #pragma unroll
             for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) {
-                total[j] += v[r];
-                below[j] += r < rank ? v[r] : 0;
+                const int v = peers[r * (EW + 1) + lane + 32 * j];
+                total[j] += v;
+                below[j] += r < rank ? v : 0;
             }
         }
-        const int bad = warp_sum(lane < HC_CLUSTER_BLOCKS ? hc_cluster_peer(btot, lane)[EW] : 0);
+        const int bad = warp_sum(lane < HC_CLUSTER_BLOCKS ? peers[lane * (EW + 1) + EW] : 0);
         if (rank == 0) {
             if (lane == 0) invalid[0] = bad;
 #pragma unroll
@@ -1234,17 +1250,15 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         }
         if (aligned) lane_group_starts<EPL>(total, below, block_m, wpos, nwarps, tot, fblk);
     }
-    hc_cluster_arrive();  // this block reads no peer's shared memory from here on
-    if (aligned) {
-        __syncthreads();  // positions, totals, first blocks
-        HC_MARK(4);
-        lane_layout_writes<EPL>(tot, fblk, num_local, block_m, nk, capacity, sorted, block_ids, total_out);
-        int next[EPL];  // experts lane + 32 j: position of this warp's next slot
+    if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
+    __syncthreads();  // positions, totals, first blocks
+    HC_MARK(4);
+
+    lane_layout_writes<EPL>(tot, fblk, num_local, block_m, nk, capacity, sorted, block_ids, total_out);
+    int next[EPL];  // experts lane + 32 j: position of this warp's next slot
 #pragma unroll
-        for (int j = 0; j < EPL; ++j) next[j] = wpos[warp * EW + lane + 32 * j];
-        lane_place_chunks<IPT, EPL>(key, next, seg, sorted);
-    }
-    hc_cluster_wait();  // every peer has read this block's btot
+    for (int j = 0; j < EPL; ++j) next[j] = wpos[warp * EW + lane + 32 * j];
+    lane_place_chunks<IPT, EPL>(key, next, seg, sorted);
     HC_MARK(5);
 }
 

@@ -67,13 +67,15 @@ struct hc_cluster_state {
 inline thread_local hc_cluster_state* hc_cluster = nullptr;
 inline thread_local std::optional<std::barrier<>::arrival_token> hc_cluster_token;
 
-inline void hc_cluster_arrive() { hc_cluster_token.emplace(hc_cluster->barrier->arrive()); }
+// Both arrives order everything here (std::barrier's arrive/wait synchronise like release/acquire).
+inline void hc_cluster_arrive_release() { hc_cluster_token.emplace(hc_cluster->barrier->arrive()); }
+inline void hc_cluster_arrive_relaxed() { hc_cluster_arrive_release(); }
 inline void hc_cluster_wait() {
     hc_cluster->barrier->wait(std::move(*hc_cluster_token));
     hc_cluster_token.reset();
 }
 // Only addresses in the dynamic shared memory have a peer (the kernels keep everything there).
-inline const int* hc_cluster_peer(const int* p, int rank) { return hc_cluster->smem.at(rank) + (p - hc_dynamic_smem); }
+inline int* hc_cluster_peer(int* p, int rank) { return hc_cluster->smem.at(rank) + (p - hc_dynamic_smem); }
 
 using std::max;
 using std::min;

@@ -7,8 +7,9 @@ changes being measured. ``--baseline`` is the other version's source file (e.g. 
 the same kernels with the same arguments, and is compiled like the installed one. Both stages plan from the
 installed plan.py, each with its own buffers; both results are checked against the torch reference before
 any timing. Per size, ``--rounds`` rounds each take `bench_preprocess.median_us` (L2 flushed) of the
-baseline and then of the current source; the median over rounds is reported with the ratio. One JSON line
-per size.
+baseline and then of the current source; the median over rounds is reported with the ratio, and each version's
+time per call in a CUDA graph (`bench_preprocess.graph_us`). ``--path`` plans both on one path (e.g. ``block``).
+One JSON line per size.
 
     python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
 """
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, median_us, routed_ids
+from bench_preprocess import BLOCK_M, bench_stages, check, graph_us, median_us, routed_ids
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 
@@ -32,12 +33,13 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, required=True, help="the other version of csrc/preprocess.cu")
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--path", default="auto", help="the backend's path option for both versions")
     parser.add_argument("--out", help="JSON lines file to append to")
     args = parser.parse_args()
 
-    ctx, current, peer, gen = bench_stages()
+    ctx, current, peer, gen = bench_stages(args.path)
     device = torch.cuda.current_device()
-    baseline = CupyPreprocess(ctx, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
+    baseline = CupyPreprocess(ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen)
         calls = {}
@@ -49,11 +51,14 @@ def main() -> int:
         for _ in range(args.rounds):
             for name, call in calls.items():
                 times[name].append(median_us(call))
-        row = {"num_slots": nk, "path": current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M).path,
+        plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
+        row = {"num_slots": nk, "path": plan.path, "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
-               **{f"{name}_rounds_us": t for name, t in times.items()}}
+               **{f"{name}_rounds_us": t for name, t in times.items()},
+               **{f"{name}_graph_us": graph_us(call) for name, call in calls.items()}}
         row["current_over_baseline"] = row["current_us"] / row["baseline_us"]
-        print(f"N*K={nk:>8} {row['path']:>5}: baseline {row['baseline_us']:7.2f} us, current {row['current_us']:7.2f} us, "
+        print(f"N*K={nk:>8} {row['path']:>5}: baseline {row['baseline_us']:7.2f} us (graph {row['baseline_graph_us']:.2f}), "
+              f"current {row['current_us']:7.2f} us (graph {row['current_graph_us']:.2f}), "
               f"ratio {row['current_over_baseline']:.3f}", flush=True)
         if args.out:
             with open(args.out, "a") as f:

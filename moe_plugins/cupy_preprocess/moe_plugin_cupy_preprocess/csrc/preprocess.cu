@@ -91,33 +91,59 @@ __device__ __forceinline__ int hc_round_up(int x, int m) { return (x + m - 1) / 
 
 // Thread-block clusters (sm_90+; cluster_lane_preprocess only). The launch is ONE cluster of HC_CLUSTER_BLOCKS
 // blocks (a compile-time size: a plain cuLaunchKernel takes it, and 8 is the size every sm_90 device
-// guarantees). A cluster barrier is an arrive by every thread of the cluster, then a wait: hc_cluster_arrive_release
-// makes the calling thread's earlier writes (to any block's shared memory) visible to every thread after its wait,
-// hc_cluster_arrive_relaxed orders nothing (threads that wrote nothing another block reads). hc_cluster_peer maps an
-// address of this block's shared memory to the same address in block `rank`'s (distributed shared memory).
+// guarantees).
+// - A cluster barrier is hc_cluster_arrive_relaxed by every thread of the cluster, later hc_cluster_wait (acquire).
+// - The blocks exchange words through distributed shared memory with asynchronous remote stores that complete on
+//   the receiving block's mbarrier (a shared 64-bit transaction counter): no fence on the sending side (a release
+//   arrive at a cluster barrier costs a MEMBAR.ALL.GPU, which waits for the warp's global stores).
+//   hc_mbar_init (one thread, then a cluster barrier before any block stores into it), hc_store_async (`value` to
+//   the same shared address in block `rank`, counted on that block's mbarrier), hc_mbar_expect (one thread of the
+//   receiving block: the bytes that will come, and its one arrival), hc_mbar_wait (until they all came; phase 0).
 // The CPU emulator (tests/emulator/hc_emulate.h) defines HC_EMULATOR and its own versions of these.
 #define HC_CLUSTER_BLOCKS 8
 #ifndef HC_EMULATOR
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define HC_CLUSTER_DIMS __cluster_dims__(HC_CLUSTER_BLOCKS, 1, 1)
-__device__ __forceinline__ void hc_cluster_arrive_release() {
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+__device__ __forceinline__ unsigned hc_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
 }
 __device__ __forceinline__ void hc_cluster_arrive_relaxed() {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
 __device__ __forceinline__ void hc_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-__device__ __forceinline__ int* hc_cluster_peer(int* p, int rank) {
-    unsigned long long out;
-    asm("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<unsigned long long>(p)), "r"(rank));
-    return reinterpret_cast<int*>(out);
+__device__ __forceinline__ void hc_mbar_init(unsigned long long* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;"
+                 :: "r"(hc_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void hc_store_async(int* dst, int rank, int value, unsigned long long* bar) {
+    unsigned rdst, rbar;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rdst) : "r"(hc_smem_addr(dst)), "r"(rank));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(hc_smem_addr(bar)), "r"(rank));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.u32 [%0], %1, [%2];"
+                 :: "r"(rdst), "r"(value), "r"(rbar) : "memory");
+}
+__device__ __forceinline__ void hc_mbar_expect(unsigned long long* bar, unsigned bytes) {
+    unsigned long long state;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;"
+                 : "=l"(state) : "r"(hc_smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void hc_mbar_wait(unsigned long long* bar) {
+    asm volatile("{\n\t.reg .pred done;\n"
+                 "HC_MBAR_WAIT:\n\t"
+                 "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n\t"
+                 "@!done bra HC_MBAR_WAIT;\n}"
+                 :: "r"(hc_smem_addr(bar)) : "memory");
 }
 #else  // compiled for an older GPU: plan.py never launches the cluster kernel there
 #define HC_CLUSTER_DIMS
-__device__ __forceinline__ void hc_cluster_arrive_release() { __trap(); }
 __device__ __forceinline__ void hc_cluster_arrive_relaxed() { __trap(); }
 __device__ __forceinline__ void hc_cluster_wait() { __trap(); }
-__device__ __forceinline__ int* hc_cluster_peer(int* p, int) { __trap(); return p; }
+__device__ __forceinline__ void hc_mbar_init(unsigned long long*) { __trap(); }
+__device__ __forceinline__ void hc_store_async(int*, int, int, unsigned long long*) { __trap(); }
+__device__ __forceinline__ void hc_mbar_expect(unsigned long long*, unsigned) { __trap(); }
+__device__ __forceinline__ void hc_mbar_wait(unsigned long long*) { __trap(); }
 #endif
 #endif
 
@@ -1157,18 +1183,21 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 //   1. every warp loads its ids while the block copies the map; barrier;
 //   2. map, store local_ids, count each local slot on the warp's own row (lane_count); barrier;
 //   3. warp 0: the block's slots per expert (column sums) and invalid count, stored as row `rank` of `peers` in
-//      EVERY block of the cluster (remote shared-memory stores); one cluster barrier (release by warp 0);
+//      EVERY block of the cluster (asynchronous remote stores, counted on the receiver's mbarrier); warp 0 waits
+//      until its own block has received all HC_CLUSTER_BLOCKS rows;
 //   4. warp 0, lane e, for experts x = e + 32 j: from its own `peers`, x's total and its slots in lower blocks, then
 //      the group starts and every warp's first position of x (lane_group_starts); block 0 stores counts and the
 //      invalid count; barrier;
 //   5. as block_lane_preprocess's step 4 (lane_layout_writes, lane_place_chunks), every warp placing its own chunks.
-// Pushing the rows instead of reading the peers' after the barrier: the reads after it are local, and no block
-// touches another's shared memory after the barrier, so a block may exit without waiting for the others (the
-// first version read the peers' totals after the barrier and waited at a second one before exiting: 1.0-1.2 us
-// for that step, GPU run 46).
+// One cluster barrier, arrived at once the mbarrier is initialised and waited for before the first remote store
+// (no block may store into an uninitialised mbarrier): its latency hides behind steps 1-2. A block's shared memory
+// is written by the others only before its own wait in step 3 ends, so blocks exit without waiting for each
+// other. (GPU runs 46-47, GPU_RESULTS.md: the first version read the peers' rows after a cluster barrier and
+// waited at a second one before exiting, 1.0-1.2 us for that step; pushing them with plain stores before a
+// release arrive cost a MEMBAR.ALL.GPU behind the warp's local_ids stores.)
 // Dynamic shared memory: [map: map_size if shared][wpos: 32 * EPL * warps][tot: 32 * EPL][fblk: 32 * EPL + 1]
-// [wbad: warps][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1] (map first: faithful negative reads land below
-// the allocation).
+// [wbad: warps][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1][the mbarrier: 8 bytes, 8-byte aligned] (map first:
+// faithful negative reads land below the allocation).
 // ---------------------------------------------------------------------------------------------------
 template <typename IdT, int IPT, int EPL>
 __global__ void HC_CLUSTER_DIMS __launch_bounds__(HC_BLOCK_THREADS, 1)
@@ -1185,9 +1214,12 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     int* fblk = tot + EW;                                            // [EW + 1]: first block per expert, total
     int* wbad = fblk + EW + 1;                                       // [nwarps]
     int* peers = wbad + nwarps;  // [HC_CLUSTER_BLOCKS][EW + 1]: block r's slots per expert and invalid count
+    // the mbarrier the rows arrive on, 8-byte aligned (the dynamic shared memory starts 16-byte aligned)
+    auto* mbar = reinterpret_cast<unsigned long long*>(smem + ((peers + HC_CLUSTER_BLOCKS * (EW + 1) - smem + 1) & ~1));
     const int rank = blockIdx.x;  // the launch is one cluster: gridDim.x == HC_CLUSTER_BLOCKS
     const int seg = (rank * nwarps + warp) * 32 * IPT;
     HC_MARK(0);
+    if (threadIdx.x == 0) hc_mbar_init(mbar);
 
     IdT raw[IPT];
 #pragma unroll
@@ -1198,7 +1230,8 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
 #pragma unroll
     for (int j = 0; j < EPL; ++j) wpos[warp * EW + lane + 32 * j] = 0;
-    __syncthreads();  // the map copy, the zero rows
+    __syncthreads();  // the map copy, the zero rows, the mbarrier's initialisation
+    hc_cluster_arrive_relaxed();  // (hc_mbar_init fenced the initialisation for the cluster)
     HC_MARK(1);
 
     int key[IPT];
@@ -1207,6 +1240,7 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
                          wpos + warp * EW, bad_warp);
     if (lane == 0) wbad[warp] = bad_warp;
     __syncthreads();  // every warp's counts
+    hc_cluster_wait();  // every block's mbarrier is initialised
     HC_MARK(2);
 
     if (warp == 0) {
@@ -1216,16 +1250,13 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         int* mine = peers + rank * (EW + 1);
 #pragma unroll
         for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) {
-            int* row = hc_cluster_peer(mine, r);
 #pragma unroll
-            for (int j = 0; j < EPL; ++j) row[lane + 32 * j] = total[j];
-            if (lane == 0) row[EW] = bad;
+            for (int j = 0; j < EPL; ++j) hc_store_async(mine + lane + 32 * j, r, total[j], mbar);
+            if (lane == 0) hc_store_async(mine + EW, r, bad, mbar);
         }
-        hc_cluster_arrive_release();
-    } else {
-        hc_cluster_arrive_relaxed();
+        if (lane == 0) hc_mbar_expect(mbar, HC_CLUSTER_BLOCKS * (EW + 1) * 4);
+        hc_mbar_wait(mbar);  // every block's row of `peers`
     }
-    hc_cluster_wait();  // every block's row of `peers`
     HC_MARK(3);
 
     const bool aligned = block_m > 0;

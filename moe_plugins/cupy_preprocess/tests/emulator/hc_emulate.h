@@ -67,15 +67,41 @@ struct hc_cluster_state {
 inline thread_local hc_cluster_state* hc_cluster = nullptr;
 inline thread_local std::optional<std::barrier<>::arrival_token> hc_cluster_token;
 
-// Both arrives order everything here (std::barrier's arrive/wait synchronise like release/acquire).
-inline void hc_cluster_arrive_release() { hc_cluster_token.emplace(hc_cluster->barrier->arrive()); }
-inline void hc_cluster_arrive_relaxed() { hc_cluster_arrive_release(); }
+inline void hc_cluster_arrive_relaxed() { hc_cluster_token.emplace(hc_cluster->barrier->arrive()); }
 inline void hc_cluster_wait() {
     hc_cluster->barrier->wait(std::move(*hc_cluster_token));
     hc_cluster_token.reset();
 }
-// Only addresses in the dynamic shared memory have a peer (the kernels keep everything there).
-inline int* hc_cluster_peer(int* p, int rank) { return hc_cluster->smem.at(rank) + (p - hc_dynamic_smem); }
+
+// Block `rank`'s copy of an address in this block's dynamic shared memory (the kernels keep everything there).
+template <typename T>
+inline T* hc_cluster_peer(T* p, int rank) {
+    const char* base = reinterpret_cast<const char*>(hc_dynamic_smem);
+    return reinterpret_cast<T*>(reinterpret_cast<char*>(hc_cluster->smem.at(rank)) + (reinterpret_cast<char*>(p) - base));
+}
+
+// An mbarrier as two ints: the bytes that arrived (word 0), and the bytes expected plus 2^30 once its one arrival
+// came (word 1). The waiter spins until both are set and equal.
+inline int* hc_mbar_words(unsigned long long* bar) { return reinterpret_cast<int*>(bar); }
+inline void hc_mbar_init(unsigned long long* bar) {
+    __atomic_store_n(&hc_mbar_words(bar)[0], 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&hc_mbar_words(bar)[1], 0, __ATOMIC_SEQ_CST);
+}
+inline void hc_store_async(int* dst, int rank, int value, unsigned long long* bar) {
+    __atomic_store_n(hc_cluster_peer(dst, rank), value, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&hc_mbar_words(hc_cluster_peer(bar, rank))[0], 4, __ATOMIC_SEQ_CST);
+}
+inline void hc_mbar_expect(unsigned long long* bar, unsigned bytes) {
+    __atomic_store_n(&hc_mbar_words(bar)[1], (int)bytes + (1 << 30), __ATOMIC_SEQ_CST);
+}
+inline void hc_mbar_wait(unsigned long long* bar) {
+    const int* w = hc_mbar_words(bar);
+    for (;;) {
+        const int expected = __atomic_load_n(&w[1], __ATOMIC_SEQ_CST);
+        if (expected && __atomic_load_n(&w[0], __ATOMIC_SEQ_CST) == expected - (1 << 30)) return;
+        std::this_thread::yield();
+    }
+}
 
 using std::max;
 using std::min;

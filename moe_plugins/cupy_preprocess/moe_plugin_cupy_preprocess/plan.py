@@ -124,8 +124,11 @@ CLUSTER_BLOCKS = 8
 with ``__cluster_dims__``; 8 is the cluster size every sm_90 device supports)."""
 CLUSTER_IPTS = (1, 2, 4, 8)
 CLUSTER_MAX_SLOTS = CLUSTER_BLOCKS * BLOCK_THREADS * CLUSTER_IPTS[-1]
-CLUSTER_AUTO_MAX = BLOCK_MAX_SLOTS
-"""``path=auto`` takes the block path up to this many slots when it runs cluster_lane_preprocess."""
+CLUSTER_AUTO_MAX = CLUSTER_MAX_SLOTS
+"""``path=auto`` takes the block path up to this many slots when it runs cluster_lane_preprocess. Measured on an
+H100 (GPU runs 45 and 47, GPU_RESULTS.md), in CUDA graphs: 5.9-6.1 us at 32768 slots and 8.1 at 65536, against
+grid_fused's 9.7 and 9.9 (eager 8.9-9.5 and 11.0-11.6 us against 13.9 and 14.8); from 2048 slots up it also beats
+block_lane_preprocess (3.4 against 3.9 us at 2048, 5.0-5.2 against 7.7 at 16384)."""
 BLOCK_LANE_AUTO_MAX = BLOCK_MAX_SLOTS
 """``path=auto`` takes the block path up to this many slots when it runs block_lane_preprocess (at most
 `LANE_MAX_LOCAL` local experts). Measured on an H100 (GPU run 28, GPU_RESULTS.md) at 16384 slots: 10.78 us

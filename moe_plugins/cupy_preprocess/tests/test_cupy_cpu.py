@@ -24,11 +24,11 @@ from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX,
-                                             CLUSTER_AUTO_MAX, CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, DEFAULT_SMEM_OPTIN, GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL,
-                                             LANE_MAX_SLOTS, MAP_GLOBAL, MAP_NONE, MAP_SHARED, MAX_WINDOW,
-                                             PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
-                                             WARP_PATH_AUTO_MAX, MapChoice, check_block_m, choose_map, moved_bytes,
-                                             plan_for)
+                                             CLUSTER_AUTO_MAX, CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, DEFAULT_SMEM_OPTIN,
+                                             GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL,
+                                             MAP_NONE, MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE,
+                                             WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
+                                             check_block_m, choose_map, moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
                                                  normalize_device)
 
@@ -218,7 +218,7 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
                         **options)
 
     # Past one block's 1024 slots: 8 blocks, the fewest slots per thread, then the fewest warps per block.
-    assert (CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX) == (8, 65536, BLOCK_MAX_SLOTS)
+    assert (CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX) == (8, 65536, 65536)
     shapes = {nk: (plan(nk).ipt, plan(nk).block_threads) for nk in (1025, 2048, 8192, 8193, 16384, 30000, 65536)}
     assert shapes == {1025: (1, 160), 2048: (1, 256), 8192: (1, 1024), 8193: (2, 544), 16384: (2, 1024),
                       30000: (4, 960), 65536: (8, 1024)}

@@ -98,7 +98,9 @@ __device__ __forceinline__ int hc_round_up(int x, int m) { return (x + m - 1) / 
 //   arrive at a cluster barrier costs a MEMBAR.ALL.GPU, which waits for the warp's global stores).
 //   hc_mbar_init (one thread, then a cluster barrier before any block stores into it), hc_store_async (`value` to
 //   the same shared address in block `rank`, counted on that block's mbarrier), hc_mbar_expect (one thread of the
-//   receiving block: the bytes that will come, and its one arrival), hc_mbar_wait (until they all came; phase 0).
+//   receiving block: the bytes that will come, and its one arrival), hc_mbar_wait (until they all came; phase 0),
+//   hc_mbar_inval (one thread, once every waiter is through: the PTX ISA asks for it before the memory is used for
+//   anything else, and the next kernel on the SM reuses it).
 // The CPU emulator (tests/emulator/hc_emulate.h) defines HC_EMULATOR and its own versions of these.
 #define HC_CLUSTER_BLOCKS 8
 #ifndef HC_EMULATOR
@@ -136,6 +138,9 @@ __device__ __forceinline__ void hc_mbar_wait(unsigned long long* bar) {
                  "@!done bra HC_MBAR_WAIT;\n}"
                  :: "r"(hc_smem_addr(bar)) : "memory");
 }
+__device__ __forceinline__ void hc_mbar_inval(unsigned long long* bar) {
+    asm volatile("mbarrier.inval.shared::cta.b64 [%0];" :: "r"(hc_smem_addr(bar)) : "memory");
+}
 #else  // compiled for an older GPU: plan.py never launches the cluster kernel there
 #define HC_CLUSTER_DIMS
 __device__ __forceinline__ void hc_cluster_arrive_relaxed() { __trap(); }
@@ -144,6 +149,7 @@ __device__ __forceinline__ void hc_mbar_init(unsigned long long*) { __trap(); }
 __device__ __forceinline__ void hc_store_async(int*, int, int, unsigned long long*) { __trap(); }
 __device__ __forceinline__ void hc_mbar_expect(unsigned long long*, unsigned) { __trap(); }
 __device__ __forceinline__ void hc_mbar_wait(unsigned long long*) { __trap(); }
+__device__ __forceinline__ void hc_mbar_inval(unsigned long long*) { __trap(); }
 #endif
 #endif
 
@@ -1256,6 +1262,8 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         }
         if (lane == 0) hc_mbar_expect(mbar, HC_CLUSTER_BLOCKS * (EW + 1) * 4);
         hc_mbar_wait(mbar);  // every block's row of `peers`
+        __syncwarp();
+        if (lane == 0) hc_mbar_inval(mbar);
     }
     HC_MARK(3);
 

@@ -94,6 +94,7 @@ inline void hc_store_async(int* dst, int rank, int value, unsigned long long* ba
 inline void hc_mbar_expect(unsigned long long* bar, unsigned bytes) {
     __atomic_store_n(&hc_mbar_words(bar)[1], (int)bytes + (1 << 30), __ATOMIC_SEQ_CST);
 }
+inline void hc_mbar_inval(unsigned long long* bar) { hc_mbar_init(bar); }
 inline void hc_mbar_wait(unsigned long long* bar) {
     const int* w = hc_mbar_words(bar);
     for (;;) {

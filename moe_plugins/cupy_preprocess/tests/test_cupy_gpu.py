@@ -430,18 +430,23 @@ def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable
     faithful = stage(case, path=path, map_in=map_in, mode="faithful").preprocess(case.ids, 16)
     assert faithful.invalid_count is None
     read = faithful.local_ids[pad]
-    value = int(read[0])
-    print(f"faithful read expert_map[-1] ({map_in} map, {path} path) = {value}")
-    record_property("faithful_map_minus_1", value)
-    assert bool((read == value).all()), "every -1 reads the same word"
-    assert value != -1, "an unchecked read of expert_map[-1] did not misroute: the bug did not reproduce"
+    values, times = torch.unique(read, return_counts=True)
+    seen = dict(zip(values.tolist(), times.tolist()))
+    print(f"faithful read expert_map[-1] ({map_in} map, {kernel}) = {seen} (value: padding slots)")
+    record_property("faithful_map_minus_1", seen)
     if map_in == "global":
-        assert value == 0, "the global map sits behind 64 zero words"
+        assert seen == {0: int(pad.sum())}, "the global map sits behind 64 zero words: every -1 reads 0"
+    elif kernel != "cluster_lane_preprocess":
+        # Below a block's shared allocation: 0 on every H100/H200 we ran, for every block of these kernels.
+        assert len(seen) == 1, "every -1 reads the same word"
+    # (In the cluster kernel that word differs between the blocks once other cluster kernels ran on the SMs, GPU
+    # run 49 in GPU_RESULTS.md: it is hardware-reserved shared memory. Any value but -1 is still the bug.)
+    assert any(v != -1 for v in seen), "an unchecked read of expert_map[-1] did not misroute: the bug did not reproduce"
     assert torch.equal(faithful.local_ids[~pad], safe.local_ids[~pad]), "real rows are unaffected"
-    if 0 <= value < case.local.count:  # the misrouted padding is work for local expert `value`
-        extra = int(faithful.expert_counts[value]) - int(safe.expert_counts[value])
-        assert extra == int(pad.sum())
-        assert_layout_valid(faithful, 16)
+    for v, n in seen.items():
+        if 0 <= v < case.local.count:  # the padding that read v is work for local expert v
+            assert int(faithful.expert_counts[v]) - int(safe.expert_counts[v]) == n
+    assert_layout_valid(faithful, 16)
     # The torch reference in faithful mode wraps -1 to the last map entry instead: both misroute or skip,
     # neither is the contract; on ids without negatives both equal safe mode.
     clean = Case(case.placement, case.rank, case.local, case.sentinel, torch.where(pad, 5, case.ids), case.real_rows)

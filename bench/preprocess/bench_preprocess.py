@@ -23,8 +23,10 @@ with the non_local sentinel), every size on fresh random ids:
   a 1 GiB copy hides). ``design_bytes`` / ``design_frac``: the traffic this design causes by its own model
   (`plan.design_bytes`: with grid_fused's keys in shared memory it equals the must-move bytes plus the
   per-block counts), to tell a slow kernel from extra traffic.
-- ``kernels``: the launches of one call (``grid_fused`` alone above 16K slots when the device allows
-  cooperative launches and the experts fit one window), with ``grid_blocks`` and ``keys_in_smem``.
+- ``kernels``: the launches of one call (``cluster_lane_preprocess`` from 1025 to 64K slots on sm_90+,
+  ``grid_fused`` alone above that when the device allows cooperative launches and the experts fit one window),
+  with ``grid_blocks`` and ``keys_in_smem``. ``path_compare``: every kernel that can run a size, same process
+  (``block_no_cluster``: block_lane_preprocess's independent blocks; ``*_no_lanes``: the kernels before lanes).
 
 Each size is checked against the reference before it is timed. Writes JSON (``--out``) and prints a table
 and the goals: decode sizes (N*K <= 16K) within 1.2x of the empty launch, N*K >= 1M at least 70% of the

@@ -38,9 +38,10 @@ OPTIONS = {
     "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
                                   "shared, global", ("auto", "shared", "global")),
     "path": Option(str, "auto", "auto: one single-warp launch up to 128 slots (<= 128 local experts), one "
-                                "block-kernel launch up to 16384 slots with <= 64 local experts, 8192 with more "
+                                "block-kernel launch up to 65536 slots with <= 64 local experts on sm_90+ (one "
+                                "thread-block cluster; see clusters), else up to 16384 with <= 64, 8192 with more "
                                 "(a block per 1024 slots), else the grid path (one cooperative grid_fused "
-                                "launch); warp (<= 512 slots), block (<= 16384) or grid force one",
+                                "launch); warp (<= 512 slots), block (<= 16384, 65536 as a cluster) or grid force one",
                    ("auto", "warp", "block", "grid")),
     "clusters": Option(bool, True, "on GPUs with thread-block clusters (sm_90+), the block path past 1024 slots (<= 64 "
                                    "local experts) runs one cluster of 8 blocks that split the slots, and path=block "

@@ -437,10 +437,10 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         _cluster_lane_smem_ints(map_smem, _cluster_shape(nk)[1], num_local) * 4 <= smem_optin and \
         num_local <= LANE_MAX_LOCAL
     if path == "block" and nk > BLOCK_MAX_SLOTS and not cluster_ok:
-        most = f"{CLUSTER_MAX_SLOTS} with a thread-block cluster (sm_90+, at most {LANE_MAX_LOCAL} local experts), " \
-            if clusters else ""
-        raise ConfigError(f"path=block handles at most {most}{BLOCK_MAX_SLOTS} slots on one block of {BLOCK_THREADS} "
-                          f"threads x {BLOCK_IPTS[-1]}, got {rows} x {top_k} = {nk}; use path=auto or path=grid")
+        most = (f"{CLUSTER_MAX_SLOTS} slots as one thread-block cluster (at most {LANE_MAX_LOCAL} local experts, this "
+                f"rank has {num_local}) and {BLOCK_MAX_SLOTS} otherwise") if clusters else \
+            f"{BLOCK_MAX_SLOTS} slots (blocks of {BLOCK_THREADS} threads x {BLOCK_IPTS[-1]})"
+        raise ConfigError(f"path=block handles at most {most}, got {rows} x {top_k} = {nk}; use path=auto or path=grid")
     warp_ipt = next((i for i in WARP_IPTS if 32 * i >= nk), 0)
     warp_ok = bool(warp_ipt) and num_local <= WARP_MAX_LOCAL and \
         _warp_smem_ints(map_smem, warp_ipt, num_local) * 4 <= smem_optin

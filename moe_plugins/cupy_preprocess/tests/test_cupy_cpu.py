@@ -240,9 +240,9 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
     assert plan(4000, lanes=False).kernel_names == ("block_preprocess",)
     assert plan_for(4000, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 257), "block").kernel_names == \
         ("block_lane_preprocess",)
-    with pytest.raises(ConfigError, match=r"at most 65536 with a thread-block cluster .*16384 slots.*got 65537"):
+    with pytest.raises(ConfigError, match=r"at most 65536 slots as one thread-block cluster .*16384 otherwise, got 65537"):
         plan(CLUSTER_MAX_SLOTS + 1)
-    with pytest.raises(ConfigError, match=r"at most 65536 with a thread-block cluster .*got 20000 x 1"):
+    with pytest.raises(ConfigError, match=r"cluster \(at most 64 local experts, this rank has 65\).*got 20000 x 1"):
         plan(20000, LANE_MAX_LOCAL + 1)
     # auto: the cluster up to CLUSTER_AUTO_MAX, then grid_fused
     assert plan(CLUSTER_AUTO_MAX, path="auto").cluster and plan(CLUSTER_AUTO_MAX + 1, path="auto").path == "grid"

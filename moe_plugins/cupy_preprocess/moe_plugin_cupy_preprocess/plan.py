@@ -296,10 +296,11 @@ def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
 
 
 def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
-    """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then a row per block of the cluster
-    (its slots per expert and invalid count, stored there by that block), then the 8-byte mbarrier they arrive on
-    (at an even int offset)."""
-    ints = _block_lane_smem_ints(map_entries, warps, num_local) + CLUSTER_BLOCKS * (32 * experts_per_lane(num_local) + 1)
+    """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then each expert's start for this
+    block, a row per block of the cluster (its slots per expert and invalid count, stored there by that block), then
+    the 8-byte mbarrier they arrive on (at an even int offset)."""
+    experts = 32 * experts_per_lane(num_local)
+    ints = _block_lane_smem_ints(map_entries, warps, num_local) + experts + CLUSTER_BLOCKS * (experts + 1)
     return ints + ints % 2 + 2
 
 

@@ -226,11 +226,11 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
         p = plan(nk)
         assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",) and p.grid_blocks == 8
         assert CLUSTER_BLOCKS * p.block_threads * p.ipt >= nk and p.active_warps == p.block_threads // 32
-        # map, per warp 32 counts and a bad count, totals, first blocks, a row of 32 counts and a bad count per
-        # block, the mbarrier (8 bytes at an even int offset)
-        ints = 257 + (p.block_threads // 32) * 33 + 65 + 8 * 33
+        # map, per warp 32 counts and a bad count, totals, first blocks, starts, a row of 32 counts and a bad
+        # count per block, the mbarrier (8 bytes at an even int offset)
+        ints = 257 + (p.block_threads // 32) * 33 + 65 + 32 + 8 * 33
         assert p.smem_block_bytes == (ints + ints % 2 + 2) * 4
-    ints = 257 + 20 * 65 + 129 + 8 * 65  # rows of 64 experts
+    ints = 257 + 20 * 65 + 129 + 64 + 8 * 65  # rows of 64 experts
     assert plan(20000, LANE_MAX_LOCAL).smem_block_bytes == (ints + ints % 2 + 2) * 4
     # One block's share or less, a fixed block count, more than 64 local experts, lanes=False, no clusters: the
     # other block kernels; past 16384 slots path=block then refuses (with clusters it names their bound).

@@ -1077,9 +1077,9 @@ __device__ __forceinline__ void lane_column_totals(const int* wpos, int nwarps, 
 }
 
 // Warp 0 of a lane block kernel: expert x = lane + 32 j's column of the warps' count rows becomes each warp's
-// first position of x: start[j] plus the slots of x in lower warps.
+// first position of x: start[j] plus the slots of x in lower warps; end[j] = start[j] + the column's sum.
 template <int EPL>
-__device__ __forceinline__ void lane_column_positions(int* wpos, int nwarps, const int (&start)[EPL]) {
+__device__ __forceinline__ void lane_column_positions(int* wpos, int nwarps, const int (&start)[EPL], int (&end)[EPL]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < EPL; ++j) {
@@ -1091,26 +1091,24 @@ __device__ __forceinline__ void lane_column_positions(int* wpos, int nwarps, con
             *at = run;
             run += c;
         }
+        end[j] = run;
     }
 }
 
 // Warp 0 of a lane block kernel, with a layout: from total[j], expert (lane + 32 j)'s slots in the whole batch, the
-// groups' first blocks; each warp's first position of every expert (its group start + `below[j]`, the expert's
-// slots before this block, + the slots in lower warps) replaces the warps' count rows; tot / fblk get the experts'
-// totals and first blocks, fblk[32 * EPL] the total of blocks.
+// groups: group[j] = the group's start in `sorted`; tot / fblk get the experts' totals and first blocks,
+// fblk[32 * EPL] the total of blocks.
 template <int EPL>
-__device__ __forceinline__ void lane_group_starts(const int (&total)[EPL], const int (&below)[EPL], int block_m,
-                                                  int* wpos, int nwarps, int* tot, int* fblk) {
+__device__ __forceinline__ void lane_groups(const int (&total)[EPL], int block_m, int* tot, int* fblk, int (&group)[EPL]) {
     const int lane = threadIdx.x & 31;
-    int nblocks[EPL], first_block[EPL], start[EPL];
+    int nblocks[EPL], first_block[EPL];
     const int total_blocks = lane_first_blocks<EPL>(total, block_m, nblocks, first_block);
 #pragma unroll
     for (int j = 0; j < EPL; ++j) {
-        start[j] = first_block[j] * block_m + below[j];
+        group[j] = first_block[j] * block_m;
         tot[lane + 32 * j] = total[j];
         fblk[lane + 32 * j] = first_block[j];
     }
-    lane_column_positions<EPL>(wpos, nwarps, start);
     if (lane == 0) fblk[32 * EPL] = total_blocks;
 }
 
@@ -1163,8 +1161,11 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 #pragma unroll
         for (int j = 0; j < EPL; ++j)
             if (blockIdx.x == 0 && lane + 32 * j < num_local) counts[lane + 32 * j] = total[j];
-        const int none[EPL] = {};  // one block holds every slot: no slot of any expert comes before it
-        if (aligned) lane_group_starts<EPL>(total, none, block_m, wpos, nwarps, tot, fblk);
+        if (aligned) {
+            int group[EPL], end[EPL];
+            lane_groups<EPL>(total, block_m, tot, fblk, group);
+            lane_column_positions<EPL>(wpos, nwarps, group, end);
+        }
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
     __syncthreads();  // positions, totals, first blocks
@@ -1188,13 +1189,17 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 // distributed shared memory: no global workspace, no grid barrier. Same contract and outputs as the other kernels.
 //   1. every warp loads its ids while the block copies the map; barrier;
 //   2. map, store local_ids, count each local slot on the warp's own row (lane_count); barrier;
-//   3. warp 0: the block's slots per expert (column sums) and invalid count, stored as row `rank` of `peers` in
-//      EVERY block of the cluster (asynchronous remote stores, counted on the receiver's mbarrier); warp 0 waits
-//      until its own block has received all HC_CLUSTER_BLOCKS rows;
+//   3. warp 0: each warp's count row becomes its first position of every expert within the block (column prefix
+//      sums, lane_column_positions); the block's slots per expert (the column sums) and invalid count are stored as
+//      row `rank` of `peers` in EVERY block of the cluster (asynchronous remote stores, counted on the receiver's
+//      mbarrier); warp 0 waits until its own block has received all HC_CLUSTER_BLOCKS rows;
 //   4. warp 0, lane e, for experts x = e + 32 j: from its own `peers`, x's total and its slots in lower blocks, then
-//      the group starts and every warp's first position of x (lane_group_starts); block 0 stores counts and the
-//      invalid count; barrier;
-//   5. as block_lane_preprocess's step 4 (lane_layout_writes, lane_place_chunks), every warp placing its own chunks.
+//      the group starts (lane_groups): `start[x]` = x's group start + its slots in lower blocks; block 0 stores
+//      counts and the invalid count; barrier;
+//   5. as block_lane_preprocess's step 4 (lane_layout_writes, lane_place_chunks), every warp placing its own
+//      chunks from start[x] + its row.
+// (The in-block prefix rides on the column sums that step 3 needs anyway; in block_lane_preprocess it comes after
+// the group starts, on the step that every warp waits for.)
 // One cluster barrier, arrived at once the mbarrier is initialised and waited for before the first remote store
 // (no block may store into an uninitialised mbarrier): its latency hides behind steps 1-2. A block's shared memory
 // is written by the others only before its own wait in step 3 ends, so blocks exit without waiting for each
@@ -1202,8 +1207,8 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 // waited at a second one before exiting, 1.0-1.2 us for that step; pushing them with plain stores before a
 // release arrive cost a MEMBAR.ALL.GPU behind the warp's local_ids stores.)
 // Dynamic shared memory: [map: map_size if shared][wpos: 32 * EPL * warps][tot: 32 * EPL][fblk: 32 * EPL + 1]
-// [wbad: warps][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1][the mbarrier: 8 bytes, 8-byte aligned] (map first:
-// faithful negative reads land below the allocation).
+// [wbad: warps][start: 32 * EPL][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1][the mbarrier: 8 bytes, 8-byte
+// aligned] (map first: faithful negative reads land below the allocation).
 // ---------------------------------------------------------------------------------------------------
 template <typename IdT, int IPT, int EPL>
 __global__ void HC_CLUSTER_DIMS __launch_bounds__(HC_BLOCK_THREADS, 1)
@@ -1219,7 +1224,8 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     int* tot = wpos + nwarps * EW;                                   // [EW]: slots per expert
     int* fblk = tot + EW;                                            // [EW + 1]: first block per expert, total
     int* wbad = fblk + EW + 1;                                       // [nwarps]
-    int* peers = wbad + nwarps;  // [HC_CLUSTER_BLOCKS][EW + 1]: block r's slots per expert and invalid count
+    int* start = wbad + nwarps;  // [EW]: expert x's first position in `sorted` for this block's slots
+    int* peers = start + EW;     // [HC_CLUSTER_BLOCKS][EW + 1]: block r's slots per expert and invalid count
     // the mbarrier the rows arrive on, 8-byte aligned (the dynamic shared memory starts 16-byte aligned)
     auto* mbar = reinterpret_cast<unsigned long long*>(smem + ((peers + HC_CLUSTER_BLOCKS * (EW + 1) - smem + 1) & ~1));
     const int rank = blockIdx.x;  // the launch is one cluster: gridDim.x == HC_CLUSTER_BLOCKS
@@ -1251,7 +1257,8 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
 
     if (warp == 0) {
         int total[EPL];
-        lane_column_totals<EPL>(wpos, nwarps, total);
+        const int zero[EPL] = {};
+        lane_column_positions<EPL>(wpos, nwarps, zero, total);
         const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
         int* mine = peers + rank * (EW + 1);
 #pragma unroll
@@ -1287,16 +1294,21 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
             for (int j = 0; j < EPL; ++j)
                 if (lane + 32 * j < num_local) counts[lane + 32 * j] = total[j];
         }
-        if (aligned) lane_group_starts<EPL>(total, below, block_m, wpos, nwarps, tot, fblk);
+        if (aligned) {
+            int group[EPL];
+            lane_groups<EPL>(total, block_m, tot, fblk, group);
+#pragma unroll
+            for (int j = 0; j < EPL; ++j) start[lane + 32 * j] = group[j] + below[j];
+        }
     }
     if (!aligned) return;  // counts, local_ids and the invalid count are all there is without a layout
-    __syncthreads();  // positions, totals, first blocks
+    __syncthreads();  // starts, totals, first blocks
     HC_MARK(4);
 
     lane_layout_writes<EPL>(tot, fblk, num_local, block_m, nk, capacity, sorted, block_ids, total_out);
     int next[EPL];  // experts lane + 32 j: position of this warp's next slot
 #pragma unroll
-    for (int j = 0; j < EPL; ++j) next[j] = wpos[warp * EW + lane + 32 * j];
+    for (int j = 0; j < EPL; ++j) next[j] = start[lane + 32 * j] + wpos[warp * EW + lane + 32 * j];
     lane_place_chunks<IPT, EPL>(key, next, seg, sorted);
     HC_MARK(5);
 }

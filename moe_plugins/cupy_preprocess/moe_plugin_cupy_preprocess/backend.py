@@ -82,6 +82,8 @@ class CupyPreprocess:
         if table is not None:
             self._map_storage, self.device_map = map_with_head(table, self.device)
         self._plans: dict[tuple[int, int, torch.dtype, int], Plan] = {}
+        # preprocess(): one launch sequence per plan key, re-pointed at each call's new buffers (Sequence.rebase)
+        self._fresh: dict[tuple[int, int, torch.dtype, int], Sequence] = {}
         # This stage's entry in a buffers' launch cache (one buffers object may serve several stages).
         self._key = sequence_key(self.kernels, self.device_map, self.map, self.local.first, mode == "faithful")
 
@@ -91,12 +93,16 @@ class CupyPreprocess:
 
     def plan(self, rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None) -> Plan:
         """The (cached) launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``."""
-        key = (rows, top_k, id_dtype, check_block_m(block_m))
+        return self._plan((rows, top_k, id_dtype, check_block_m(block_m)))
+
+    def _plan(self, key: tuple[int, int, torch.dtype, int]) -> Plan:
+        """`plan` for ``(rows, top_k, id_dtype, block_m)`` with block_m already checked (0: no layout)."""
+        rows, top_k, id_dtype, block_m = key
         found = self._plans.get(key)
         if found is None:
             occupancy = self.kernels.fused_occupancy(ID_TYPES[id_dtype]) if id_dtype in ID_TYPES else None
-            found = self._plans[key] = plan_for(rows, top_k, id_dtype, block_m, self.local.count, self.map, self.path,
-                                                self.kernels.smem_optin, self.kernels.num_sms, occupancy,
+            found = self._plans[key] = plan_for(rows, top_k, id_dtype, block_m or None, self.local.count, self.map,
+                                                self.path, self.kernels.smem_optin, self.kernels.num_sms, occupancy,
                                                 clusters=self.clusters)
         return found
 
@@ -106,13 +112,25 @@ class CupyPreprocess:
         return PreprocessBuffers.allocate(self.plan(rows, top_k, id_dtype, block_m), self.device)
 
     def preprocess(self, topk_ids: Any, block_m: int | None = None) -> LocalRouting:
-        """Global ids ``[N, K]`` -> `LocalRouting` in new tensors. ``checked`` mode syncs; the others do not."""
+        """Global ids ``[N, K]`` -> `LocalRouting` in new tensors. ``checked`` mode syncs; the others do not.
+
+        The new tensors are views of one allocation per call (`PreprocessBuffers.allocate`). The stage keeps one
+        launch sequence per input signature and points it at each call's allocation: a stage is not meant to
+        be called from several threads at once.
+        """
         ids = as_tensor(topk_ids)
         check_topk_ids(ids, self.device)
         ids = ids.contiguous()
-        rows, top_k = ids.shape
-        out = PreprocessBuffers.allocate(self.plan(rows, top_k, ids.dtype, block_m), self.device)
-        return self._run(ids, out)
+        key = (ids.shape[0], ids.shape[1], ids.dtype, check_block_m(block_m))
+        out = PreprocessBuffers.allocate(self._plan(key), self.device)
+        seq = self._fresh.get(key)
+        if seq is None:
+            seq = self._fresh[key] = self._sequence(ids, out)
+            seq.track_slab(out.slab)
+        else:
+            seq.rebase(out.slab)
+        self._launch(seq, ids, out)
+        return out.routing(count_invalid=self.mode != "faithful")
 
     def preprocess_into(self, topk_ids: Any, buffers: PreprocessBuffers) -> LocalRouting:
         """Like `preprocess`, into preallocated ``buffers``: no allocation, no sync (except ``checked``).
@@ -126,7 +144,10 @@ class CupyPreprocess:
         if seq is None or not (ids.shape == seq.shape and ids.dtype is seq.dtype and ids.get_device() == seq.device_index
                                and ids.is_contiguous()):
             seq = self._validated_sequence(ids, buffers)
-        return self._launch(seq, ids, buffers)
+        self._launch(seq, ids, buffers)
+        if seq.routing is None:  # views of the buffers: the same object serves every call
+            seq.routing = buffers.routing(count_invalid=self.mode != "faithful")
+        return seq.routing
 
     def _validated_sequence(self, ids: torch.Tensor, buffers: PreprocessBuffers) -> Sequence:
         """Check ``ids`` against the stage and ``buffers`` (the slow path of `preprocess_into`), then
@@ -145,17 +166,12 @@ class CupyPreprocess:
         return sequence_for(self.kernels, out.plan, self.device_map, self.map, self.local.first,
                             self.mode == "faithful", out, ids.get_device())
 
-    def _run(self, ids: torch.Tensor, out: PreprocessBuffers) -> LocalRouting:
-        return self._launch(self._sequence(ids, out), ids, out)
-
-    def _launch(self, seq: Sequence, ids: torch.Tensor, out: PreprocessBuffers) -> LocalRouting:
+    def _launch(self, seq: Sequence, ids: torch.Tensor, out: PreprocessBuffers) -> None:
+        """Run ``seq`` (for ``out``) on ``ids``; in checked mode, then read the invalid count (a sync)."""
         seq.set_ids(ids.data_ptr())
         self.kernels.run(seq.steps)
         if self.mode == "checked":
             self._raise_on_invalid(ids, out.invalid_count)
-        if seq.routing is None:  # views of the buffers: the same object serves every call
-            seq.routing = out.routing(count_invalid=self.mode != "faithful")
-        return seq.routing
 
     def _raise_on_invalid(self, ids: torch.Tensor, invalid: torch.Tensor) -> None:
         count = int(invalid.item())  # the documented sync of checked mode

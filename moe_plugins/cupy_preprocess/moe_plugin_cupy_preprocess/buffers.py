@@ -47,6 +47,8 @@ class PreprocessBuffers:
     (reset by the kernel itself).
 
     ``launch_cache`` holds the packed launch arguments built for these buffers (see `launch.Sequence`).
+    ``slab``: the one int32 allocation that `allocate` carves every buffer from (``None`` for buffers made
+    otherwise); the buffers keep it alive.
     """
 
     plan: Plan
@@ -61,24 +63,33 @@ class PreprocessBuffers:
     group_start: torch.Tensor
     done: torch.Tensor
     keys8: torch.Tensor
+    slab: torch.Tensor | None = field(default=None, compare=False, repr=False)
     launch_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def allocate(cls, plan: Plan, device: torch.device) -> PreprocessBuffers:
-        """Allocate (uninitialised except ``done``) buffers for ``plan`` on ``device``."""
-        def empty(n: int) -> torch.Tensor:
-            return torch.empty(n, dtype=torch.int32, device=device)
+        """Allocate (uninitialised except ``done``) buffers for ``plan`` on ``device``.
 
+        Every buffer is a view of ONE int32 allocation (`slab`), each starting 16-byte aligned, ``local_ids``
+        at offset 0 and keys8 as a byte view: one allocator call instead of eleven (``preprocess`` allocates
+        per call), and every buffer pointer moves by the same amount from one allocation to the next
+        (`launch.Sequence.rebase`).
+        """
         ws = plan.workspace_ints()
-        return cls(plan=plan,
-                   local_ids=torch.empty((plan.rows, plan.top_k), dtype=torch.int32, device=device),
-                   expert_counts=empty(plan.num_local), invalid_count=empty(1),
-                   sorted_slot_ids=empty(plan.capacity), block_expert_ids=empty(plan.num_blocks),
-                   num_slots_post_padded=empty(1 if plan.block_m else 0),
-                   tile_hist=empty(ws["tile_hist"]), tile_invalid=empty(ws["tile_invalid"]),
-                   group_start=empty(ws["group_start"]),
-                   done=torch.zeros(ws["done"], dtype=torch.int32, device=device),
-                   keys8=torch.empty(ws["keys8_bytes"], dtype=torch.uint8, device=device))
+        sizes = (plan.num_slots, plan.num_local, 1, plan.capacity, plan.num_blocks, 1 if plan.block_m else 0,
+                 ws["tile_hist"], ws["tile_invalid"], ws["group_start"], ws["done"], -(-ws["keys8_bytes"] // 4))
+        pieces = []  # each size, then its padding to a multiple of 4 ints
+        for n in sizes:
+            pieces += [n, -n % 4]
+        slab = torch.empty(sum(pieces), dtype=torch.int32, device=device)
+        (local_ids, counts, invalid, sorted_ids, block_ids, total, hist, tile_invalid, group_start, done,
+         keys) = slab.split_with_sizes(pieces)[::2]
+        if done.numel():
+            done.zero_()
+        return cls(plan=plan, local_ids=local_ids.view(plan.rows, plan.top_k), expert_counts=counts,
+                   invalid_count=invalid, sorted_slot_ids=sorted_ids, block_expert_ids=block_ids,
+                   num_slots_post_padded=total, tile_hist=hist, tile_invalid=tile_invalid, group_start=group_start,
+                   done=done, keys8=keys.view(torch.uint8)[:ws["keys8_bytes"]], slab=slab)
 
     def routing(self, count_invalid: bool) -> LocalRouting:
         """The `LocalRouting` view of these buffers (``invalid_count`` only when the mode counts)."""

@@ -72,7 +72,7 @@ class KernelSet(Protocol):
 class Sequence:
     """The launches of one plan into one set of buffers; `run` patches the ids pointer and launches."""
 
-    __slots__ = ("steps", "id_steps", "shape", "dtype", "device_index", "routing")
+    __slots__ = ("steps", "id_steps", "shape", "dtype", "device_index", "routing", "slab_words")
 
     def __init__(self, steps: list[Step], shape: tuple[int, int], dtype: torch.dtype, device_index: int) -> None:
         self.steps = steps
@@ -81,10 +81,29 @@ class Sequence:
         self.dtype = dtype
         self.device_index = device_index  # torch.Tensor.get_device() of the ids (-1: CPU, emulation)
         self.routing: Any = None  # the stage's cached LocalRouting view of the buffers
+        self.slab_words: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (words, which, offset): `rebase`
 
     def set_ids(self, ids_ptr: int) -> None:
         for words in self.id_steps:
             words[0] = ids_ptr
+
+    def track_slab(self, slab: torch.Tensor) -> None:
+        """Remember which argument words point into ``slab`` (the allocation the sequence's buffers were carved
+        from, `PreprocessBuffers.allocate`) and where, so that `rebase` can point them at another slab of the
+        same layout. Every other word stays: the map's and the ids' pointers (other allocations), null pointers
+        and the int32 sizes (below 2**31, where no allocation lies)."""
+        base, end = slab.data_ptr(), slab.data_ptr() + slab.numel() * slab.element_size()
+        self.slab_words = []
+        for step in self.steps:
+            which = np.nonzero((step.words >= base) & (step.words < end))[0]
+            self.slab_words.append((step.words, which, step.words[which] - base))
+
+    def rebase(self, slab: torch.Tensor) -> None:
+        """Point the words `track_slab` found at the same offsets of ``slab`` (the driver copies the words at
+        each launch, so earlier launches keep theirs)."""
+        base = slab.data_ptr()
+        for words, which, offset in self.slab_words:
+            words[which] = offset + base
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -355,6 +355,22 @@ def test_runs_on_torchs_current_stream(stage: Callable[..., CupyPreprocess]) -> 
     assert_matches(got, torch_reference(now, 16), 16, "launched after the copy on the same stream")
 
 
+@pytest.mark.parametrize("path, rows", [("warp", 4), ("block", 200), ("grid", 2600 if EMULATE else 40_000)])
+def test_each_preprocess_call_returns_its_own_tensors(stage: Callable[..., CupyPreprocess], path: str,
+                                                      rows: int) -> None:
+    """preprocess() re-points one launch sequence per input signature at each call's new allocation: a later call
+    must leave an earlier call's results alone, and the grid path's sync words start at zero in every allocation."""
+    cases = [on_device(make_case(256, 8, 1, "negative", rows_per_rank=rows // 8 or 1, top_k=8,
+                                 seed=seed("own-tensors", path, i))) for i in range(3)]
+    backend = stage(cases[0], path=path)
+    got = [backend.preprocess(c.ids, 16) for c in cases]
+    slabs = {r.local_ids.untyped_storage().data_ptr() for r in got}
+    assert len(slabs) == 3, "every call writes its own allocation"
+    for c, r in zip(cases, got):
+        assert_matches(r, torch_reference(c, 16), 16, f"{path} after later calls")
+    assert backend.plan(*cases[0].ids.shape, cases[0].ids.dtype, 16).path == path
+
+
 @real_gpu_only
 def test_zero_copy_in_and_out(stage: Callable[..., CupyPreprocess]) -> None:
     import cupy

@@ -13,6 +13,7 @@ strategies of moe-plugin-sentinel define them (the plugin itself is not needed):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,26 +100,41 @@ def reference(case: Case, block_m: int | None, mode: str = "safe") -> LocalRouti
     return TorchPreprocess(ctx, mode=mode).preprocess(case.ids.to("cpu"), block_m)
 
 
+def buffers_from(plan: Plan, alloc: Callable[[int, bool], torch.Tensor]) -> PreprocessBuffers:
+    """`PreprocessBuffers` for ``plan`` whose every tensor comes from ``alloc(n, zero)`` (n int32 words, zeroed
+    when ``zero``: the grid path's sync words); keys8 is a byte view of whole words."""
+    ws = plan.workspace_ints()
+    keys8 = alloc(-(-ws["keys8_bytes"] // 4), False).view(torch.uint8)[: ws["keys8_bytes"]]
+    return PreprocessBuffers(
+        plan=plan, local_ids=alloc(plan.num_slots, False).view(plan.rows, plan.top_k),
+        expert_counts=alloc(plan.num_local, False), invalid_count=alloc(1, False),
+        sorted_slot_ids=alloc(plan.capacity, False), block_expert_ids=alloc(plan.num_blocks, False),
+        num_slots_post_padded=alloc(1 if plan.block_m else 0, False), tile_hist=alloc(ws["tile_hist"], False),
+        tile_invalid=alloc(ws["tile_invalid"], False), group_start=alloc(ws["group_start"], False),
+        done=alloc(ws["done"], True), keys8=keys8)
+
+
 def guarded_buffers(plan: Plan, device: torch.device | str) -> tuple[PreprocessBuffers, list[torch.Tensor]]:
     """Buffers whose every tensor is poisoned and sits between GUARD words; returns (buffers, backing tensors)."""
     backing: list[torch.Tensor] = []
 
-    def alloc(n: int, fill: int = POISON) -> torch.Tensor:
+    def alloc(n: int, zero: bool) -> torch.Tensor:
         store = torch.full((n + 2 * GUARD_WORDS,), GUARD, dtype=torch.int32, device=device)
-        store[GUARD_WORDS:GUARD_WORDS + n] = fill
+        store[GUARD_WORDS:GUARD_WORDS + n] = 0 if zero else POISON
         backing.append(store)
         return store[GUARD_WORDS:GUARD_WORDS + n]
 
-    ws = plan.workspace_ints()
-    # keys8 is bytes: a byte view of a guarded int32 store (rounded up to whole words).
-    keys8 = alloc(-(-ws["keys8_bytes"] // 4)).view(torch.uint8)[: ws["keys8_bytes"]]
-    buffers = PreprocessBuffers(
-        plan=plan, local_ids=alloc(plan.num_slots).view(plan.rows, plan.top_k), expert_counts=alloc(plan.num_local),
-        invalid_count=alloc(1), sorted_slot_ids=alloc(plan.capacity), block_expert_ids=alloc(plan.num_blocks),
-        num_slots_post_padded=alloc(1 if plan.block_m else 0), tile_hist=alloc(ws["tile_hist"]),
-        tile_invalid=alloc(ws["tile_invalid"]), group_start=alloc(ws["group_start"]), done=alloc(ws["done"], 0),
-        keys8=keys8)
-    return buffers, backing
+    return buffers_from(plan, alloc), backing
+
+
+def separate_buffers(plan: Plan, device: torch.device | str) -> PreprocessBuffers:
+    """Buffers in allocations of their own, uninitialised but for the sync words: for compute-sanitizer, whose
+    memcheck then knows each buffer's bounds and initcheck its unwritten words (`PreprocessBuffers.allocate`
+    carves all of them from one allocation)."""
+    def alloc(n: int, zero: bool) -> torch.Tensor:
+        return (torch.zeros if zero else torch.empty)(n, dtype=torch.int32, device=device)
+
+    return buffers_from(plan, alloc)
 
 
 def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) -> None:

@@ -5,8 +5,9 @@ as one thread-block cluster, the single-launch grid_fused with one and with two 
 and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in
 shared memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random
 inputs, and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's
-copies run on the GPU). Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it
-found.
+copies run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own
+(`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its unwritten words. Exits 1 on a
+mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from preprocess_testlib import assert_matches, context, make_case, reference  # noqa: E402
+from preprocess_testlib import assert_matches, context, make_case, reference, separate_buffers  # noqa: E402
 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
 from moe_plugin_cupy_preprocess.plan import GRID_WARPS, PLACE_QUEUE  # noqa: E402
@@ -80,9 +81,8 @@ def main() -> int:
         ids = case.ids.cuda()
         for block_m in (None, 16):
             plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
-            if least_lists and plan.fused and block_m:  # the plan cache is what preprocess() launches
-                plan = stage._plans[(ids.shape[0], ids.shape[1], ids.dtype, block_m)] = dataclasses.replace(
-                    plan, list_cap=PLACE_QUEUE)
+            if least_lists and plan.fused and block_m:  # the buffers' plan is what preprocess_into launches
+                plan = dataclasses.replace(plan, list_cap=PLACE_QUEUE)
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:
                     kernels_run.add("grid_fused re-read past a full list")
             kernels_run.update(plan.kernel_names)
@@ -92,7 +92,7 @@ def main() -> int:
                 kernels_run.add("grid_fused two-phase")
             if plan.fused and block_m:  # grid_fused's phase-1 loop is instantiated per map mode
                 kernels_run.add(f"grid_fused map mode {plan.map.mode}")
-            got = stage.preprocess(ids, block_m)
+            got = stage.preprocess_into(ids, separate_buffers(plan, "cuda:0"))
             torch.cuda.synchronize()
             try:
                 assert_matches(got, reference(case, block_m), block_m, f"case {i} block_m={block_m}")

@@ -21,27 +21,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
+from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids, wall_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moe_plugins" / "cupy_preprocess" / "tests"))
 from preprocess_testlib import separate_buffers  # noqa: E402
-
-
-def per_call_us(fn: Callable[[], Any], calls: int) -> float:
-    for _ in range(calls // 10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> int:
@@ -70,7 +57,7 @@ def main() -> int:
         times: dict[str, list[float]] = {name: [] for name in kinds}
         for _ in range(args.rounds):
             for name, fn in kinds.items():
-                times[name].append(per_call_us(fn, args.calls))
+                times[name].append(wall_us(fn, args.calls))
         row = {"num_slots": nk, "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
                **{f"{name}_rounds_us": t for name, t in times.items()}}

@@ -64,10 +64,11 @@ def make_local(num_experts: int, ep_size: int, rank: int, sentinel_kind: str, ro
 
 
 def make_ids(num_experts: int, ep_size: int, rows_per_rank: int, top_k: int, sentinel: int, generator: torch.Generator,
-             dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, int]:
-    """Fresh random received ids ``[ep_size * R, K]`` (CPU) and the number of real rows."""
+             dtype: torch.dtype = torch.int32, min_padding: int = 0, min_real: int = 0) -> tuple[torch.Tensor, int]:
+    """Fresh random received ids ``[ep_size * R, K]`` (CPU) and the number of real rows: every source slice has a
+    random number of real rows, at least ``min_real``, then padding rows, at least ``min_padding``."""
     ids = torch.randint(0, num_experts, (ep_size, rows_per_rank, top_k), generator=generator, dtype=torch.int64)
-    real = torch.randint(0, rows_per_rank + 1, (ep_size,), generator=generator)
+    real = torch.randint(min_real, rows_per_rank + 1 - min_padding, (ep_size,), generator=generator)
     for s in range(ep_size):
         ids[s, int(real[s]):] = sentinel
     return ids.reshape(ep_size * rows_per_rank, top_k).to(dtype), int(real.sum())
@@ -75,10 +76,10 @@ def make_ids(num_experts: int, ep_size: int, rows_per_rank: int, top_k: int, sen
 
 def make_case(num_experts: int, ep_size: int, rank: int, sentinel_kind: str, rows_per_rank: int, top_k: int,
               seed: int, dtype: torch.dtype = torch.int32, round_robin: bool = False,
-              device: torch.device | str = "cpu") -> Case:
+              device: torch.device | str = "cpu", min_padding: int = 0, min_real: int = 0) -> Case:
     generator = torch.Generator().manual_seed(seed)
     placement, local, sentinel = make_local(num_experts, ep_size, rank, sentinel_kind, round_robin, device)
-    ids, real = make_ids(num_experts, ep_size, rows_per_rank, top_k, sentinel, generator, dtype)
+    ids, real = make_ids(num_experts, ep_size, rows_per_rank, top_k, sentinel, generator, dtype, min_padding, min_real)
     return Case(placement, rank, local, sentinel, ids.to(device), real)
 
 

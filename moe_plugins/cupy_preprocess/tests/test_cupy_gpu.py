@@ -244,7 +244,7 @@ def test_many_experts_and_the_global_memory_map(stage: Callable[..., CupyPreproc
 # --- modes ----------------------------------------------------------------------------------------------
 
 def test_checked_raises_with_positions_and_passes_clean_input(stage: Callable[..., CupyPreprocess]) -> None:
-    case = on_device(make_case(32, 2, 1, "negative", rows_per_rank=20, top_k=4, seed=seed("checked")))
+    case = on_device(make_case(32, 2, 1, "negative", rows_per_rank=20, top_k=4, seed=seed("checked"), min_padding=1))
     pad = case.ids == -1
     assert bool(pad.any())
     with pytest.raises(ContractError, match=rf"mode=checked\): {int(pad.sum())} ids outside the expert map int32\[32\].*"
@@ -436,7 +436,7 @@ def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable
                                                                  rows: int, num_experts: int, kernel: str, map_in: str,
                                                                  record_property: Any) -> None:
     case = on_device(make_case(num_experts, 4, 0, "negative", rows_per_rank=rows, top_k=8,
-                               seed=seed("faithful", path, map_in)))
+                               seed=seed("faithful", path, map_in), min_padding=1, min_real=1))
     assert stage(case, path=path, map_in=map_in).plan(*case.ids.shape, case.ids.dtype, 16).kernel_names == (kernel,)
     pad = case.ids == -1
     assert bool(pad.any()) and bool((~pad).any())

@@ -91,7 +91,8 @@ class Sequence:
         """Remember which argument words point into ``slab`` (the allocation the sequence's buffers were carved
         from, `PreprocessBuffers.allocate`) and where, so that `rebase` can point them at another slab of the
         same layout. Every other word stays: the map's and the ids' pointers (other allocations), null pointers
-        and the int32 sizes (below 2**31, where no allocation lies)."""
+        and the int32 sizes (below 2**31, where no allocation lies). (An empty buffer at the slab's very end points
+        one past it and keeps its first address: nothing reads through it.)"""
         base, end = slab.data_ptr(), slab.data_ptr() + slab.numel() * slab.element_size()
         self.slab_words = []
         for step in self.steps:

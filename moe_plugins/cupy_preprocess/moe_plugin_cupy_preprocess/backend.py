@@ -41,7 +41,7 @@ from hostcore.hookspecs import BuildContext
 
 from . import jit
 from .buffers import PreprocessBuffers, map_with_head
-from .launch import ID_TYPES, KernelSet, Sequence, sequence_for, sequence_key
+from .launch import ID_TYPES, KernelSet, Sequence, build_sequence, sequence_for, sequence_key
 from .plan import MAP_GLOBAL, PATHS, MapChoice, Plan, check_block_m, choose_map, plan_for
 from .validate import as_tensor, check_contiguous_for_capture, check_topk_ids, normalize_device
 
@@ -124,8 +124,9 @@ class CupyPreprocess:
         key = (ids.shape[0], ids.shape[1], ids.dtype, check_block_m(block_m))
         out = PreprocessBuffers.allocate(self._plan(key), self.device)
         seq = self._fresh.get(key)
-        if seq is None:
-            seq = self._fresh[key] = self._sequence(ids, out)
+        if seq is None:  # built for this allocation only (not kept in its launch cache: it moves with every call)
+            seq = self._fresh[key] = build_sequence(self.kernels, out.plan, self.device_map, self.map, self.local.first,
+                                                    self.mode == "faithful", out, ids.get_device())
             seq.track_slab(out.slab)
         else:
             seq.rebase(out.slab)

@@ -91,6 +91,17 @@ def run_guarded(backend: CupyPreprocess, ids: torch.Tensor, block_m: int | None)
     return routing
 
 
+def check_guarded_run(backend: CupyPreprocess, case: Case, block_m: int | None, what: str) -> None:
+    """`run_guarded` on the case's ids equals the torch reference; with a layout, the layout is valid; with the -1
+    sentinel, every -1 is counted."""
+    got = run_guarded(backend, case.ids, block_m)
+    assert_matches(got, torch_reference(case, block_m), block_m, what)
+    if block_m:
+        assert_layout_valid(got, block_m)
+    if case.sentinel == -1:
+        assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
+
+
 # --- registry -----------------------------------------------------------------------------------------
 
 @real_gpu_only
@@ -123,14 +134,7 @@ def test_every_sentinel_and_ep_size_matches_the_reference(stage: Callable[..., C
             backend = stage(case, path=path)
             for block_m in (None, 16, 64):
                 what = f"E={e} ep={ep_size} rank={rank} {sentinel} R={rows} {path} block_m={block_m} seed={BASE_SEED}"
-                got = run_guarded(backend, case.ids, block_m)
-                ref = torch_reference(case, block_m)
-                assert_matches(got, ref, block_m, what)
-                if block_m:
-                    assert_layout_valid(got, block_m)
-                if sentinel == "negative":
-                    pad = case.ids == -1
-                    assert int(got.invalid_count.item()) == int(pad.sum()), what
+                check_guarded_run(backend, case, block_m, what)
 
 
 @pytest.mark.parametrize("sentinel", SENTINELS)
@@ -156,12 +160,7 @@ def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess],
                 assert backend.plan(*ids.shape, dtype, block_m).kernel_names == ("lane_preprocess",)
                 what = f"ep={ep_size} rank={rank} {sentinel} nk={nk} {dtype} {map_in} block_m={block_m} " \
                        f"seed={BASE_SEED}"
-                got = run_guarded(backend, case.ids, block_m)
-                assert_matches(got, torch_reference(case, block_m), block_m, what)
-                if block_m:
-                    assert_layout_valid(got, block_m)
-                if sentinel == "negative":
-                    assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
+                check_guarded_run(backend, case, block_m, what)
 
 
 # The lane block kernels and their sizes: block_lane_preprocess (independent blocks, clusters off) from one warp of
@@ -192,12 +191,7 @@ def test_lane_block_kernels_up_to_64_local_experts(stage: Callable[..., CupyPrep
             assert plan.kernel_names == (kernel,)
             assert plan.experts_per_lane == (1 if case.local.count <= 32 else 2)
             what = f"E={num_experts} ep={ep_size} nk={case.ids.numel()} {dtype} block_m={block_m} seed={BASE_SEED}"
-            got = run_guarded(backend, case.ids, block_m)
-            assert_matches(got, torch_reference(case, block_m), block_m, what)
-            if block_m:
-                assert_layout_valid(got, block_m)
-            if sentinel == "negative":
-                assert int(got.invalid_count.item()) == int((case.ids == -1).sum()), what
+            check_guarded_run(backend, case, block_m, what)
 
 
 SIZES = [1, 7, 8, 1000, 4096, 16384, 16385, 65539, 1 << 20, 1 << 23]

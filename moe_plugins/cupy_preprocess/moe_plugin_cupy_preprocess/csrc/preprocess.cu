@@ -127,9 +127,9 @@ __device__ __forceinline__ void hc_store_async(int* dst, int rank, int value, un
                  :: "r"(rdst), "r"(value), "r"(rbar) : "memory");
 }
 __device__ __forceinline__ void hc_mbar_expect(unsigned long long* bar, unsigned bytes) {
-    unsigned long long state;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;"
-                 : "=l"(state) : "r"(hc_smem_addr(bar)), "r"(bytes) : "memory");
+    // (the arrival's phase token goes to the sink: the wait goes by parity)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(hc_smem_addr(bar)), "r"(bytes)
+                 : "memory");
 }
 __device__ __forceinline__ void hc_mbar_wait(unsigned long long* bar) {
     asm volatile("{\n\t.reg .pred done;\n"
@@ -1047,6 +1047,24 @@ __device__ __forceinline__ void lane_place_chunks(const int (&key)[IPT], int (&n
     }
 }
 
+// Step 1 of the lane block kernels (every thread calls it; the caller's __syncthreads publishes the shared
+// stores): this lane's IPT ids (slot seg + c * 32 + lane, 0 past nk) into `raw`, all loads in flight at once; the
+// map into shared memory (map_mode HC_MAP_SHARED); the warp's row of 32 * EPL counters (wpos[row..]) zeroed.
+template <typename IdT, int IPT, int EPL>
+__device__ __forceinline__ void lane_block_start(IdT (&raw)[IPT], const IdT* __restrict__ ids, int seg, int nk,
+                                                 int* smap, const int* __restrict__ gmap, int map_size, int map_mode,
+                                                 int* wpos, int row) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < IPT; ++c) {
+        const int i = seg + c * 32 + lane;
+        raw[c] = i < nk ? ids[i] : (IdT)0;
+    }
+    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) wpos[row + lane + 32 * j] = 0;
+}
+
 // lane_count_chunks with the map mode and faithful flag turned into template constants (a runtime mode in the
 // per-chunk code cost ~95 SASS instructions per chunk, GPU run 27).
 template <typename IdT, int IPT>
@@ -1131,14 +1149,7 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
     HC_MARK(0);
 
     IdT raw[IPT];
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) {
-        const int i = seg + c * 32 + lane;
-        raw[c] = i < nk ? ids[i] : (IdT)0;
-    }
-    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-#pragma unroll
-    for (int j = 0; j < EPL; ++j) wpos[warp * EW + lane + 32 * j] = 0;
+    lane_block_start<IdT, IPT, EPL>(raw, ids, seg, nk, smap, gmap, map_size, map_mode, wpos, warp * EW);
     __syncthreads();  // the map copy, the zero rows
     HC_MARK(1);
 
@@ -1234,14 +1245,7 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     if (threadIdx.x == 0) hc_mbar_init(mbar);
 
     IdT raw[IPT];
-#pragma unroll
-    for (int c = 0; c < IPT; ++c) {
-        const int i = seg + c * 32 + lane;
-        raw[c] = i < nk ? ids[i] : (IdT)0;
-    }
-    if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
-#pragma unroll
-    for (int j = 0; j < EPL; ++j) wpos[warp * EW + lane + 32 * j] = 0;
+    lane_block_start<IdT, IPT, EPL>(raw, ids, seg, nk, smap, gmap, map_size, map_mode, wpos, warp * EW);
     __syncthreads();  // the map copy, the zero rows, the mbarrier's initialisation
     hc_cluster_arrive_relaxed();  // (hc_mbar_init fenced the initialisation for the cluster)
     HC_MARK(1);

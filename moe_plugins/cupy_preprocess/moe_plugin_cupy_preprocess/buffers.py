@@ -40,7 +40,7 @@ class PreprocessBuffers:
     ``done int32[1]``, which starts at 0 and is left at 0 by every launch sequence, and ``keys8
     uint8[num_slots]`` (with at most 254 local experts and a layout to build; else empty). With the fused
     grid kernel (``plan.fused``): ``tile_hist int32[num_local * grid_blocks]`` (per-block counts),
-    ``tile_invalid int32[2 * grid_blocks]`` (per-block invalid counts, then per-block local-slot counts) and ``done int32[plan.FUSED_SYNC_INTS]``, 8-byte aligned and zero at
+    ``tile_invalid int32[grid_blocks]`` and ``done int32[plan.FUSED_SYNC_INTS]``, 8-byte aligned and zero at
     allocation: ``done[0:2]`` is the grid barrier's 64-bit count of block arrivals (it only grows, by
     ``grid_blocks`` per barrier, so it is a multiple of ``grid_blocks`` between launches), and
     ``done[FUSED_SYNC_STRIDE * (1 + q)]`` counts the handed-out pieces of the ``sorted`` tail's queue q

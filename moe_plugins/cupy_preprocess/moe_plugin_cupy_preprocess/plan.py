@@ -248,13 +248,13 @@ class Plan:
         """Sizes of the grid path's workspace buffers (all zero on the block path).
 
         Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
-        per-block invalid counts and then the per-block local-slot counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count and
+        per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count and
         the counters of phase 3's tail queues (`buffers.PreprocessBuffers`).
         """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
         if self.fused:
-            return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": 2 * self.grid_blocks,
+            return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": self.grid_blocks,
                     "group_start": 0, "done": FUSED_SYNC_INTS, "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
                 "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}

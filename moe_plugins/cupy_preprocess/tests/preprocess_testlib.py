@@ -143,8 +143,7 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
 
     Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
     of the grid (exactly grid x barriers per launch x launches when ``launches`` is given), and with a
-    layout every warp of the grid asked its tail queue's counter once past the queue's last piece, and the
-    queues handed out exactly the pieces of the tail below the early ones (`TailPieces` in preprocess.cu).
+    layout every warp of the grid asked its tail queue's counter once past the queue's last piece.
     """
     plan = buffers.plan
     if not buffers.done.numel():
@@ -160,19 +159,15 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
         assert arrivals == launches * per_launch, f"barrier count {arrivals} after {launches} launches of {per_launch}"
     if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
         total = int(buffers.num_slots_post_padded)
-        end_misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * plan.capacity) % 16
-        end = plan.capacity + (16 - end_misaligned) % 16 // 4  # pieces count down from here
         misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
         head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
-        pieces = -(-(end - head) // TAIL_PIECE)
-        local = int(buffers.expert_counts.sum())  # the early pieces lie past the bound on the total these allow
-        bound = min(plan.capacity, local + min(local, plan.num_local) * (plan.block_m - 1))
-        early = (end - bound) // TAIL_PIECE
+        pieces = -(-(plan.capacity - head) // TAIL_PIECE)
         warps = plan.grid_blocks * GRID_THREADS // 32
         queues = min(FUSED_TAIL_QUEUES, warps)  # a one-block grid serves 16 queues
+        per_queue = -(-pieces // queues)
         for q in range(FUSED_TAIL_QUEUES):
             served = q < queues
-            expected = len(range(early + q, pieces, queues)) + len(range(q, warps, queues)) if served else 0
+            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, queues)) if served else 0
             got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
             assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
 

@@ -262,7 +262,7 @@ def test_expert_windows_and_shared_memory_fit() -> None:
             ws = plan.workspace_ints()
             assert plan.fused == (plan.path == "grid" and num_local <= MAX_WINDOW)
             if plan.fused:
-                assert ws == {"tile_hist": num_local * plan.grid_blocks, "tile_invalid": 2 * plan.grid_blocks,
+                assert ws == {"tile_hist": num_local * plan.grid_blocks, "tile_invalid": plan.grid_blocks,
                               "group_start": 0, "done": 32 * 33, "keys8_bytes": 0}
                 assert plan.kernel_names == ("grid_fused",)
             elif plan.path == "grid":

@@ -1745,74 +1745,6 @@ __device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, in
     return bad_here;
 }
 
-// The tail of `sorted` past the total, filled with nk by grid_fused (most of `sorted` when few slots are
-// local: 29 of the 103 MB the benchmark moves at N*K = 8M). It is cut into pieces of HC_TAIL_PIECE entries
-// counted down from `end` (capacity rounded up to a 16-byte boundary): piece j is
-// [end - (j + 1) * HC_TAIL_PIECE, end - j * HC_TAIL_PIECE), clipped to [head, capacity), so that every
-// piece starts 16-byte aligned (`head`, the first aligned entry past the total, included). Two parts:
-//  - early (fill_early, right after the grid barrier, before phase 2 has summed the expert counts): every
-//    non-empty group adds fewer than block_m padding entries, so the blocks' local-slot counts (sum L) bound
-//    the total by L + min(L, num_local) * (block_m - 1). The pieces wholly above that bound are split
-//    statically over the grid's warps and stored at once: they stream to memory while phase 2 waits on its
-//    L2 reads, instead of after it (the tail alone cost 12.3 of 61.7 us at 8M, A/B run 60).
-//  - queued (fill_requested, phase 3, once the exact total is known): the pieces from `early` down to head,
-//    handed out by HC_TAIL_QUEUES counters (or one per warp on a grid of fewer warps: one block), each on its
-//    own 128-byte line of `sync`: queue q's i-th piece is early + i * queues + q. Grid warp gw serves queue
-//    gw % queues (with 32 queues, warp gw % 16 of every other block: spread over all SMs), one piece per
-//    ranking round (so the stores stream while it ranks) and then until the queue is empty, each request
-//    issued a piece ahead so that its round trip overlaps the work. The counters balance the grid: with a
-//    fixed slice per warp the blocks of some SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M,
-//    trace run 35); one counter for the whole grid was slower still (run 36: 14K requests at one address).
-// The tail never overlaps a placement or padding write (those are below the total). capacity < 2^31
-// (plan.py): int arithmetic. Warp-uniform: every lane of the warp makes the same calls.
-struct TailPieces {
-    int* sorted;
-    int capacity, nk, end;
-    int warp_id, warps;    // this warp in the grid, and the grid's warps
-    int queues, queue;     // this warp's queue
-    unsigned* next;        // its counter
-    int early = 0;         // pieces written by fill_early (the same in every warp)
-    int requested = 0;     // lane 0: the piece this warp writes next (queue part)
-
-    __device__ TailPieces(int* sorted_, int capacity_, int nk_, int warp_id_, int warps_, unsigned* sync)
-        : sorted(sorted_), capacity(capacity_), nk(nk_), warp_id(warp_id_), warps(warps_) {
-        end = capacity + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + capacity) & 15u)) & 15u) >> 2);
-        queues = min(HC_TAIL_QUEUES, warps);
-        queue = warp_id % queues;
-        next = sync + HC_SYNC_STRIDE * (1 + queue);
-    }
-
-    // Bound the total from the blocks' local-slot counts (block_local[0 .. G), published before the
-    // barrier) and store this warp's share of the pieces above the bound: pieces warp_id, warp_id + warps, ...
-    __device__ void fill_early(const int* block_local, int G, int num_local, int block_m) {
-        int local = 0;
-        for (int g = threadIdx.x & 31; g < G; g += 32) local += __ldcg(block_local + g);
-        local = warp_sum(local);
-        const long long bound = min((long long)capacity, local + (long long)min(local, num_local) * (block_m - 1));
-        early = (int)((end - bound) / HC_TAIL_PIECE);
-        for (int j = warp_id; j < early; j += warps) {
-            const int top = end - j * HC_TAIL_PIECE;
-            hc_fill_piece(sorted, top - HC_TAIL_PIECE, min(capacity, top), nk);
-        }
-    }
-
-    // The queue part's first request (after the counters' reset has passed a grid barrier).
-    __device__ void first_request() {
-        if ((threadIdx.x & 31) == 0) requested = early + (int)atomicAdd(next, 1u) * queues + queue;
-    }
-
-    // Write the piece requested last if it is one of the `pieces` down to head, and request the next;
-    // false when the queue had none left.
-    __device__ bool fill_requested(int head, int pieces) {
-        const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
-        if (piece >= pieces) return false;
-        if ((threadIdx.x & 31) == 0) requested = early + (int)atomicAdd(next, 1u) * queues + queue;
-        const int top = end - piece * HC_TAIL_PIECE;
-        hc_fill_piece(sorted, max(head, top - HC_TAIL_PIECE), min(capacity, top), nk);
-        return true;
-    }
-};
-
 template <typename IdT>
 __global__ void __launch_bounds__(HC_GRID_THREADS, 2)
 grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode, int faithful,
@@ -1844,7 +1776,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(0);
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
-    if (tid == 0) scratch[33] = scratch[34] = 0;
+    if (tid == 0) scratch[33] = 0;
     __syncthreads();
     HC_MARK(1);
     int* row = cnt + warp * wl;
@@ -1865,10 +1797,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(2);
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
-    int local_here = 0;  // this warp's local slots (its row: updated by its own lanes only)
-    for (int k = lane; k < wl; k += 32) local_here += row[k];
-    local_here = warp_sum(local_here);
-    if (lane == 0 && local_here) atomicAdd(&scratch[34], local_here);
     __syncthreads();
     HC_MARK(3);
     for (int k = tid; k < wl; k += blockDim.x) {
@@ -1877,19 +1805,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
         cta_hist[k * G + me] = t;
     }
-    if (tid == 0) {
-        cta_invalid[me] = scratch[33];
-        cta_invalid[G + me] = scratch[34];  // the block's local slots: the bound on the total after the barrier
-    }
+    if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
     if (me == 0 && tid < HC_TAIL_QUEUES) sync[HC_SYNC_STRIDE * (1 + tid)] = 0;
     HC_MARK(4);
     grid_barrier(arrivals);
     HC_MARK(5);
-
-    // ---- the top of the tail of `sorted` (past any total these counts allow), before phase 2 -----------
-    TailPieces tail(sorted, capacity, nk, me * nwarps + warp, G * nwarps, sync);
-    if (aligned) tail.fill_early(cta_invalid + G, G, wl, block_m);
 
     // ---- phase 2: expert totals, this block's prefix, group starts, fills --------------------------
     if (me == 0 && tid < 32) {  // the invalid count (read by every mode; written once)
@@ -1972,13 +1893,38 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     __syncthreads();  // the last block barrier: from here on every warp works alone
     HC_MARK(7);
-    // The rest of the tail: the pieces between the total and `bound`, from the queues (see `tail` above).
+    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
+    // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
+    // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and
+    // the pieces into `queues` runs of consecutive pieces: HC_TAIL_QUEUES, or one per warp on a grid of fewer
+    // warps (one block), so that every queue is served. Grid warp gw serves queue gw % queues (with 32 queues,
+    // warp gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
+    // counter, one piece per ranking round (so the stores stream to memory while it ranks) and then until
+    // the queue is empty. The counters balance the grid: with a fixed slice per warp, the blocks of some
+    // SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35). One counter for the
+    // whole grid was slower still (run 36: 14K requests at one address, phase 3 took 25 us instead of 16).
+    // Each request is issued a piece ahead, so its round trip overlaps the work. The tail never overlaps a
+    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): int arithmetic.
     const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
                                                            & 15u)) & 15u) >> 2));
     if (me == 0 && warp == 0 && lane < head - total) sorted[total + lane] = nk;
-    const int tail_pieces = (tail.end - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
-    tail.first_request();
-    bool tail_left = true;  // warp-uniform
+    const int tail_pieces = (capacity - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
+    const int queues = min(HC_TAIL_QUEUES, G * nwarps);
+    const int queue = (me * nwarps + warp) % queues;
+    const int per_queue = (tail_pieces + queues - 1) / queues;
+    const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
+    unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
+    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next
+    bool tail_left = true;                                          // warp-uniform
+    // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
+    auto fill_tail_piece = [&]() -> bool {
+        const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
+        if (piece >= queue_pieces) return false;
+        if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
+        const int p = head + (queue_first + piece) * HC_TAIL_PIECE;
+        hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
+        return true;
+    };
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
@@ -1991,7 +1937,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const bool more = next < we - ws;
         const int ranked = more ? queued & ~31 : queued;
         for (int r = 0; r < ranked; r += 32) {
-            if (tail_left) tail_left = tail.fill_requested(head, tail_pieces);
+            if (tail_left) tail_left = fill_tail_piece();
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1, ws + (int)(entry >> HC_KEY_BITS),
@@ -2021,7 +1967,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
     }
-    while (tail_left) tail_left = tail.fill_requested(head, tail_pieces);  // the pieces left after this warp's last round
+    while (tail_left) tail_left = fill_tail_piece();  // the pieces left after this warp's last round
     HC_MARK(8);
 
     // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since

@@ -22,7 +22,7 @@ def main(src: str, dst: str) -> int:
     rows = data["rows"]
     nk = [r["num_slots"] for r in rows]
     compare = data.get("path_compare") or []
-    fig, axes = plt.subplots(1, 3 if compare else 2, figsize=(19.5 if compare else 13, 5))
+    fig, axes = plt.subplots(1, 3 if compare else 2, figsize=(19.5 if compare else 13, 6.5 if compare else 5))
     left, right = axes[0], axes[1]
     left.loglog(nk, [r["ours_us"] for r in rows], "o-", label="cupy (events, L2 flushed)")
     left.loglog(nk, [r["peer_us"] for r in rows], "s-", label="torch reference")
@@ -75,8 +75,10 @@ def main(src: str, dst: str) -> int:
 # the block path's as one thread-block cluster past 1024 slots on sm_90; "<path>_no_cluster" the independent blocks,
 # "<path>_no_lanes" the older kernel of that path).
 KERNEL_OF = {"warp": "lane_preprocess", "warp_no_lanes": "warp_preprocess",
-             "block": "block_lane_preprocess, cluster_lane_preprocess past 1024 slots",
-             "block_no_cluster": "block_lane_preprocess", "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
+             "block": "block_lane_preprocess, cluster_lane_preprocess past 1024 slots (16 blocks past 4096)",
+             "block_cluster8": "cluster_lane_preprocess as 8 blocks", "block_cluster16":
+             "cluster_lane_preprocess as 16 blocks", "block_no_cluster": "block_lane_preprocess",
+             "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
 
 
 def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) -> None:
@@ -85,15 +87,15 @@ def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) ->
                    key=list(KERNEL_OF).index)
     for name in names:
         points = [(e["num_slots"], e[f"{name}_graph_us"]) for e in compare if e.get(f"{name}_graph_us")]
-        ax.loglog(*zip(*points), "x--" if name.endswith(("_no_lanes", "_no_cluster")) else "o-",
+        ax.loglog(*zip(*points), "o-" if name in ("warp", "block", "grid") else "x--",
                   label=f"path={name.split('_')[0]}: {KERNEL_OF.get(name, name)}")
     if launch_graph_us:
         ax.axhline(launch_graph_us, color="green", ls=":", alpha=0.6,
                    label=f"empty kernel in a CUDA graph {launch_graph_us:.2f} us")
     ax.set_xlabel("N*K slots")
     ax.set_ylabel("microseconds per call in a CUDA graph (median)")
-    ax.set_title("up to 64K slots: each kernel, same process")
-    ax.legend(fontsize=8)
+    ax.set_title("up to 128K slots: each kernel, same process")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: the lines fill the axes
     ax.grid(True, which="both", alpha=0.3)
 
 

@@ -38,14 +38,16 @@ OPTIONS = {
     "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
                                   "shared, global", ("auto", "shared", "global")),
     "path": Option(str, "auto", "auto: one single-warp launch up to 128 slots (<= 128 local experts), one "
-                                "block-kernel launch up to 65536 slots with <= 64 local experts on sm_90+ (one "
+                                "block-kernel launch up to 131072 slots with <= 64 local experts on sm_90+ (one "
                                 "thread-block cluster; see clusters), else up to 16384 with <= 64, 8192 with more "
                                 "(a block per 1024 slots), else the grid path (one cooperative grid_fused "
-                                "launch); warp (<= 512 slots), block (<= 16384, 65536 as a cluster) or grid force one",
+                                "launch); warp (<= 512 slots), block (<= 16384; as a cluster 65536, or 131072 where "
+                                "16-block clusters fit) or grid force one",
                    ("auto", "warp", "block", "grid")),
     "clusters": Option(bool, True, "on GPUs with thread-block clusters (sm_90+), the block path past 1024 slots (<= 64 "
-                                   "local experts) runs one cluster of 8 blocks that split the slots, and path=block "
-                                   "goes up to 65536 slots; false keeps the independent blocks"),
+                                   "local experts) runs one cluster of 8 blocks that split the slots (16 past 4096 "
+                                   "slots where the GPU holds such a cluster, e.g. an H100 SXM), and path=block goes "
+                                   "up to 65536 slots (131072 with 16 blocks); false keeps the independent blocks"),
 }
 
 

@@ -52,11 +52,12 @@ class CupyPreprocess:
     """Fused expert-map preprocess on CuPy RawKernels; see the module docstring for modes and ownership."""
 
     def __init__(self, ctx: BuildContext, mode: str = "safe", map_in: str = "auto", path: str = "auto",
-                 clusters: bool = True, *, kernels: KernelSet | None = None) -> None:
+                 clusters: bool = True, *, kernels: KernelSet | None = None, max_cluster: int | None = None) -> None:
         """Build for ``ctx`` (its device, placement and map). ``clusters=False`` keeps the block path off the
-        thread-block cluster kernel on GPUs that have clusters. ``kernels`` is for tests and benchmarks only:
-        another `KernelSet` (a CPU emulation of the kernels, which runs on ``ctx.device`` as given with no GPU
-        or CuPy; or `jit.kernels_from_source` of another version of the source)."""
+        thread-block cluster kernel on GPUs that have clusters. ``kernels`` and ``max_cluster`` are for tests and
+        benchmarks only: another `KernelSet` (a CPU emulation of the kernels, which runs on ``ctx.device`` as given
+        with no GPU or CuPy; or `jit.kernels_from_source` of another version of the source), and the widest cluster
+        the plans may take (at most the device's, `jit.Kernels.max_cluster`)."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if path not in PATHS:
@@ -73,7 +74,9 @@ class CupyPreprocess:
             self.device = torch.device(ctx.device)
         self.mode = mode
         self.path = path
-        self.clusters = clusters and kernels.clusters
+        widest = kernels.max_cluster if max_cluster is None else min(max_cluster, kernels.max_cluster)
+        self.max_cluster = widest if clusters else 0  # the widest thread-block cluster the plans may take
+        self.clusters = bool(self.max_cluster)
         self.local = ctx.local
         self.kernels = kernels
         table = ctx.local.expert_map
@@ -103,7 +106,7 @@ class CupyPreprocess:
             occupancy = self.kernels.fused_occupancy(ID_TYPES[id_dtype]) if id_dtype in ID_TYPES else None
             found = self._plans[key] = plan_for(rows, top_k, id_dtype, block_m or None, self.local.count, self.map,
                                                 self.path, self.kernels.smem_optin, self.kernels.num_sms, occupancy,
-                                                clusters=self.clusters)
+                                                max_cluster=self.max_cluster)
         return found
 
     def make_buffers(self, rows: int, top_k: int, block_m: int | None = None,

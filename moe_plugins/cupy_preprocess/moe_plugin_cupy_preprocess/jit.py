@@ -14,11 +14,15 @@ from atomics and needs neither cooperative-groups headers nor relocatable device
 + the first call) before capturing: loading a module is not a stream operation and is not allowed while
 a capture is under way.
 
+cluster_lane_preprocess is compiled for clusters of 8 and of 16 blocks; the 16-block kernels are allowed their
+non-portable cluster size and used only where the driver says such a cluster fits (`widest_cluster`).
+
 Imports CuPy lazily: importing this module needs no GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -29,7 +33,8 @@ from typing import Any
 
 import torch
 
-from .plan import BLOCK_IPTS, BLOCK_VARIANTS, CLUSTER_IPTS, GRID_THREADS, LANE_IPTS
+from .plan import BLOCK_IPTS, BLOCK_THREADS, BLOCK_VARIANTS, CLUSTER_IPTS, CLUSTER_SIZES, CLUSTER_WIDE_SMEM_BYTES, \
+    GRID_THREADS, LANE_IPTS
 
 SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -37,7 +42,7 @@ COMPILE_OPTIONS = ("-std=c++17",)
 WARP_KERNEL = "warp_preprocess<{id_type}, {ipt}>"
 LANE_KERNEL = "lane_preprocess<{id_type}, {ipt}, {epl}>"
 BLOCK_LANE_KERNEL = "block_lane_preprocess<{id_type}, {ipt}, {epl}>"
-CLUSTER_LANE_KERNEL = "cluster_lane_preprocess<{id_type}, {ipt}, {epl}>"
+CLUSTER_LANE_KERNEL = "cluster_lane_preprocess<{id_type}, {ipt}, {epl}, {blocks}>"
 LANE_EPLS = (1, 2)  # local experts per lane: plan.experts_per_lane
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
@@ -51,6 +56,7 @@ DYNAMIC_SMEM_PREFIXES = ("lane_preprocess", "warp_preprocess", "block_lane_prepr
                          "block_preprocess", "grid_count", "grid_place", "grid_fused")
 CLUSTER_MIN_MAJOR = 9  # thread-block clusters: compute capability 9.0 (Hopper) and later
 COOPERATIVE_LAUNCH_ATTR = 95  # cudaDevAttrCooperativeLaunch
+NON_PORTABLE_CLUSTER_ATTR = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
 def name_expressions() -> tuple[str, ...]:
@@ -60,8 +66,8 @@ def name_expressions() -> tuple[str, ...]:
               for e in LANE_EPLS]
     names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in BLOCK_IPTS
               for e in LANE_EPLS]
-    names += [CLUSTER_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in CLUSTER_IPTS
-              for e in LANE_EPLS]
+    names += [CLUSTER_LANE_KERNEL.format(id_type=t, ipt=i, epl=e, blocks=b) for t in ID_TYPES.values()
+              for i in CLUSTER_IPTS for e in LANE_EPLS for b in CLUSTER_SIZES]
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
@@ -91,14 +97,14 @@ class Kernels:
     """The compiled kernels on one device (`launch.KernelSet`), dynamic shared memory raised to the opt-in maximum.
 
     ``functions`` maps name expressions to the RawKernels, ``pointers`` to their ``CUfunction`` handles;
-    ``clusters``: the device launches thread-block clusters (cluster_lane_preprocess).
+    ``max_cluster``: the widest thread-block cluster cluster_lane_preprocess runs as here (0: none, 8 or 16).
     """
 
     device_index: int
     smem_optin: int
     num_sms: int
     cooperative: bool
-    clusters: bool
+    max_cluster: int
     functions: dict[str, Any]
     pointers: dict[str, int]
 
@@ -163,9 +169,54 @@ def kernels_from_source(device_index: int, source: str) -> Kernels:
         pointers = {name: int(fn.kernel.ptr) for name, fn in functions.items()}
         runtime = cupy.cuda.runtime
         cooperative = bool(runtime.deviceGetAttribute(COOPERATIVE_LAUNCH_ATTR, device_index))
-    props = torch.cuda.get_device_properties(device_index)
-    clusters = props.major >= CLUSTER_MIN_MAJOR
-    return Kernels(device_index, optin, int(props.multi_processor_count), cooperative, clusters, functions, pointers)
+        props = torch.cuda.get_device_properties(device_index)
+        max_cluster = widest_cluster(pointers) if props.major >= CLUSTER_MIN_MAJOR else 0
+    return Kernels(device_index, optin, int(props.multi_processor_count), cooperative, max_cluster, functions,
+                   pointers)
+
+
+def widest_cluster(pointers: dict[str, int]) -> int:
+    """The widest of `plan.CLUSTER_SIZES` that cluster_lane_preprocess can run as on the current device (sm_90+).
+
+    The portable size always; a wider one is allowed per kernel (non-portable cluster size), then kept only if
+    the driver says at least one such cluster of `plan.BLOCK_THREADS` threads and `plan.CLUSTER_WIDE_SMEM_BYTES`
+    of dynamic shared memory per block fits (cuOccupancyMaxActiveClusters: a GPU whose GPCs hold fewer SMs, or
+    a MIG slice, may not).
+    """
+    from cupy.cuda import driver
+
+    widest = CLUSTER_SIZES[0]
+    for blocks in CLUSTER_SIZES[1:]:
+        names = [name for name in pointers if name.startswith("cluster_lane_preprocess<")
+                 and name.endswith(f", {blocks}>")]
+        for name in names:
+            driver.funcSetAttribute(pointers[name], NON_PORTABLE_CLUSTER_ATTR, 1)
+        if names and max_active_clusters(pointers[names[0]], blocks, BLOCK_THREADS, CLUSTER_WIDE_SMEM_BYTES) >= 1:
+            widest = blocks
+    return widest
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig of the CUDA driver API (no launch attributes: the kernel's cluster size is compiled in)."""
+
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared_mem_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("num_attrs", ctypes.c_uint)]
+
+
+def max_active_clusters(function: int, blocks: int, threads: int, smem: int) -> int:
+    """cuOccupancyMaxActiveClusters for ``function`` (a CUfunction whose cluster size is ``blocks``) launched as
+    ``blocks`` blocks of ``threads`` threads with ``smem`` bytes of dynamic shared memory: how many such clusters
+    the device holds at once; 0 where the driver has no such call or refuses."""
+    try:
+        query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+    except (OSError, AttributeError):
+        return 0
+    count = ctypes.c_int(0)
+    config = _LaunchConfig(blocks, 1, 1, threads, 1, 1, smem, None, None, 0)
+    status = query(ctypes.byref(count), ctypes.c_void_p(function), ctypes.byref(config))
+    return count.value if status == 0 else 0
 
 
 def smem_optin(device_index: int) -> int:

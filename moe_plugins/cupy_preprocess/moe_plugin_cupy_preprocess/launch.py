@@ -53,7 +53,7 @@ class KernelSet(Protocol):
 
     smem_optin: int  # the most dynamic shared memory a block may ask for, in bytes
     num_sms: int  # streaming multiprocessors: the fused grid is sized from them
-    clusters: bool  # thread-block clusters can be launched (sm_90+): cluster_lane_preprocess can run
+    max_cluster: int  # the widest thread-block cluster that can be launched (0: none; 8 or 16, sm_90+)
 
     def handle(self, name: str) -> Any:
         """The launchable handle of the kernel named by its jit name expression."""
@@ -137,7 +137,7 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
                     takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     if plan.cluster:
-        name = f"cluster_lane_preprocess<{id_name}, {plan.ipt}, {plan.experts_per_lane}>"
+        name = f"cluster_lane_preprocess<{id_name}, {plan.ipt}, {plan.experts_per_lane}, {plan.grid_blocks}>"
         step = Step("cluster_lane_preprocess", kernels.handle(name), plan.grid_blocks, plan.block_threads,
                     plan.smem_block_bytes, outputs, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)

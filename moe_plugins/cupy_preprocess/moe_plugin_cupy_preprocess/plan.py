@@ -18,8 +18,9 @@ Nothing here touches a GPU, so the sizing rules are tested on the CPU. The const
     ``block_preprocess`` (shared counters per virtual warp, windows of experts) otherwise.
     ``cluster_lane_preprocess`` (``cluster``: devices with thread-block clusters, sm_90+) instead of
     block_lane_preprocess past one block's share of slots (up to `CLUSTER_MAX_SLOTS`): ONE cluster of
-    `CLUSTER_BLOCKS` blocks that split the slots (``ipt`` per thread, ``block_threads`` per block) and exchange
-    their counts through distributed shared memory, so no block maps or counts another's slots.
+    ``grid_blocks`` blocks (`CLUSTER_SIZES`: 8, or 16 where the device holds such a cluster) that split the slots
+    (``ipt`` per thread, ``block_threads`` per block) and exchange their counts through distributed shared
+    memory, so no block maps or counts another's slots.
 ``grid`` path, ``fused``
     one cooperative launch of ``grid_fused`` (all blocks co-resident, grid-wide barriers in the kernel):
     ``grid_blocks`` blocks, sized from the kernel's occupancy, each owning ``chunk`` consecutive slots.
@@ -122,16 +123,27 @@ BLOCK_OWNED_SLOTS = 1024
 every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
-CLUSTER_BLOCKS = 8
-"""HC_CLUSTER_BLOCKS: cluster_lane_preprocess runs as one thread-block cluster of this many blocks (compiled in
-with ``__cluster_dims__``; 8 is the cluster size every sm_90 device supports)."""
+CLUSTER_SIZES = (8, 16)
+"""The blocks of cluster_lane_preprocess's one thread-block cluster (its template argument CB, compiled in with
+``__cluster_dims__``): 8 is the size every sm_90 device supports; 16 is a non-portable size that jit.py allows
+per kernel and takes where the driver says such a cluster of `BLOCK_THREADS` threads per block and
+`CLUSTER_WIDE_SMEM_BYTES` fits (an H100 SXM does)."""
+CLUSTER_WIDE_SMEM_BYTES = 64 * 1024
+"""The dynamic shared memory per block that jit.py checks a 16-block cluster for: plans past it take 8 blocks."""
+CLUSTER_WIDE_MIN_SLOTS = 4096
+"""The plan takes a 16-block cluster (where the device has one) past this many slots, 8 blocks up to it.
+Measured on an H100 (GPU run 64, GPU_RESULTS.md), same process, in CUDA graphs: 16 blocks 4.01 / 4.81 / 5.26 /
+6.26 us at 8192 / 16384 / 32768 / 65536 slots, against 8 blocks' 4.55 / 5.06 / 5.79 / 8.04; at 2048 8 blocks win
+(3.42 against 3.66 us), at 4096 the two are even (3.74 against 3.68; eager 7.26 against 7.57)."""
 CLUSTER_IPTS = (1, 2, 4, 8)
-CLUSTER_MAX_SLOTS = CLUSTER_BLOCKS * BLOCK_THREADS * CLUSTER_IPTS[-1]
+CLUSTER_MAX_SLOTS = CLUSTER_SIZES[-1] * BLOCK_THREADS * CLUSTER_IPTS[-1]
+"""The most slots of the widest cluster (`cluster_max_slots` gives each size's)."""
 CLUSTER_AUTO_MAX = CLUSTER_MAX_SLOTS
-"""``path=auto`` takes the block path up to this many slots when it runs cluster_lane_preprocess. Measured on an
-H100 (GPU runs 45 and 47, GPU_RESULTS.md), in CUDA graphs: 5.9-6.1 us at 32768 slots and 8.1 at 65536, against
-grid_fused's 9.7 and 9.9 (eager 8.9-9.5 and 11.0-11.6 us against 13.9 and 14.8); from 2048 slots up it also beats
-block_lane_preprocess (3.4 against 3.9 us at 2048, 5.0-5.2 against 7.7 at 16384)."""
+"""``path=auto`` takes the block path up to this many slots when it runs cluster_lane_preprocess (up to the
+cluster's `cluster_max_slots`). Measured on an H100, in CUDA graphs: 8 blocks 5.9-6.1 us at 32768 slots and 8.1
+at 65536, against grid_fused's 9.7 and 9.9 (GPU runs 45, 47); 16 blocks 8.56 us at 131072, against grid_fused's
+9.63 (eager 11.84 against 13.28, run 64). From 2048 slots up the cluster also beats block_lane_preprocess (3.4
+against 3.9 us at 2048, 5.0-5.2 against 7.7 at 16384)."""
 BLOCK_LANE_AUTO_MAX = BLOCK_MAX_SLOTS
 """``path=auto`` takes the block path up to this many slots when it runs block_lane_preprocess (at most
 `LANE_MAX_LOCAL` local experts). Measured on an H100 (GPU run 28, GPU_RESULTS.md) at 16384 slots: 10.78 us
@@ -208,7 +220,7 @@ class Plan:
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
     lanes: bool = False  # lane_preprocess / block_lane_preprocess (warp / block path): experts by lane
-    cluster: bool = False  # block path: cluster_lane_preprocess (grid_blocks = CLUSTER_BLOCKS, lanes)
+    cluster: bool = False  # block path: cluster_lane_preprocess (grid_blocks: the cluster's blocks, lanes)
 
     @property
     def experts_per_lane(self) -> int:
@@ -298,20 +310,46 @@ def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
     return map_entries + warps * (experts + 1) + 2 * experts + 1
 
 
-def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
+def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int, blocks: int) -> int:
     """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then each expert's start for this
     block, a row per block of the cluster (its slots per expert and invalid count, stored there by that block), then
     the 8-byte mbarrier they arrive on (at an even int offset)."""
     experts = 32 * experts_per_lane(num_local)
-    ints = _block_lane_smem_ints(map_entries, warps, num_local) + experts + CLUSTER_BLOCKS * (experts + 1)
+    ints = _block_lane_smem_ints(map_entries, warps, num_local) + experts + blocks * (experts + 1)
     return ints + ints % 2 + 2
 
 
-def _cluster_shape(nk: int) -> tuple[int, int]:
-    """``(ipt, warps per block)`` of cluster_lane_preprocess for ``nk`` slots (``nk <= CLUSTER_MAX_SLOTS``): the
-    fewest slots per thread, then the fewest warps that hold them over the cluster's blocks."""
-    ipt = next(i for i in CLUSTER_IPTS if CLUSTER_BLOCKS * BLOCK_THREADS * i >= nk)
-    return ipt, max(1, -(-nk // (CLUSTER_BLOCKS * 32 * ipt)))
+def cluster_max_slots(blocks: int) -> int:
+    """The most slots one cluster of ``blocks`` blocks takes (`BLOCK_THREADS` threads x the largest ipt each)."""
+    return blocks * BLOCK_THREADS * CLUSTER_IPTS[-1]
+
+
+def _cluster_shape(nk: int, blocks: int) -> tuple[int, int]:
+    """``(ipt, warps per block)`` of cluster_lane_preprocess for ``nk`` slots over ``blocks`` blocks (``nk <=
+    cluster_max_slots(blocks)``): the fewest slots per thread, then the fewest warps that hold them."""
+    ipt = next(i for i in CLUSTER_IPTS if blocks * BLOCK_THREADS * i >= nk)
+    return ipt, max(1, -(-nk // (blocks * 32 * ipt)))
+
+
+def _cluster_blocks(nk: int, num_local: int, map_entries: int, smem_optin: int, max_cluster: int,
+                    forced: int | None) -> int:
+    """The blocks of the cluster that takes ``nk`` slots (0: none fits). ``max_cluster``: the widest cluster the
+    device holds (0 without clusters); ``forced`` (benchmarks): that size or none. Past `CLUSTER_WIDE_MIN_SLOTS`
+    the widest that fits, else 8."""
+    if num_local > LANE_MAX_LOCAL or not BLOCK_OWNED_SLOTS < nk:
+        return 0
+    sizes = [b for b in CLUSTER_SIZES if b <= max_cluster and nk <= cluster_max_slots(b)]
+    if forced is not None:
+        sizes = [b for b in sizes if b == forced]
+    elif nk <= CLUSTER_WIDE_MIN_SLOTS:
+        sizes = sizes[:1]
+
+    def smem_bytes(blocks: int) -> int:
+        return _cluster_lane_smem_ints(map_entries, _cluster_shape(nk, blocks)[1], num_local, blocks) * 4
+
+    fits = [b for b in sizes if smem_bytes(b) <= (smem_optin if b == CLUSTER_SIZES[0] else
+                                                   min(smem_optin, CLUSTER_WIDE_SMEM_BYTES))]
+    return fits[-1] if fits else 0
 
 
 def _block_lane_fits(num_local: int, map_entries: int, warps: int, smem_optin: int) -> bool:
@@ -412,7 +450,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
              two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True,
-             clusters: bool = False) -> Plan:
+             max_cluster: int = 0, cluster_blocks: int | None = None) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
@@ -420,8 +458,9 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     ``two_phase_limit`` (tests) moves the switch to grid_fused's two-barrier scan (`TWO_PHASE_LIMIT`);
     ``block_grid`` (tests, benchmarks) fixes the block path's number of blocks (`_block_grid`);
     ``lanes=False`` (benchmarks) keeps warp_preprocess / block_preprocess where the lane kernels would run;
-    ``clusters`` says the device launches thread-block clusters (sm_90+): the block path then takes
-    cluster_lane_preprocess past one block's share of slots (not with a fixed ``block_grid``).
+    ``max_cluster`` is the widest thread-block cluster the device launches (0: none; 8 or 16, sm_90+): the block
+    path then takes cluster_lane_preprocess past one block's share of slots (not with a fixed ``block_grid``);
+    ``cluster_blocks`` (benchmarks) holds it to clusters of that many blocks.
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -437,12 +476,14 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         raise ContractError(f"the aligned layout for {nk} slots, {num_local} local experts and block_m={bm} needs "
                             f"{capacity} entries, past int32 indexing; use a smaller block_m or split the batch")
     map_smem = map_choice.size if map_choice.mode == MAP_SHARED else 0
-    cluster_ok = clusters and lanes and block_grid is None and BLOCK_OWNED_SLOTS < nk <= CLUSTER_MAX_SLOTS and \
-        _cluster_lane_smem_ints(map_smem, _cluster_shape(nk)[1], num_local) * 4 <= smem_optin and \
-        num_local <= LANE_MAX_LOCAL
-    if path == "block" and nk > BLOCK_MAX_SLOTS and not cluster_ok:
-        most = (f"{CLUSTER_MAX_SLOTS} slots as one thread-block cluster (at most {LANE_MAX_LOCAL} local experts, this "
-                f"rank has {num_local}) and {BLOCK_MAX_SLOTS} otherwise") if clusters else \
+    if max_cluster not in (0, *CLUSTER_SIZES) or cluster_blocks not in (None, *CLUSTER_SIZES):
+        raise ConfigError(f"thread-block clusters have {' or '.join(map(str, CLUSTER_SIZES))} blocks here, got "
+                          f"max_cluster={max_cluster!r}, cluster_blocks={cluster_blocks!r}")
+    cluster = _cluster_blocks(nk, num_local, map_smem, smem_optin, max_cluster, cluster_blocks) \
+        if lanes and block_grid is None else 0
+    if path == "block" and nk > BLOCK_MAX_SLOTS and not cluster:
+        most = (f"{cluster_max_slots(max_cluster)} slots as one thread-block cluster (at most {LANE_MAX_LOCAL} local "
+                f"experts, this rank has {num_local}) and {BLOCK_MAX_SLOTS} otherwise") if max_cluster else \
             f"{BLOCK_MAX_SLOTS} slots (blocks of {BLOCK_THREADS} threads x {BLOCK_IPTS[-1]})"
         raise ConfigError(f"path=block handles at most {most}, got {rows} x {top_k} = {nk}; use path=auto or path=grid")
     warp_ipt = next((i for i in WARP_IPTS if 32 * i >= nk), 0)
@@ -453,7 +494,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                           f"(one warp), got {rows} x {top_k} = {nk} slots and {num_local} local experts; use path=auto")
     if path == "auto":
         block_lane_ok = lanes and _block_lane_fits(num_local, map_smem, BLOCK_THREADS // 32, smem_optin)
-        block_max = CLUSTER_AUTO_MAX if cluster_ok else BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
+        block_max = CLUSTER_AUTO_MAX if cluster else BLOCK_LANE_AUTO_MAX if block_lane_ok else BLOCK_PATH_AUTO_MAX
         chosen = "warp" if warp_ok and nk <= WARP_PATH_AUTO_MAX else ("block" if nk <= block_max else "grid")
     else:
         chosen = path
@@ -464,12 +505,12 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
                     path="warp", capacity=capacity, window=max(1, num_local), windows=1, ipt=warp_ipt,
                     active_warps=1, block_threads=32, tiles=1, smem_block_bytes=smem_ints * 4, smem_count_bytes=0,
                     smem_place_bytes=0, lanes=lanes)
-    if chosen == "block" and cluster_ok:
-        ipt, warps = _cluster_shape(nk)
+    if chosen == "block" and cluster:
+        ipt, warps = _cluster_shape(nk, cluster)
         return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                     path="block", capacity=capacity, window=max(1, num_local), windows=1, ipt=ipt, active_warps=warps,
-                    block_threads=32 * warps, tiles=1, grid_blocks=CLUSTER_BLOCKS,
-                    smem_block_bytes=_cluster_lane_smem_ints(map_smem, warps, num_local) * 4, smem_count_bytes=0,
+                    block_threads=32 * warps, tiles=1, grid_blocks=cluster,
+                    smem_block_bytes=_cluster_lane_smem_ints(map_smem, warps, num_local, cluster) * 4, smem_count_bytes=0,
                     smem_place_bytes=0, lanes=True, cluster=True)
     window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0

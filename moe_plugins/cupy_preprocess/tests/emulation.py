@@ -64,7 +64,7 @@ class EmulatedKernels:
 
     smem_optin = DEFAULT_SMEM_OPTIN
     num_sms = 2
-    clusters = True  # as an H100: the block path takes cluster_lane_preprocess where the plan allows it
+    max_cluster = 16  # as an H100 SXM: the block path takes cluster_lane_preprocess where the plan allows it
     scan_threads: int | None = None  # grid_scan's block size (None: as launched)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
@@ -84,7 +84,7 @@ class EmulatedKernels:
                                                       int(params[2]))
             elif base == "cluster_lane_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_cluster_lane, id64, int(params[1]),
-                                                      int(params[2]))
+                                                      int(params[2]), int(params[3]))
             elif base == "block_preprocess":
                 self._entry[name] = functools.partial(self._call, lib.emu_block, id64, int(params[1]), int(params[2]))
             elif base == "grid_count":

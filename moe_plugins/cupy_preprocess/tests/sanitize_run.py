@@ -1,7 +1,7 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
-as one thread-block cluster, the single-launch grid_fused with one and with two grid barriers, with each map mode
+as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid barriers, with each map mode
 and with lists too short for a warp's local slots, the three split grid kernels for many local experts, map in
 shared memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random
 inputs, and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess_testlib import assert_matches, context, make_case, reference, separate_buffers  # noqa: E402
 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
-from moe_plugin_cupy_preprocess.plan import GRID_WARPS, PLACE_QUEUE  # noqa: E402
+from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES, GRID_WARPS, PLACE_QUEUE  # noqa: E402
 
 CASES = [
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
@@ -39,10 +39,13 @@ CASES = [
     (256, 4, 2, "guard_slot", 4, 8, torch.int32, {}),  # lane_preprocess, two experts per lane (64 local, 128 slots)
     (256, 8, 1, "non_local", 40, 8, torch.int32, {"clusters": False}),  # block_lane_preprocess (3 blocks), shared map
     (256, 8, 7, "negative", 40, 8, torch.int64, {"clusters": False}),  # block_lane_preprocess, invalid ids counted
-    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # cluster_lane_preprocess (2560 slots), shared map
-    (256, 8, 5, "negative", 100, 8, torch.int64, {"map_in": "global"}),  # cluster_lane, global map, invalid ids
-    (256, 4, 2, "non_local", 1250, 8, torch.int32, {"path": "block"}),  # cluster_lane: 40000 slots, 8 per thread,
-    # two experts per lane
+    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # cluster_lane_preprocess (2560 slots, 8 blocks), shared map
+    (256, 8, 5, "negative", 100, 8, torch.int64, {"map_in": "global"}),  # cluster_lane (16 blocks where they fit),
+    # global map, invalid ids
+    (256, 4, 2, "non_local", 1250, 8, torch.int32, {"path": "block"}),  # cluster_lane: 40000 slots, 4 per thread
+    # on 16 blocks (8 on 8), two experts per lane
+    (256, 8, 6, "guard_slot", 1100, 8, torch.int32, {}),  # cluster_lane: 70400 slots, 16 blocks, 8 per thread
+    # (where 16-block clusters fit; else grid_fused)
     (24, 1, 0, "out_of_range", 100, 8, torch.int32, {}),  # block_lane_preprocess, no map
     (64, 1, 0, "out_of_range", 500, 8, torch.int32, {}),  # cluster_lane_preprocess, two experts per lane, no map
     (256, 4, 1, "non_local", 1, 8, torch.int32, {"path": "block"}),  # block_lane, 64 local experts, one warp
@@ -72,6 +75,7 @@ def main() -> int:
     start = time.perf_counter()
     seed = time.time_ns() % 1_000_000
     kernels_run: set[str] = set()
+    widest = 0  # the widest thread-block cluster the device holds (0: none)
     for i, (e, ep, rank, sentinel, rows, k, dtype, options) in enumerate(CASES):
         case = make_case(e, ep, rank, sentinel, rows, k, seed=seed + i, dtype=dtype)
         local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.cuda())
@@ -86,6 +90,9 @@ def main() -> int:
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:
                     kernels_run.add("grid_fused re-read past a full list")
             kernels_run.update(plan.kernel_names)
+            if plan.cluster:
+                kernels_run.add(f"cluster_lane_preprocess {plan.grid_blocks} blocks")
+            widest = max(widest, stage.max_cluster)
             if plan.experts_per_lane == 2:
                 kernels_run.add(f"{plan.kernel_names[0]} two experts per lane")
             if plan.fused and plan.two_phase:
@@ -103,7 +110,8 @@ def main() -> int:
                "block_lane_preprocess two experts per lane", "cluster_lane_preprocess",
                "cluster_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
                "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1",
-               "grid_fused map mode 2", "grid_fused re-read past a full list"} - kernels_run
+               "grid_fused map mode 2", "grid_fused re-read past a full list",
+               *(f"cluster_lane_preprocess {b} blocks" for b in CLUSTER_SIZES if b <= widest)} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")
         return 1

@@ -24,7 +24,8 @@ from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX,
-                                             CLUSTER_AUTO_MAX, CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, DEFAULT_SMEM_OPTIN,
+                                             CLUSTER_AUTO_MAX, CLUSTER_MAX_SLOTS, CLUSTER_SIZES, CLUSTER_WIDE_MIN_SLOTS,
+                                             CLUSTER_WIDE_SMEM_BYTES, DEFAULT_SMEM_OPTIN,
                                              GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL,
                                              MAP_NONE, MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE,
                                              WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
@@ -213,25 +214,38 @@ def test_block_path_takes_the_lane_kernel_up_to_64_local_experts() -> None:
 
 
 def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
-    def plan(nk: int, num_local: int = 32, path: str = "block", **options: object) -> object:
-        return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 257), path, clusters=True,
+    def plan(nk: int, num_local: int = 32, path: str = "block", max_cluster: int = 8, **options: object) -> object:
+        return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 257), path, max_cluster=max_cluster,
                         **options)
 
     # Past one block's 1024 slots: 8 blocks, the fewest slots per thread, then the fewest warps per block.
-    assert (CLUSTER_BLOCKS, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX) == (8, 65536, 65536)
+    assert (CLUSTER_SIZES, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX, CLUSTER_WIDE_MIN_SLOTS) == ((8, 16), 131072, 131072, 4096)
     shapes = {nk: (plan(nk).ipt, plan(nk).block_threads) for nk in (1025, 2048, 8192, 8193, 16384, 30000, 65536)}
     assert shapes == {1025: (1, 160), 2048: (1, 256), 8192: (1, 1024), 8193: (2, 544), 16384: (2, 1024),
                       30000: (4, 960), 65536: (8, 1024)}
-    for nk in (1025, 16384, CLUSTER_MAX_SLOTS):
-        p = plan(nk)
-        assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",) and p.grid_blocks == 8
-        assert CLUSTER_BLOCKS * p.block_threads * p.ipt >= nk and p.active_warps == p.block_threads // 32
+    # Where the device holds 16-block clusters: 8 blocks up to CLUSTER_WIDE_MIN_SLOTS, 16 past it (up to 131072).
+    wide = {nk: (plan(nk, max_cluster=16).grid_blocks, plan(nk, max_cluster=16).ipt,
+                 plan(nk, max_cluster=16).block_threads) for nk in (2048, 4096, 4097, 16384, 16385, 65536, 131072)}
+    assert wide == {2048: (8, 1, 256), 4096: (8, 1, 512), 4097: (16, 1, 288), 16384: (16, 1, 1024),
+                    16385: (16, 2, 544), 65536: (16, 4, 1024), 131072: (16, 8, 1024)}
+    assert plan(16384, max_cluster=16, cluster_blocks=8).grid_blocks == 8, "a benchmark can hold it to 8 blocks"
+    for max_cluster, nk in ((8, 1025), (8, 16384), (8, 65536), (16, 4097), (16, 131072)):
+        p = plan(nk, max_cluster=max_cluster)
+        blocks = p.grid_blocks
+        assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",)
+        assert blocks == (16 if nk > CLUSTER_WIDE_MIN_SLOTS and max_cluster == 16 else 8)
+        assert blocks * p.block_threads * p.ipt >= nk and p.active_warps == p.block_threads // 32
         # map, per warp 32 counts and a bad count, totals, first blocks, starts, a row of 32 counts and a bad
         # count per block, the mbarrier (8 bytes at an even int offset)
-        ints = 257 + (p.block_threads // 32) * 33 + 65 + 32 + 8 * 33
+        ints = 257 + (p.block_threads // 32) * 33 + 65 + 32 + blocks * 33
         assert p.smem_block_bytes == (ints + ints % 2 + 2) * 4
     ints = 257 + 20 * 65 + 129 + 64 + 8 * 65  # rows of 64 experts
     assert plan(20000, LANE_MAX_LOCAL).smem_block_bytes == (ints + ints % 2 + 2) * 4
+    # A map too large for a 16-block cluster's checked shared memory keeps 8 blocks (which fit up to the opt-in).
+    big_map = MapChoice(MAP_SHARED, CLUSTER_WIDE_SMEM_BYTES // 4)
+    assert plan_for(20000, 1, torch.int32, 16, 32, big_map, "block", max_cluster=16).grid_blocks == 8
+    with pytest.raises(ConfigError, match=r"clusters have 8 or 16 blocks here, got max_cluster=True"):
+        plan(4000, max_cluster=True)
     # One block's share or less, a fixed block count, more than 64 local experts, lanes=False, no clusters: the
     # other block kernels; past 16384 slots path=block then refuses (with clusters it names their bound).
     assert plan(1024).kernel_names == ("block_lane_preprocess",)
@@ -241,11 +255,15 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
     assert plan_for(4000, 1, torch.int32, 16, 32, MapChoice(MAP_SHARED, 257), "block").kernel_names == \
         ("block_lane_preprocess",)
     with pytest.raises(ConfigError, match=r"at most 65536 slots as one thread-block cluster .*16384 otherwise, got 65537"):
-        plan(CLUSTER_MAX_SLOTS + 1)
+        plan(65537)
+    with pytest.raises(ConfigError, match=r"at most 131072 slots as one thread-block cluster .*got 131073"):
+        plan(CLUSTER_MAX_SLOTS + 1, max_cluster=16)
     with pytest.raises(ConfigError, match=r"cluster \(at most 64 local experts, this rank has 65\).*got 20000 x 1"):
         plan(20000, LANE_MAX_LOCAL + 1)
-    # auto: the cluster up to CLUSTER_AUTO_MAX, then grid_fused
-    assert plan(CLUSTER_AUTO_MAX, path="auto").cluster and plan(CLUSTER_AUTO_MAX + 1, path="auto").path == "grid"
+    # auto: the cluster up to CLUSTER_AUTO_MAX (as far as the widest cluster goes), then grid_fused
+    assert plan(CLUSTER_AUTO_MAX, path="auto", max_cluster=16).cluster
+    assert plan(CLUSTER_AUTO_MAX + 1, path="auto", max_cluster=16).path == "grid"
+    assert plan(65536, path="auto").cluster and plan(65537, path="auto").path == "grid"
     assert plan(100, path="auto").kernel_names == ("lane_preprocess",)
 
 

@@ -21,7 +21,7 @@ from moe_plugin_cupy_preprocess.launch import launch
 from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE, PLACE_QUEUE,
                                              TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, MapChoice, Plan,
                                              choose_map, plan_for)
-from moe_plugin_cupy_preprocess.plan import CLUSTER_BLOCKS
+from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,18 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
         path: str = "auto", fused: bool = True, launches: int = 1,
         two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None,
-        lanes: bool = True, clusters: bool = False) -> tuple[LocalRouting, Plan]:
+        lanes: bool = True, max_cluster: int = 0) -> tuple[LocalRouting, Plan]:
     """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
     each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
     launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks;
-    ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run; ``clusters=True``
-    plans as a device with thread-block clusters (cluster_lane_preprocess past one block's slots)."""
+    ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run; ``max_cluster`` (8 or
+    16) plans as a device with thread-block clusters that wide (cluster_lane_preprocess past one block's slots)."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
                     fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
-                    block_grid=block_grid, lanes=lanes, clusters=clusters)
+                    block_grid=block_grid, lanes=lanes, max_cluster=max_cluster)
     buffers, backing = guarded_buffers(plan, "cpu")
     device_map = None if table is None else map_with_head(table, "cpu")[1]
     for _ in range(launches):
@@ -118,23 +118,32 @@ def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int,
 
 # --- the cluster kernel: 8 blocks that split the slots ----------------------------------------------------
 
-# (global experts, ep, rows per rank, top_k): ep * rows * top_k = 1056 and 2400 slots (1 per thread), 9024 (2),
-# 20032 (4) and 40000 (8), ragged last warps and blocks; 32 local experts (one per lane) and 64 (two per lane).
-CLUSTER_CASES = [(256, 8, 33, 4), (128, 2, 150, 8), (256, 4, 282, 8), (256, 8, 313, 8), (256, 4, 1250, 8)]
+# (global experts, ep, rows per rank, top_k): ep * rows * top_k = 1056 and 2400 slots (1 per thread), 9024 (2 on
+# 8 blocks, 1 on 16), 20032 (4; 2) and 40000 (8; 4), and 65792 (16 blocks, 8 per thread), ragged last warps and
+# blocks; 32 local experts (one per lane) and 64 (two per lane). Cluster (blocks, ipt) per size and widest cluster:
+CLUSTER_CASES = [(256, 8, 33, 4), (128, 2, 150, 8), (256, 4, 282, 8), (256, 8, 313, 8), (256, 4, 1250, 8),
+                 (256, 8, 1028, 8)]
+CLUSTER_SHAPES = {8: {1056: (8, 1), 2400: (8, 1), 9024: (8, 2), 20032: (8, 4), 40000: (8, 8)},
+                  16: {1056: (8, 1), 2400: (8, 1), 9024: (16, 1), 20032: (16, 2), 40000: (16, 4), 65792: (16, 8)}}
 
 
 @pytest.mark.parametrize("shape", CLUSTER_CASES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("max_cluster", CLUSTER_SIZES)
 def test_cluster_kernel_against_the_reference(kernels: EmulatedKernels, shape: tuple[int, int, int, int],
-                                              dtype: torch.dtype) -> None:
+                                              dtype: torch.dtype, max_cluster: int) -> None:
     experts, ep, rows, k = shape
+    if ep * rows * k not in CLUSTER_SHAPES[max_cluster]:
+        pytest.skip(f"{ep * rows * k} slots are more than one cluster of {max_cluster} blocks takes")
     case = make_case(experts, ep, ep - 1, "negative" if rows % 2 else "non_local", rows, k, seed=rows + ep, dtype=dtype,
                      round_robin=ep == 4)
     for block_m in (None, 1, 16, 64):
-        got, plan = run(kernels, case, block_m, path="block", clusters=True)  # past 16K slots auto takes the grid
+        got, plan = run(kernels, case, block_m, path="block", max_cluster=max_cluster)  # (auto: the grid past 16K)
         assert plan.kernel_names == ("cluster_lane_preprocess",) and plan.experts_per_lane == (1 if ep == 8 else 2)
-        assert plan.ipt == {1056: 1, 2400: 1, 9024: 2, 20032: 4, 40000: 8}[case.ids.numel()]
-        assert kernels.launches[-1][1:3] == (CLUSTER_BLOCKS, plan.block_threads)
+        assert (plan.grid_blocks, plan.ipt) == CLUSTER_SHAPES[max_cluster][case.ids.numel()]
+        assert kernels.launches[-1][:3] == (f"cluster_lane_preprocess<{'long long' if dtype == torch.int64 else 'int'}, "
+                                            f"{plan.ipt}, {plan.experts_per_lane}, {plan.grid_blocks}>",
+                                            plan.grid_blocks, plan.block_threads)
         assert_matches(got, reference(case, block_m), block_m, f"{shape} {dtype} block_m={block_m}")
         if block_m:
             assert_layout_valid(got, block_m)
@@ -148,8 +157,8 @@ def test_cluster_kernel_every_sentinel_map_place_and_mode(kernels: EmulatedKerne
     case = make_case(64, 2, 1, sentinel, rows_per_rank=700, top_k=4, seed=hash((sentinel, map_in)) % 1000)  # 5600
     # (faithful with -1 padding misroutes on purpose: test_faithful_reproduces_the_misrouting_that_safe_counts)
     for mode in ("safe", "faithful") if sentinel != "negative" else ("safe",):
-        got, plan = run(kernels, case, 16, mode=mode, map_in=map_in, clusters=True)
-        assert plan.cluster and plan.ipt == 1
+        got, plan = run(kernels, case, 16, mode=mode, map_in=map_in, max_cluster=16)
+        assert plan.cluster and plan.ipt == 1 and plan.grid_blocks == 16
         assert_matches(got, reference(case, 16, mode), 16, f"{sentinel} {map_in} {mode}")
     if sentinel == "negative":
         assert int(got.invalid_count) > 0 or case.real_rows == case.ids.shape[0]
@@ -160,7 +169,7 @@ def test_cluster_kernel_with_few_warps_per_expert_and_replays(kernels: EmulatedK
     every slot local with no map; three launches into the same poisoned buffers."""
     case = make_case(64, 1, 0, "out_of_range", rows_per_rank=1025, top_k=1, seed=77)
     for block_m in (1, 16, 64):
-        got, plan = run(kernels, case, block_m, clusters=True, launches=3)
+        got, plan = run(kernels, case, block_m, max_cluster=16, launches=3)
         assert plan.cluster and plan.block_threads == 160 and plan.experts_per_lane == 2
         assert_matches(got, reference(case, block_m), block_m, f"block_m={block_m}")
         assert_layout_valid(got, block_m)
@@ -332,14 +341,15 @@ def test_fused_grid_refuses_misaligned_sync_words(kernels: EmulatedKernels) -> N
 @pytest.mark.parametrize("map_in", ["shared", "global"])
 def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKernels, path: str, rows_per_rank: int,
                                                              lanes: bool, kernel: str, map_in: str) -> None:
-    clusters = kernel == "cluster_lane_preprocess"
+    max_cluster = 16 if kernel == "cluster_lane_preprocess" else 0
     case = make_case(32, 4, 0, "negative", rows_per_rank=rows_per_rank, top_k=4, seed=8)
     padding = case.ids == -1
     assert bool(padding.any())
-    safe, plan = run(kernels, case, 16, path=path, map_in=map_in, lanes=lanes, clusters=clusters)
+    safe, plan = run(kernels, case, 16, path=path, map_in=map_in, lanes=lanes, max_cluster=max_cluster)
     assert plan.kernel_names == (kernel,)
     assert int(safe.invalid_count) == int(padding.sum()) and bool((safe.local_ids[padding] == -1).all())
-    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes, clusters=clusters)
+    faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes,
+                      max_cluster=max_cluster)
     assert faithful.invalid_count is None
     # The emulator, like the H100 for shared memory and the zero head for global memory, reads 0 below the
     # table: every padding slot becomes a slot of local expert 0.

@@ -28,7 +28,8 @@ from hostcore.conformance import PreprocessContract
 from hostcore.errors import ContractError
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
-from moe_plugin_cupy_preprocess.plan import BLOCK_MAX_SLOTS, LANE_MAX_LOCAL, WARP_MAX_LOCAL, WARP_MAX_SLOTS
+from moe_plugin_cupy_preprocess.plan import (BLOCK_MAX_SLOTS, CLUSTER_WIDE_MIN_SLOTS, LANE_MAX_LOCAL, WARP_MAX_LOCAL,
+                                             WARP_MAX_SLOTS)
 
 EMULATE = os.environ.get("HOSTCORE_CUPY_EMULATE") == "1"
 REASON = plugin.availability_reason()
@@ -54,11 +55,12 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture
 def stage(emulated_kernels: Any) -> Callable[..., CupyPreprocess]:
-    """``stage(case, **options)``: the backend for the case's rank, as the registry builds it (emulated on request)."""
+    """``stage(case, **options)``: the backend for the case's rank, as the registry builds it (emulated on request;
+    built directly with ``max_cluster``, the widest cluster it may take, which no registry option sets)."""
     def build(case: Case, **options: Any) -> CupyPreprocess:
         local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.to(DEVICE))
         ctx = context(case.placement, case.rank, local, DEVICE, top_k=case.ids.shape[1], sentinel=case.sentinel)
-        if emulated_kernels is not None:
+        if emulated_kernels is not None or "max_cluster" in options:
             return CupyPreprocess(ctx, kernels=emulated_kernels, **options)
         return registry.build(Stage.PREPROCESS, BackendChoice.of("cupy", **options), ctx)
     registry = Registry.discover()
@@ -163,11 +165,14 @@ def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess],
                 check_guarded_run(backend, case, block_m, what)
 
 
-# The lane block kernels and their sizes: block_lane_preprocess (independent blocks, clusters off) from one warp of
-# slots to 16384 (1 to 16 slots per thread, 1 to 16 blocks); cluster_lane_preprocess (one cluster of 8 blocks) from
-# 1032 to 65536 (1 to 8 slots per thread, ragged last warps and blocks).
-LANE_BLOCK_KERNELS = {"block_lane_preprocess": (False, (20, 129, 1000, 1032, 4096, 8000, 8200, 16384)),
-                      "cluster_lane_preprocess": (True, (1032, 2048, 8200, 16384, 30000, 65536))}
+# The lane block kernels and their sizes, with the widest cluster the plan may take (0: clusters off):
+# block_lane_preprocess (independent blocks) from one warp of slots to 16384 (1 to 16 slots per thread, 1 to 16
+# blocks); cluster_lane_preprocess as one cluster of 8 blocks from 1032 to 65536 slots (1 to 8 per thread), and of
+# 16 blocks from 4100 to 131072 (1 to 8 per thread; 8 blocks up to 4096), ragged last warps and blocks.
+LANE_BLOCK_KERNELS = {"block_lane_preprocess": (0, (20, 129, 1000, 1032, 4096, 8000, 8200, 16384)),
+                      "cluster_lane_preprocess 8 blocks": (8, (1032, 2048, 8200, 16384, 30000, 65536)),
+                      "cluster_lane_preprocess 16 blocks": (16, (2048, 4100, 8200, 16384, 30000, 65536, 100000,
+                                                                 131072))}
 
 
 @pytest.mark.parametrize("kernel", list(LANE_BLOCK_KERNELS))
@@ -177,18 +182,20 @@ def test_lane_block_kernels_up_to_64_local_experts(stage: Callable[..., CupyPrep
                                                    ep_size: int, dtype: torch.dtype) -> None:
     """64, 48 (two experts per lane) and 32 local experts, guarded and poisoned, with and without a layout; every
     sentinel kind's ids in turn (-1 padding counted)."""
-    clusters, sizes = LANE_BLOCK_KERNELS[kernel]
+    max_cluster, sizes = LANE_BLOCK_KERNELS[kernel]
     for nk in (n for n in sizes if n <= MAX_SLOTS):
         rank = seed(kernel, num_experts, nk) % ep_size
         sentinel = ("guard_slot", "non_local", "negative")[nk % 3]
         case = on_device(make_case(num_experts, ep_size, rank, sentinel, rows_per_rank=-(-nk // (8 * ep_size)),
                                    top_k=8, seed=seed(kernel, num_experts, nk, dtype), dtype=dtype))
-        backend = stage(case, path="block", clusters=clusters)
-        if clusters and not backend.clusters:
-            pytest.skip("this GPU has no thread-block clusters (sm_90+)")
+        backend = stage(case, path="block", clusters=max_cluster > 0, **({"max_cluster": max_cluster} if max_cluster else {}))
+        if backend.max_cluster < max_cluster:
+            pytest.skip(f"this GPU has no thread-block clusters of {max_cluster} blocks (sm_90+; 16: where they fit)")
         for block_m in (None, 16, 64):
             plan = backend.plan(*case.ids.shape, dtype, block_m)
-            assert plan.kernel_names == (kernel,)
+            assert plan.kernel_names == (kernel.split()[0],)
+            if plan.cluster:
+                assert plan.grid_blocks == (16 if max_cluster == 16 and case.ids.numel() > CLUSTER_WIDE_MIN_SLOTS else 8)
             assert plan.experts_per_lane == (1 if case.local.count <= 32 else 2)
             what = f"E={num_experts} ep={ep_size} nk={case.ids.numel()} {dtype} block_m={block_m} seed={BASE_SEED}"
             check_guarded_run(backend, case, block_m, what)

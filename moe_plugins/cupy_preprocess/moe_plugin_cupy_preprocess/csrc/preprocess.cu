@@ -89,9 +89,10 @@ __device__ __forceinline__ unsigned hc_lanemask_lt() { return (1u << (threadIdx.
 
 __device__ __forceinline__ int hc_round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Thread-block clusters (sm_90+; cluster_lane_preprocess only). The launch is ONE cluster of HC_CLUSTER_BLOCKS
-// blocks (a compile-time size: a plain cuLaunchKernel takes it, and 8 is the size every sm_90 device
-// guarantees).
+// Thread-block clusters (sm_90+; cluster_lane_preprocess only). The launch is ONE cluster of CB blocks, a
+// compile-time size (HC_CLUSTER_DIMS(CB): a plain cuLaunchKernel takes it): 8, the size every sm_90 device
+// guarantees, or 16, which the host allows per kernel (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED) and
+// takes where the driver says such a cluster fits (jit.py).
 // - A cluster barrier is hc_cluster_arrive_relaxed by every thread of the cluster, later hc_cluster_wait (acquire).
 // - The blocks exchange words through distributed shared memory with asynchronous remote stores that complete on
 //   the receiving block's mbarrier (a shared 64-bit transaction counter): no fence on the sending side (a release
@@ -102,10 +103,9 @@ __device__ __forceinline__ int hc_round_up(int x, int m) { return (x + m - 1) / 
 //   hc_mbar_inval (one thread, once every waiter is through: the PTX ISA asks for it before the memory is used for
 //   anything else, and the next kernel on the SM reuses it).
 // The CPU emulator (tests/emulator/hc_emulate.h) defines HC_EMULATOR and its own versions of these.
-#define HC_CLUSTER_BLOCKS 8
 #ifndef HC_EMULATOR
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-#define HC_CLUSTER_DIMS __cluster_dims__(HC_CLUSTER_BLOCKS, 1, 1)
+#define HC_CLUSTER_DIMS(blocks) __cluster_dims__(blocks, 1, 1)
 __device__ __forceinline__ unsigned hc_smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -142,7 +142,7 @@ __device__ __forceinline__ void hc_mbar_inval(unsigned long long* bar) {
     asm volatile("mbarrier.inval.shared::cta.b64 [%0];" :: "r"(hc_smem_addr(bar)) : "memory");
 }
 #else  // compiled for an older GPU: plan.py never launches the cluster kernel there
-#define HC_CLUSTER_DIMS
+#define HC_CLUSTER_DIMS(blocks)
 __device__ __forceinline__ void hc_cluster_arrive_relaxed() { __trap(); }
 __device__ __forceinline__ void hc_cluster_wait() { __trap(); }
 __device__ __forceinline__ void hc_mbar_init(unsigned long long*) { __trap(); }
@@ -1193,7 +1193,7 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 
 // ---------------------------------------------------------------------------------------------------
 // Cluster path (sm_90+) for <= 32 * EPL local experts: cluster_lane_preprocess, ONE thread-block cluster of
-// HC_CLUSTER_BLOCKS blocks that split the slots between them, where block_lane_preprocess's blocks each map and
+// CB blocks (8 or 16) that split the slots between them, where block_lane_preprocess's blocks each map and
 // count all of them (at 16K slots its 16 blocks spent 2.5 of 7 us counting, the ids' loads 1.3 us more, and each
 // owned warp placed 16 chunks in a row: GPU run 31). Block r owns the slots [r * S, (r + 1) * S), S = blockDim.x
 // * IPT, and its warp w the IPT chunks of 32 from r * S + w * 32 * IPT. The blocks exchange their totals through
@@ -1203,7 +1203,7 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 //   3. warp 0: each warp's count row becomes its first position of every expert within the block (column prefix
 //      sums, lane_column_positions); the block's slots per expert (the column sums) and invalid count are stored as
 //      row `rank` of `peers` in EVERY block of the cluster (asynchronous remote stores, counted on the receiver's
-//      mbarrier); warp 0 waits until its own block has received all HC_CLUSTER_BLOCKS rows;
+//      mbarrier); warp 0 waits until its own block has received all CB rows;
 //   4. warp 0, lane e, for experts x = e + 32 j: from its own `peers`, x's total and its slots in lower blocks, then
 //      the group starts (lane_groups): `start[x]` = x's group start + its slots in lower blocks; block 0 stores
 //      counts and the invalid count; barrier;
@@ -1218,11 +1218,11 @@ block_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict
 // waited at a second one before exiting, 1.0-1.2 us for that step; pushing them with plain stores before a
 // release arrive cost a MEMBAR.ALL.GPU behind the warp's local_ids stores.)
 // Dynamic shared memory: [map: map_size if shared][wpos: 32 * EPL * warps][tot: 32 * EPL][fblk: 32 * EPL + 1]
-// [wbad: warps][start: 32 * EPL][peers: HC_CLUSTER_BLOCKS rows of 32 * EPL + 1][the mbarrier: 8 bytes, 8-byte
+// [wbad: warps][start: 32 * EPL][peers: CB rows of 32 * EPL + 1][the mbarrier: 8 bytes, 8-byte
 // aligned] (map first: faithful negative reads land below the allocation).
 // ---------------------------------------------------------------------------------------------------
-template <typename IdT, int IPT, int EPL>
-__global__ void HC_CLUSTER_DIMS __launch_bounds__(HC_BLOCK_THREADS, 1)
+template <typename IdT, int IPT, int EPL, int CB>
+__global__ void HC_CLUSTER_DIMS(CB) __launch_bounds__(HC_BLOCK_THREADS, 1)
 cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode,
                         int faithful, int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts,
                         int* __restrict__ invalid, int* __restrict__ sorted, int* __restrict__ block_ids,
@@ -1236,10 +1236,10 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
     int* fblk = tot + EW;                                            // [EW + 1]: first block per expert, total
     int* wbad = fblk + EW + 1;                                       // [nwarps]
     int* start = wbad + nwarps;  // [EW]: expert x's first position in `sorted` for this block's slots
-    int* peers = start + EW;     // [HC_CLUSTER_BLOCKS][EW + 1]: block r's slots per expert and invalid count
+    int* peers = start + EW;     // [CB][EW + 1]: block r's slots per expert and invalid count
     // the mbarrier the rows arrive on, 8-byte aligned (the dynamic shared memory starts 16-byte aligned)
-    auto* mbar = reinterpret_cast<unsigned long long*>(smem + ((peers + HC_CLUSTER_BLOCKS * (EW + 1) - smem + 1) & ~1));
-    const int rank = blockIdx.x;  // the launch is one cluster: gridDim.x == HC_CLUSTER_BLOCKS
+    auto* mbar = reinterpret_cast<unsigned long long*>(smem + ((peers + CB * (EW + 1) - smem + 1) & ~1));
+    const int rank = blockIdx.x;  // the launch is one cluster: gridDim.x == CB
     const int seg = (rank * nwarps + warp) * 32 * IPT;
     HC_MARK(0);
     if (threadIdx.x == 0) hc_mbar_init(mbar);
@@ -1266,12 +1266,12 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         const int bad = warp_sum(lane < nwarps ? wbad[lane] : 0);
         int* mine = peers + rank * (EW + 1);
 #pragma unroll
-        for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) {
+        for (int r = 0; r < CB; ++r) {
 #pragma unroll
             for (int j = 0; j < EPL; ++j) hc_store_async(mine + lane + 32 * j, r, total[j], mbar);
             if (lane == 0) hc_store_async(mine + EW, r, bad, mbar);
         }
-        if (lane == 0) hc_mbar_expect(mbar, HC_CLUSTER_BLOCKS * (EW + 1) * 4);
+        if (lane == 0) hc_mbar_expect(mbar, CB * (EW + 1) * 4);
         hc_mbar_wait(mbar);  // every block's row of `peers`
         __syncwarp();
         if (lane == 0) hc_mbar_inval(mbar);
@@ -1285,13 +1285,13 @@ cluster_lane_preprocess(const IdT* __restrict__ ids, int nk, const int* __restri
         for (int j = 0; j < EPL; ++j) {
             total[j] = below[j] = 0;
 #pragma unroll
-            for (int r = 0; r < HC_CLUSTER_BLOCKS; ++r) {
+            for (int r = 0; r < CB; ++r) {
                 const int v = peers[r * (EW + 1) + lane + 32 * j];
                 total[j] += v;
                 below[j] += r < rank ? v : 0;
             }
         }
-        const int bad = warp_sum(lane < HC_CLUSTER_BLOCKS ? peers[lane * (EW + 1) + EW] : 0);
+        const int bad = warp_sum(lane < CB ? peers[lane * (EW + 1) + EW] : 0);
         if (rank == 0) {
             if (lane == 0) invalid[0] = bad;
 #pragma unroll
@@ -2036,22 +2036,38 @@ template __global__ void block_lane_preprocess<long long, 8, 1>(HC_PARAMS(long l
 template __global__ void block_lane_preprocess<long long, 8, 2>(HC_PARAMS(long long), int);
 template __global__ void block_lane_preprocess<long long, 16, 1>(HC_PARAMS(long long), int);
 template __global__ void block_lane_preprocess<long long, 16, 2>(HC_PARAMS(long long), int);
-template __global__ void cluster_lane_preprocess<int, 1, 1>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 1, 2>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 1>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 2>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 1>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 2>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 1>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 2>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<long long, 1, 1>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 1, 2>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 1>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 2>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 1>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 2>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 1>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 2>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<int, 1, 1, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 1, 2, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 2, 1, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 2, 2, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 4, 1, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 4, 2, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 8, 1, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 8, 2, 8>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<long long, 1, 1, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 1, 2, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 2, 1, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 2, 2, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 4, 1, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 4, 2, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 8, 1, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 8, 2, 8>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<int, 1, 1, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 1, 2, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 2, 1, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 2, 2, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 4, 1, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 4, 2, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 8, 1, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<int, 8, 2, 16>(HC_PARAMS(int));
+template __global__ void cluster_lane_preprocess<long long, 1, 1, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 1, 2, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 2, 1, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 2, 2, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 4, 1, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 4, 2, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 8, 1, 16>(HC_PARAMS(long long));
+template __global__ void cluster_lane_preprocess<long long, 8, 2, 16>(HC_PARAMS(long long));
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,

@@ -45,10 +45,10 @@ void run_block_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a
     });
 }
 
-template <typename IdT, int IPT, int EPL>
-void run_cluster_lane(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    hc_launch_cluster(grid, block, smem, [a] {
-        cluster_lane_preprocess<IdT, IPT, EPL>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
+template <typename IdT, int IPT, int EPL, int CB>
+void run_cluster_lane(unsigned block, size_t smem, const int64_t* a) {
+    hc_launch_cluster(CB, block, smem, [a] {
+        cluster_lane_preprocess<IdT, IPT, EPL, CB>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5),
                                                I(a, 6), I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11),
                                                P<int>(a, 12), P<int>(a, 13), I(a, 14), I(a, 15));
     });
@@ -149,25 +149,33 @@ extern "C" int emu_block_lane(int id64, int ipt, int epl, unsigned grid, unsigne
                     : block_lane_variant<int, 2>(ipt, grid, block, smem, a);
 }
 
-// The ipt instantiations of plan.CLUSTER_IPTS, for EPL experts per lane.
-template <typename IdT, int EPL>
-int cluster_lane_variant(int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    if (ipt == 1) run_cluster_lane<IdT, 1, EPL>(grid, block, smem, a);
-    else if (ipt == 2) run_cluster_lane<IdT, 2, EPL>(grid, block, smem, a);
-    else if (ipt == 4) run_cluster_lane<IdT, 4, EPL>(grid, block, smem, a);
-    else if (ipt == 8) run_cluster_lane<IdT, 8, EPL>(grid, block, smem, a);
+// The ipt instantiations of plan.CLUSTER_IPTS, for EPL experts per lane and a cluster of CB blocks.
+template <typename IdT, int EPL, int CB>
+int cluster_lane_variant(int ipt, unsigned block, size_t smem, const int64_t* a) {
+    if (ipt == 1) run_cluster_lane<IdT, 1, EPL, CB>(block, smem, a);
+    else if (ipt == 2) run_cluster_lane<IdT, 2, EPL, CB>(block, smem, a);
+    else if (ipt == 4) run_cluster_lane<IdT, 4, EPL, CB>(block, smem, a);
+    else if (ipt == 8) run_cluster_lane<IdT, 8, EPL, CB>(block, smem, a);
     else return 1;
     return 0;
 }
 
-extern "C" int emu_cluster_lane(int id64, int ipt, int epl, unsigned grid, unsigned block, size_t smem,
+// The cluster sizes of plan.CLUSTER_SIZES (the launch is one cluster: grid = its blocks = the kernel's CB).
+template <typename IdT, int EPL>
+int cluster_size_variant(int ipt, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (grid == 8) return cluster_lane_variant<IdT, EPL, 8>(ipt, block, smem, a);
+    if (grid == 16) return cluster_lane_variant<IdT, EPL, 16>(ipt, block, smem, a);
+    return 2;
+}
+
+extern "C" int emu_cluster_lane(int id64, int ipt, int epl, int cb, unsigned grid, unsigned block, size_t smem,
                                 const int64_t* a) {
-    if (grid != HC_CLUSTER_BLOCKS) return 2;  // one cluster, its size compiled in
+    if (grid != (unsigned)cb) return 2;  // one cluster, its size compiled in (a GPU refuses any other grid too)
     if (epl != 1 && epl != 2) return 1;
-    if (id64) return epl == 1 ? cluster_lane_variant<long long, 1>(ipt, grid, block, smem, a)
-                              : cluster_lane_variant<long long, 2>(ipt, grid, block, smem, a);
-    return epl == 1 ? cluster_lane_variant<int, 1>(ipt, grid, block, smem, a)
-                    : cluster_lane_variant<int, 2>(ipt, grid, block, smem, a);
+    if (id64) return epl == 1 ? cluster_size_variant<long long, 1>(ipt, grid, block, smem, a)
+                              : cluster_size_variant<long long, 2>(ipt, grid, block, smem, a);
+    return epl == 1 ? cluster_size_variant<int, 1>(ipt, grid, block, smem, a)
+                    : cluster_size_variant<int, 2>(ipt, grid, block, smem, a);
 }
 
 extern "C" int emu_count(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {

@@ -34,7 +34,7 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define HC_EMULATOR 1
-#define HC_CLUSTER_DIMS
+#define HC_CLUSTER_DIMS(blocks)
 
 struct hc_dim3 {
     unsigned x = 1, y = 1, z = 1;

@@ -75,10 +75,10 @@ def median_us(fn: Callable[[], Any], flush: bool = True) -> float:
 
     ``flush=True`` (the goal's measure): L2 flushed before every call (`triton.testing.do_bench`).
     ``flush=False`` ("hot"): no flush, so the inputs are in L2 as when the dispatch kernel has just
-    written them; a ~50 us sleep kernel before each call keeps the host ahead of the GPU (so host launch
+    written them; a ~0.5 ms sleep kernel before each call keeps the host ahead of the GPU (so host launch
     cost is not counted either way) without touching memory. (A short one does not: run 6 measured the
-    empty launch at 14 us "hot" behind a 4 MiB memset, because the GPU finished it before the host had
-    queued the call.)
+    empty launch at 14 us "hot" behind a 4 MiB memset, and run 65, on a busy host, at 110 us behind a ~50 us
+    sleep, because the GPU finished it before the host had queued the call.)
     """
     if flush:
         try:
@@ -93,7 +93,7 @@ def median_us(fn: Callable[[], Any], flush: bool = True) -> float:
         if flush_buffer is not None:
             flush_buffer.zero_()
         else:
-            torch.cuda._sleep(100_000)
+            torch.cuda._sleep(1_000_000)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

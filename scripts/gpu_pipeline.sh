@@ -9,7 +9,8 @@
 #   seed bug   sentinel=negative with preprocess=cupy(mode=faithful): padding misrouted as in vLLM #42034
 #   counted    sentinel=negative with preprocess=cupy(mode=safe): the bad ids are skipped and counted
 #   reference  the same shapes through torch_a2a over NCCL (the host reference dispatch)
-#   prefill    256 tokens on rank 0: the preprocess's cluster kernel, valid sentinels and counted -1
+#   prefill    256 tokens on rank 0: the preprocess's cluster kernel (8 or 16 blocks), valid sentinels and
+#              counted -1
 # PIPELINE_DEADLINE (epoch seconds) skips the cases that would start too late (counted as failed).
 # Logs and JSON go to $OUT/pipeline-epN.tgz (one file: the device tool returns at most 8); a table is printed.
 set -u -o pipefail
@@ -48,7 +49,8 @@ run_case seedbug-qwen3 qwen3-30b-a3b 48 "$GPU,preprocess=cupy(mode=faithful)" ne
 run_case counted-qwen3 qwen3-30b-a3b 48 "$GPU,preprocess=cupy(mode=safe)" negative
 run_case torch-a2a-qwen3 qwen3-30b-a3b 48 "dispatch=torch_a2a,experts=marlin,preprocess=cupy" auto
 # A prefill-sized batch: N x 256 x 8 received slots per rank (4096 at EP 2, 8192 at EP 4) take the cupy
-# preprocess's thread-block cluster kernel on Hopper (more than 1024 slots, at most 64 local experts).
+# preprocess's thread-block cluster kernel on Hopper (more than 1024 slots, at most 64 local experts): 8 blocks
+# at EP 2, 16 at EP 4 where the GPU holds such clusters.
 run_case prefill-qwen3 qwen3-30b-a3b 256 "$GPU,preprocess=cupy" non_local,auto
 run_case prefill-counted-qwen3 qwen3-30b-a3b 256 "$GPU,preprocess=cupy(mode=safe)" negative
 tar czf "$OUT/pipeline-ep$N.tgz" -C "$WORK" .

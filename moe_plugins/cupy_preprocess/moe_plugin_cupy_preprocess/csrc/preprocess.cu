@@ -2,9 +2,8 @@
 // aligned block layout (hostcore.contract.AlignedLayout), in one launch at every size: lane_preprocess
 // (one warp, one or two local experts per lane) or warp_preprocess (one warp) for the smallest batches,
 // block_preprocess (independent blocks that each count every slot and place their own) for small inputs,
-// cluster_lane_preprocess (one thread-block cluster whose blocks split the slots, sm_90+) for small inputs past
-// one block,
-// grid_fused (one cooperative launch of a co-resident grid) for large ones.
+// cluster_lane_preprocess (one thread-block cluster of 8 or 16 blocks that split the slots, sm_90+) for small
+// inputs past one block, grid_fused (one cooperative launch of a co-resident grid) for large ones.
 // grid_count -> grid_scan -> grid_place (three launches per window of 1024 experts) remain for ranks with
 // more than 1024 local experts and for devices without cooperative launches.
 //

@@ -453,11 +453,12 @@ def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable
     record_property("faithful_map_minus_1", seen)
     if map_in == "global":
         assert seen == {0: int(pad.sum())}, "the global map sits behind 64 zero words: every -1 reads 0"
-    elif kernel != "cluster_lane_preprocess":
-        # Below a block's shared allocation: 0 on every H100/H200 we ran, for every block of these kernels.
-        assert len(seen) == 1, "every -1 reads the same word"
-    # (In the cluster kernel that word differs between the blocks once other cluster kernels ran on the SMs, GPU
-    # run 49 in GPU_RESULTS.md: it is hardware-reserved shared memory. Any value but -1 is still the bug.)
+    # With the map in shared memory, -1 reads the last word of the shared memory the driver reserves below each
+    # block's allocation (1 KiB per block on sm_90), whose contents are not the kernel's to set. In full runs of this
+    # file every block of the other kernels read 0; in the cluster kernel (run 49), and in block_preprocess after a
+    # run of only the lane-block, size, graph and faithful tests (runs 69-71, with 8-block clusters as with 16), it
+    # differed between blocks. So only its effect is asserted: any value but -1 means the padding slot is not
+    # skipped, the bug.
     assert any(v != -1 for v in seen), "an unchecked read of expert_map[-1] did not misroute: the bug did not reproduce"
     assert torch.equal(faithful.local_ids[~pad], safe.local_ids[~pad]), "real rows are unaffected"
     for v, n in seen.items():

@@ -451,20 +451,26 @@ def test_faithful_negative_reproduces_the_misrouting_safe_counts(stage: Callable
     seen = dict(zip(values.tolist(), times.tolist()))
     print(f"faithful read expert_map[-1] ({map_in} map, {kernel}) = {seen} (value: padding slots)")
     record_property("faithful_map_minus_1", seen)
-    if map_in == "global":
-        assert seen == {0: int(pad.sum())}, "the global map sits behind 64 zero words: every -1 reads 0"
+    # The global map sits behind 64 zero words, so there the bug reproduces every time: each -1 reads 0 and its
+    # padding slot becomes work for local expert 0.
     # With the map in shared memory, -1 reads the last word of the shared memory the driver reserves below each
-    # block's allocation (1 KiB per block on sm_90), whose contents are not the kernel's to set. In full runs of this
-    # file every block of the other kernels read 0; in the cluster kernel (run 49), and in block_preprocess after a
-    # run of only the lane-block, size, graph and faithful tests (runs 69-71, with 8-block clusters as with 16), it
-    # differed between blocks. So only its effect is asserted: any value but -1 means the padding slot is not
-    # skipped, the bug.
-    assert any(v != -1 for v in seen), "an unchecked read of expert_map[-1] did not misroute: the bug did not reproduce"
+    # block's allocation (1 KiB per block on sm_90), which no kernel of ours writes. In full runs of this file it
+    # read 0 in every block (the bug, as the H200 showed it); in the cluster kernel (run 49) and after a run of only
+    # the lane-block, size, graph and faithful tests (runs 69-73, code with 8-block clusters and with 16) it read
+    # different words in different blocks, or -1 in all of them (the padding then happens to be skipped). What is
+    # asserted there is what holds for any word: the counts and layout agree with the local ids read (below).
+    if map_in == "global":
+        assert seen == {0: int(pad.sum())}, "an unchecked read of expert_map[-1] did not read the zero head: no bug"
     assert torch.equal(faithful.local_ids[~pad], safe.local_ids[~pad]), "real rows are unaffected"
-    for v, n in seen.items():
-        if 0 <= v < case.local.count:  # the padding that read v is work for local expert v
-            assert int(faithful.expert_counts[v]) - int(safe.expert_counts[v]) == n
-    assert_layout_valid(faithful, 16)
+    # The block kernels' independent blocks each map every slot and store only their own: where their blocks read
+    # different words below a shared map, the counts and the layout follow some blocks' reads and local_ids others'
+    # (run 72: expert 0 counted 4864 padding slots, local_ids held 3040; undefined, as the upstream read is). Every
+    # other kernel maps each slot once, and the global map's head reads 0 in every block: their outputs agree.
+    if map_in == "global" or kernel not in ("block_preprocess", "block_lane_preprocess"):
+        for v, n in seen.items():
+            if 0 <= v < case.local.count:  # the padding that read v is work for local expert v
+                assert int(faithful.expert_counts[v]) - int(safe.expert_counts[v]) == n
+        assert_layout_valid(faithful, 16)
     # The torch reference in faithful mode wraps -1 to the last map entry instead: both misroute or skip,
     # neither is the contract; on ids without negatives both equal safe mode.
     clean = Case(case.placement, case.rank, case.local, case.sentinel, torch.where(pad, 5, case.ids), case.real_rows)

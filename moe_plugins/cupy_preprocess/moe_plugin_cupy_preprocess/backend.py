@@ -15,10 +15,12 @@ in increasing slot order). Modes (option ``mode``):
     ``[row, slot]`` positions. For debugging.
 ``faithful``
     Reads the map without bounds checks, like vLLM's ``preprocessTopkIdKernel``, to reproduce the
-    padding bug: an id of -1 reads the word before the table. With the map in shared memory that is the
-    block's shared memory below the kernel's dynamic allocation (0 on the H100/H200 we measured; see
-    GPU_RESULTS.md); with the map in global memory it is one of 64 zero words placed before the device
-    copy of the map. Either way a -1 padding slot becomes a slot of local expert 0: silent misrouting.
+    padding bug: an id of -1 reads the word before the table. With the map in global memory it is one of 64
+    zero words placed before the device copy of the map, so every -1 padding slot becomes a slot of local
+    expert 0: silent misrouting, every time (``map_in=global`` is the reliable reproduction). With the map in
+    shared memory it is the last word of the shared memory the driver reserves below the kernel's allocation,
+    which is whatever the hardware left there: usually 0 on the H100/H200 we measured (the same misrouting),
+    but after some other kernels other words, different per block, or -1 (GPU_RESULTS.md, runs 69-73).
     Ids past the end of the map or below -64 read outside the table: undefined, as upstream (the torch
     reference raises for ids past the end instead). ``invalid_count`` is ``None``. Values read outside
     ``[0, num_local)`` are written to ``local_ids`` as read but left out of counts and layout.

@@ -351,8 +351,8 @@ def test_faithful_reproduces_the_misrouting_that_safe_counts(kernels: EmulatedKe
     faithful, _ = run(kernels, case, 16, mode="faithful", path=path, map_in=map_in, lanes=lanes,
                       max_cluster=max_cluster)
     assert faithful.invalid_count is None
-    # The emulator, like the H100 for shared memory and the zero head for global memory, reads 0 below the
-    # table: every padding slot becomes a slot of local expert 0.
+    # The emulator reads 0 below the table, as the zero head does for the global map and as the H100's reserved
+    # shared memory usually does (not always: GPU runs 69-73): every padding slot becomes a slot of local expert 0.
     assert bool((faithful.local_ids[padding] == 0).all())
     assert torch.equal(faithful.local_ids[~padding], safe.local_ids[~padding])
     assert int(faithful.expert_counts[0]) == int(safe.expert_counts[0]) + int(padding.sum())

@@ -2035,38 +2035,27 @@ template __global__ void block_lane_preprocess<long long, 8, 1>(HC_PARAMS(long l
 template __global__ void block_lane_preprocess<long long, 8, 2>(HC_PARAMS(long long), int);
 template __global__ void block_lane_preprocess<long long, 16, 1>(HC_PARAMS(long long), int);
 template __global__ void block_lane_preprocess<long long, 16, 2>(HC_PARAMS(long long), int);
-template __global__ void cluster_lane_preprocess<int, 1, 1, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 1, 2, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 1, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 2, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 1, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 2, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 1, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 2, 8>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<long long, 1, 1, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 1, 2, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 1, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 2, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 1, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 2, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 1, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 2, 8>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<int, 1, 1, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 1, 2, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 1, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 2, 2, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 1, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 4, 2, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 1, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<int, 8, 2, 16>(HC_PARAMS(int));
-template __global__ void cluster_lane_preprocess<long long, 1, 1, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 1, 2, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 1, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 2, 2, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 1, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 4, 2, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 1, 16>(HC_PARAMS(long long));
-template __global__ void cluster_lane_preprocess<long long, 8, 2, 16>(HC_PARAMS(long long));
+// cluster_lane_preprocess for clusters of CB blocks (plan.CLUSTER_SIZES), every ipt and experts per lane.
+#define HC_CLUSTER_INSTANCES(CB) \
+    template __global__ void cluster_lane_preprocess<int, 1, 1, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 1, 2, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 2, 1, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 2, 2, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 4, 1, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 4, 2, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 8, 1, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<int, 8, 2, CB>(HC_PARAMS(int)); \
+    template __global__ void cluster_lane_preprocess<long long, 1, 1, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 1, 2, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 2, 1, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 2, 2, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 4, 1, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 4, 2, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 8, 1, CB>(HC_PARAMS(long long)); \
+    template __global__ void cluster_lane_preprocess<long long, 8, 2, CB>(HC_PARAMS(long long));
+HC_CLUSTER_INSTANCES(8)
+HC_CLUSTER_INSTANCES(16)
+#undef HC_CLUSTER_INSTANCES
 template __global__ void grid_count<int>(const int*, int, const int*, int, int, int, int, int, int*, int, int*, int*,
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,

@@ -10,7 +10,7 @@ with the non_local sentinel), every size on fresh random ids:
 - ``ours_hot_us`` / ``launch_hot_us``: the same without the L2 flush, as in the pipeline, where the ids
   were just written by the dispatch (reported next to the flushed numbers, not instead of them).
 - ``copy_floor_us`` (``copy_floor_graph_us``): a kernel that only copies the ids to an int32 output, launched
-  the same way: the least any preprocess can take under the same timer (it must read the ids and write
+  the same way (the lower of two medians): the least any preprocess can take under the same timer (it must read the ids and write
   the local ids), to read the decode goal against.
 - ``*_graph_us``: the same work captured 20 times in a CUDA graph, per call (launch gaps shrink).
 - ``*_wall_us``: host wall time per call in a loop (CPU launch overhead included).
@@ -291,7 +291,9 @@ def main() -> int:
         kernels.run((floor,))
         if not torch.equal(floor_out, ids):
             raise SystemExit("the copy-floor kernel did not copy the ids")
-        floor_us = median_us(lambda: kernels.run((floor,)))
+        # The lower of two medians: a floor, and one median of run 77 came out at 29.9 us (8192 slots, against
+        # 4.5-5.4 at the sizes around it).
+        floor_us = min(median_us(lambda: kernels.run((floor,))) for _ in range(2))
         floor_graph_us = graph_us(lambda: kernels.run((floor,)))
         plan = buffers.plan
         nbytes = moved_bytes(plan)

@@ -312,11 +312,12 @@ def _block_lane_smem_ints(map_entries: int, warps: int, num_local: int) -> int:
 
 def _cluster_lane_smem_ints(map_entries: int, warps: int, num_local: int, blocks: int) -> int:
     """cluster_lane_preprocess's dynamic shared memory: block_lane_preprocess's, then each expert's start for this
-    block, a row per block of the cluster (its slots per expert and invalid count, stored there by that block), then
-    the 8-byte mbarrier they arrive on (at an even int offset)."""
+    block, then (from the next multiple of 4 ints: 16 bytes) a row per block of the cluster (its slots per expert,
+    invalid count and 3 unused ints, stored there by that block in 16-byte pieces), then the 8-byte mbarrier they
+    arrive on."""
     experts = 32 * experts_per_lane(num_local)
-    ints = _block_lane_smem_ints(map_entries, warps, num_local) + experts + blocks * (experts + 1)
-    return ints + ints % 2 + 2
+    ints = _block_lane_smem_ints(map_entries, warps, num_local) + experts
+    return -(-ints // 4) * 4 + blocks * (experts + 4) + 2
 
 
 def cluster_max_slots(blocks: int) -> int:

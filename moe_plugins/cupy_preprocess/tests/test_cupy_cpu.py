@@ -235,12 +235,12 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
         assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",)
         assert blocks == (16 if nk > CLUSTER_WIDE_MIN_SLOTS and max_cluster == 16 else 8)
         assert blocks * p.block_threads * p.ipt >= nk and p.active_warps == p.block_threads // 32
-        # map, per warp 32 counts and a bad count, totals, first blocks, starts, a row of 32 counts and a bad
-        # count per block, the mbarrier (8 bytes at an even int offset)
-        ints = 257 + (p.block_threads // 32) * 33 + 65 + 32 + blocks * 33
-        assert p.smem_block_bytes == (ints + ints % 2 + 2) * 4
-    ints = 257 + 20 * 65 + 129 + 64 + 8 * 65  # rows of 64 experts
-    assert plan(20000, LANE_MAX_LOCAL).smem_block_bytes == (ints + ints % 2 + 2) * 4
+        # map, per warp 32 counts and a bad count, totals, first blocks, starts; from a 16-byte boundary a row of
+        # 32 counts, a bad count and 3 unused ints per block; the mbarrier (8 bytes)
+        ints = 257 + (p.block_threads // 32) * 33 + 65 + 32
+        assert p.smem_block_bytes == (-(-ints // 4) * 4 + blocks * 36 + 2) * 4
+    ints = 257 + 20 * 65 + 129 + 64  # rows of 64 experts
+    assert plan(20000, LANE_MAX_LOCAL).smem_block_bytes == (-(-ints // 4) * 4 + 8 * 68 + 2) * 4
     # A map too large for a 16-block cluster's checked shared memory keeps 8 blocks (which fit up to the opt-in).
     big_map = MapChoice(MAP_SHARED, CLUSTER_WIDE_SMEM_BYTES // 4)
     assert plan_for(20000, 1, torch.int32, 16, 32, big_map, "block", max_cluster=16).grid_blocks == 8

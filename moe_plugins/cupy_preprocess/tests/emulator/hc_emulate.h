@@ -59,6 +59,13 @@ constexpr int HC_SMEM_TAIL = 256;
 constexpr int HC_SMEM_GUARD = 0x5eed5eed;
 inline std::atomic<int> hc_smem_overflows{0};  // blocks that wrote into their guard words
 
+// CUDA's vector types, as the kernels use them.
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) longlong2 { long long x, y; };
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+
 // The one cluster of a cluster launch: a barrier of all its threads, every block's dynamic shared memory.
 struct hc_cluster_state {
     std::unique_ptr<std::barrier<>> barrier;
@@ -87,9 +94,11 @@ inline void hc_mbar_init(unsigned long long* bar) {
     __atomic_store_n(&hc_mbar_words(bar)[0], 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&hc_mbar_words(bar)[1], 0, __ATOMIC_SEQ_CST);
 }
-inline void hc_store_async(int* dst, int rank, int value, unsigned long long* bar) {
-    __atomic_store_n(hc_cluster_peer(dst, rank), value, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(&hc_mbar_words(hc_cluster_peer(bar, rank))[0], 4, __ATOMIC_SEQ_CST);
+inline void hc_store_async(int4* dst, int rank, int4 value, unsigned long long* bar) {
+    int* to = reinterpret_cast<int*>(hc_cluster_peer(dst, rank));
+    const int words[4] = {value.x, value.y, value.z, value.w};
+    for (int i = 0; i < 4; ++i) __atomic_store_n(to + i, words[i], __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&hc_mbar_words(hc_cluster_peer(bar, rank))[0], 16, __ATOMIC_SEQ_CST);
 }
 inline void hc_mbar_expect(unsigned long long* bar, unsigned bytes) {
     __atomic_store_n(&hc_mbar_words(bar)[1], (int)bytes + (1 << 30), __ATOMIC_SEQ_CST);
@@ -127,11 +136,6 @@ inline T __ldcs(const T* p) { return *p; }
 template <typename T>
 inline void __stcs(T* p, T v) { *p = v; }
 
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(8) int2 { int x, y; };
-struct alignas(16) longlong2 { long long x, y; };
-inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-inline int2 make_int2(int x, int y) { return {x, y}; }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
 

@@ -134,7 +134,9 @@ CLUSTER_WIDE_MIN_SLOTS = 4096
 """The plan takes a 16-block cluster (where the device has one) past this many slots, 8 blocks up to it.
 Measured on an H100 (GPU run 64, GPU_RESULTS.md), same process, in CUDA graphs: 16 blocks 4.01 / 4.81 / 5.26 /
 6.26 us at 8192 / 16384 / 32768 / 65536 slots, against 8 blocks' 4.55 / 5.06 / 5.79 / 8.04; at 2048 8 blocks win
-(3.42 against 3.66 us), at 4096 the two are even (3.74 against 3.68; eager 7.26 against 7.57)."""
+(3.42 against 3.66 us), at 4096 the two are even (3.74 against 3.68; eager 7.26 against 7.57). Since the exchange
+goes in 16-byte pieces (run 77), 16 blocks led at 4096 (3.32 against 3.56 us; eager 7.23 against 7.42) and 8 still
+at 2048 (3.20 against 3.29): one run, not yet enough to move this bound."""
 CLUSTER_IPTS = (1, 2, 4, 8)
 CLUSTER_MAX_SLOTS = CLUSTER_SIZES[-1] * BLOCK_THREADS * CLUSTER_IPTS[-1]
 """The most slots of the widest cluster (`cluster_max_slots` gives each size's)."""

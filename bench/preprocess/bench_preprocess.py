@@ -10,8 +10,8 @@ with the non_local sentinel), every size on fresh random ids:
 - ``ours_hot_us`` / ``launch_hot_us``: the same without the L2 flush, as in the pipeline, where the ids
   were just written by the dispatch (reported next to the flushed numbers, not instead of them).
 - ``copy_floor_us`` (``copy_floor_graph_us``): a kernel that only copies the ids to an int32 output, launched
-  the same way (the lower of two medians): the least any preprocess can take under the same timer (it must read the ids and write
-  the local ids), to read the decode goal against.
+  the same way (the lower of two medians): the least any preprocess can take under the same timer (it must
+  read the ids and write the local ids), to read the decode goal against.
 - ``*_graph_us``: the same work captured 20 times in a CUDA graph, per call (launch gaps shrink).
 - ``*_wall_us``: host wall time per call in a loop (CPU launch overhead included).
 - ``gbps``: the bytes the preprocess must move (`plan.moved_bytes`: ids read once, every output written

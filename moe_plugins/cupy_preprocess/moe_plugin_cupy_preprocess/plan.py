@@ -513,7 +513,8 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                     path="block", capacity=capacity, window=max(1, num_local), windows=1, ipt=ipt, active_warps=warps,
                     block_threads=32 * warps, tiles=1, grid_blocks=cluster,
-                    smem_block_bytes=_cluster_lane_smem_ints(map_smem, warps, num_local, cluster) * 4, smem_count_bytes=0,
+                    smem_block_bytes=_cluster_lane_smem_ints(map_smem, warps, num_local, cluster) * 4,
+                    smem_count_bytes=0,
                     smem_place_bytes=0, lanes=True, cluster=True)
     window = max(1, min(num_local, MAX_WINDOW))
     ipt = next(i for i in BLOCK_IPTS if BLOCK_THREADS * i >= nk) if chosen == "block" else 0

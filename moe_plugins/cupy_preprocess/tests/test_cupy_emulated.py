@@ -141,9 +141,9 @@ def test_cluster_kernel_against_the_reference(kernels: EmulatedKernels, shape: t
         got, plan = run(kernels, case, block_m, path="block", max_cluster=max_cluster)  # (auto: the grid past 16K)
         assert plan.kernel_names == ("cluster_lane_preprocess",) and plan.experts_per_lane == (1 if ep == 8 else 2)
         assert (plan.grid_blocks, plan.ipt) == CLUSTER_SHAPES[max_cluster][case.ids.numel()]
-        assert kernels.launches[-1][:3] == (f"cluster_lane_preprocess<{'long long' if dtype == torch.int64 else 'int'}, "
-                                            f"{plan.ipt}, {plan.experts_per_lane}, {plan.grid_blocks}>",
-                                            plan.grid_blocks, plan.block_threads)
+        id_type = "long long" if dtype == torch.int64 else "int"
+        name = f"cluster_lane_preprocess<{id_type}, {plan.ipt}, {plan.experts_per_lane}, {plan.grid_blocks}>"
+        assert kernels.launches[-1][:3] == (name, plan.grid_blocks, plan.block_threads)
         assert_matches(got, reference(case, block_m), block_m, f"{shape} {dtype} block_m={block_m}")
         if block_m:
             assert_layout_valid(got, block_m)

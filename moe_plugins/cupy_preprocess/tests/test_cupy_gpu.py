@@ -188,14 +188,16 @@ def test_lane_block_kernels_up_to_64_local_experts(stage: Callable[..., CupyPrep
         sentinel = ("guard_slot", "non_local", "negative")[nk % 3]
         case = on_device(make_case(num_experts, ep_size, rank, sentinel, rows_per_rank=-(-nk // (8 * ep_size)),
                                    top_k=8, seed=seed(kernel, num_experts, nk, dtype), dtype=dtype))
-        backend = stage(case, path="block", clusters=max_cluster > 0, **({"max_cluster": max_cluster} if max_cluster else {}))
+        widest = {"max_cluster": max_cluster} if max_cluster else {}
+        backend = stage(case, path="block", clusters=max_cluster > 0, **widest)
         if backend.max_cluster < max_cluster:
             pytest.skip(f"this GPU has no thread-block clusters of {max_cluster} blocks (sm_90+; 16: where they fit)")
         for block_m in (None, 16, 64):
             plan = backend.plan(*case.ids.shape, dtype, block_m)
             assert plan.kernel_names == (kernel.split()[0],)
             if plan.cluster:
-                assert plan.grid_blocks == (16 if max_cluster == 16 and case.ids.numel() > CLUSTER_WIDE_MIN_SLOTS else 8)
+                wide = max_cluster == 16 and case.ids.numel() > CLUSTER_WIDE_MIN_SLOTS
+                assert plan.grid_blocks == (16 if wide else 8)
             assert plan.experts_per_lane == (1 if case.local.count <= 32 else 2)
             what = f"E={num_experts} ep={ep_size} nk={case.ids.numel()} {dtype} block_m={block_m} seed={BASE_SEED}"
             check_guarded_run(backend, case, block_m, what)

@@ -78,7 +78,6 @@ class CupyPreprocess:
         self.path = path
         widest = kernels.max_cluster if max_cluster is None else min(max_cluster, kernels.max_cluster)
         self.max_cluster = widest if clusters else 0  # the widest thread-block cluster the plans may take
-        self.clusters = bool(self.max_cluster)
         self.local = ctx.local
         self.kernels = kernels
         table = ctx.local.expert_map

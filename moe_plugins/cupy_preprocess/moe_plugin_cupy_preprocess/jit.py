@@ -66,13 +66,18 @@ def name_expressions() -> tuple[str, ...]:
               for e in LANE_EPLS]
     names += [BLOCK_LANE_KERNEL.format(id_type=t, ipt=i, epl=e) for t in ID_TYPES.values() for i in BLOCK_IPTS
               for e in LANE_EPLS]
-    names += [CLUSTER_LANE_KERNEL.format(id_type=t, ipt=i, epl=e, blocks=b) for t in ID_TYPES.values()
-              for i in CLUSTER_IPTS for e in LANE_EPLS for b in CLUSTER_SIZES]
+    names += [name for b in CLUSTER_SIZES for name in cluster_kernel_names(b)]
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
     names += [FUSED_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
     return tuple(names) + (SCAN_KERNEL, PLACE_KERNEL, EMPTY_KERNEL)
+
+
+def cluster_kernel_names(blocks: int) -> list[str]:
+    """cluster_lane_preprocess's instantiations for clusters of ``blocks`` blocks (every id type, ipt and EPL)."""
+    return [CLUSTER_LANE_KERNEL.format(id_type=t, ipt=i, epl=e, blocks=blocks) for t in ID_TYPES.values()
+            for i in CLUSTER_IPTS for e in LANE_EPLS]
 
 
 def cache_dir() -> str:
@@ -187,11 +192,10 @@ def widest_cluster(pointers: dict[str, int]) -> int:
 
     widest = CLUSTER_SIZES[0]
     for blocks in CLUSTER_SIZES[1:]:
-        names = [name for name in pointers if name.startswith("cluster_lane_preprocess<")
-                 and name.endswith(f", {blocks}>")]
+        names = cluster_kernel_names(blocks)
         for name in names:
             driver.funcSetAttribute(pointers[name], NON_PORTABLE_CLUSTER_ATTR, 1)
-        if names and max_active_clusters(pointers[names[0]], blocks, BLOCK_THREADS, CLUSTER_WIDE_SMEM_BYTES) >= 1:
+        if max_active_clusters(pointers[names[0]], blocks, BLOCK_THREADS, CLUSTER_WIDE_SMEM_BYTES) >= 1:
             widest = blocks
     return widest
 

@@ -4,10 +4,10 @@ Runs every kernel of the cupy preprocess (both one-warp kernels, the block path 
 as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid
 barriers, with each map mode and with lists too short for a warp's local slots, the three split grid kernels for
 many local experts, map in shared memory, in global memory and absent, int32 and int64 ids, a rank without local
-experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU (so that
-only our kernels and torch's copies run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own
-(`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its unwritten words. Exits 1 on a
-mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
+experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU (so that only
+our kernels and torch's copies run on the GPU). Each run writes `preprocess_into` buffers that have allocations of
+their own (`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its unwritten words.
+Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """

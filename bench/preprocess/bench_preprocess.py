@@ -24,7 +24,7 @@ with the non_local sentinel), every size on fresh random ids:
   (`plan.design_bytes`: with grid_fused's keys in shared memory it equals the must-move bytes plus the
   per-block counts), to tell a slow kernel from extra traffic.
 - ``kernels``: the launches of one call (``cluster_lane_preprocess`` from 1025 to 128K slots on sm_90+, as 16
-  blocks past 4096 slots where the device holds such clusters, else 8 up to 64K; ``grid_fused`` alone above that
+  blocks past 2048 slots where the device holds such clusters, else 8 up to 64K; ``grid_fused`` alone above that
   when the device allows cooperative launches and the experts fit one window), with ``grid_blocks`` and
   ``keys_in_smem``. ``path_compare``: every kernel that can run a size, same process (``block_no_cluster``:
   block_lane_preprocess's independent blocks; ``block_cluster8`` / ``block_cluster16``: the cluster kernel as

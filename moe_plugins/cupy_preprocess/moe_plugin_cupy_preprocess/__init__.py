@@ -45,7 +45,7 @@ OPTIONS = {
                                 "16-block clusters fit) or grid force one",
                    ("auto", "warp", "block", "grid")),
     "clusters": Option(bool, True, "on GPUs with thread-block clusters (sm_90+), the block path past 1024 slots (<= 64 "
-                                   "local experts) runs one cluster of 8 blocks that split the slots (16 past 4096 "
+                                   "local experts) runs one cluster of 8 blocks that split the slots (16 past 2048 "
                                    "slots where the GPU holds such a cluster, e.g. an H100 SXM), and path=block goes "
                                    "up to 65536 slots (131072 with 16 blocks); false keeps the independent blocks"),
 }

@@ -130,13 +130,12 @@ per kernel and takes where the driver says such a cluster of `BLOCK_THREADS` thr
 `CLUSTER_WIDE_SMEM_BYTES` fits (an H100 SXM does)."""
 CLUSTER_WIDE_SMEM_BYTES = 64 * 1024
 """The dynamic shared memory per block that jit.py checks a 16-block cluster for: plans past it take 8 blocks."""
-CLUSTER_WIDE_MIN_SLOTS = 4096
+CLUSTER_WIDE_MIN_SLOTS = 2048
 """The plan takes a 16-block cluster (where the device has one) past this many slots, 8 blocks up to it.
-Measured on an H100 (GPU run 64, GPU_RESULTS.md), same process, in CUDA graphs: 16 blocks 4.01 / 4.81 / 5.26 /
-6.26 us at 8192 / 16384 / 32768 / 65536 slots, against 8 blocks' 4.55 / 5.06 / 5.79 / 8.04; at 2048 8 blocks win
-(3.42 against 3.66 us), at 4096 the two are even (3.74 against 3.68; eager 7.26 against 7.57). Since the exchange
-goes in 16-byte pieces (run 77), 16 blocks led at 4096 (3.32 against 3.56 us; eager 7.23 against 7.42) and 8 still
-at 2048 (3.20 against 3.29): one run, not yet enough to move this bound."""
+Measured on an H100, same process, CUDA graphs, since the exchange goes in 16-byte pieces (GPU_RESULTS.md, runs
+77 and 78): at 4096 slots 16 blocks led in both runs (3.32 against 3.56 us; 3.41 against 3.67), at 2048 8 blocks
+led or tied (3.20 against 3.29; 3.33 against 3.36), and from 8192 up 16 blocks led by 6-26% (run 78: 3.73 against
+4.51 us at 8192, 6.05 against 8.19 at 65536)."""
 CLUSTER_IPTS = (1, 2, 4, 8)
 CLUSTER_MAX_SLOTS = CLUSTER_SIZES[-1] * BLOCK_THREADS * CLUSTER_IPTS[-1]
 """The most slots of the widest cluster (`cluster_max_slots` gives each size's)."""

@@ -39,7 +39,7 @@ CASES = [
     (256, 4, 2, "guard_slot", 4, 8, torch.int32, {}),  # lane_preprocess, two experts per lane (64 local, 128 slots)
     (256, 8, 1, "non_local", 40, 8, torch.int32, {"clusters": False}),  # block_lane_preprocess (3 blocks), shared map
     (256, 8, 7, "negative", 40, 8, torch.int64, {"clusters": False}),  # block_lane_preprocess, invalid ids counted
-    (256, 8, 1, "non_local", 40, 8, torch.int32, {}),  # cluster_lane_preprocess (2560 slots, 8 blocks), shared map
+    (256, 8, 1, "non_local", 32, 8, torch.int32, {}),  # cluster_lane_preprocess (2048 slots, 8 blocks), shared map
     (256, 8, 5, "negative", 100, 8, torch.int64, {"map_in": "global"}),  # cluster_lane (16 blocks where they fit),
     # global map, invalid ids
     (256, 4, 2, "non_local", 1250, 8, torch.int32, {"path": "block"}),  # cluster_lane: 40000 slots, 4 per thread

@@ -220,17 +220,17 @@ def test_block_path_takes_one_cluster_where_the_device_has_them() -> None:
 
     # Past one block's 1024 slots: 8 blocks, the fewest slots per thread, then the fewest warps per block.
     assert (CLUSTER_SIZES, CLUSTER_MAX_SLOTS, CLUSTER_AUTO_MAX) == ((8, 16), 131072, 131072)
-    assert CLUSTER_WIDE_MIN_SLOTS == 4096
+    assert CLUSTER_WIDE_MIN_SLOTS == 2048
     shapes = {nk: (plan(nk).ipt, plan(nk).block_threads) for nk in (1025, 2048, 8192, 8193, 16384, 30000, 65536)}
     assert shapes == {1025: (1, 160), 2048: (1, 256), 8192: (1, 1024), 8193: (2, 544), 16384: (2, 1024),
                       30000: (4, 960), 65536: (8, 1024)}
     # Where the device holds 16-block clusters: 8 blocks up to CLUSTER_WIDE_MIN_SLOTS, 16 past it (up to 131072).
     wide = {nk: (plan(nk, max_cluster=16).grid_blocks, plan(nk, max_cluster=16).ipt,
-                 plan(nk, max_cluster=16).block_threads) for nk in (2048, 4096, 4097, 16384, 16385, 65536, 131072)}
-    assert wide == {2048: (8, 1, 256), 4096: (8, 1, 512), 4097: (16, 1, 288), 16384: (16, 1, 1024),
+                 plan(nk, max_cluster=16).block_threads) for nk in (2048, 2049, 4096, 16384, 16385, 65536, 131072)}
+    assert wide == {2048: (8, 1, 256), 2049: (16, 1, 160), 4096: (16, 1, 256), 16384: (16, 1, 1024),
                     16385: (16, 2, 544), 65536: (16, 4, 1024), 131072: (16, 8, 1024)}
     assert plan(16384, max_cluster=16, cluster_blocks=8).grid_blocks == 8, "a benchmark can hold it to 8 blocks"
-    for max_cluster, nk in ((8, 1025), (8, 16384), (8, 65536), (16, 4097), (16, 131072)):
+    for max_cluster, nk in ((8, 1025), (8, 16384), (8, 65536), (16, 2049), (16, 131072)):
         p = plan(nk, max_cluster=max_cluster)
         blocks = p.grid_blocks
         assert p.cluster and p.lanes and p.kernel_names == ("cluster_lane_preprocess",)

@@ -168,10 +168,10 @@ def test_lane_kernel_matches_the_reference(stage: Callable[..., CupyPreprocess],
 # The lane block kernels and their sizes, with the widest cluster the plan may take (0: clusters off):
 # block_lane_preprocess (independent blocks) from one warp of slots to 16384 (1 to 16 slots per thread, 1 to 16
 # blocks); cluster_lane_preprocess as one cluster of 8 blocks from 1032 to 65536 slots (1 to 8 per thread), and of
-# 16 blocks from 4100 to 131072 (1 to 8 per thread; 8 blocks up to 4096), ragged last warps and blocks.
+# 16 blocks from 2112 to 131072 (1 to 8 per thread; 8 blocks up to 2048), ragged last warps and blocks.
 LANE_BLOCK_KERNELS = {"block_lane_preprocess": (0, (20, 129, 1000, 1032, 4096, 8000, 8200, 16384)),
                       "cluster_lane_preprocess 8 blocks": (8, (1032, 2048, 8200, 16384, 30000, 65536)),
-                      "cluster_lane_preprocess 16 blocks": (16, (2048, 4100, 8200, 16384, 30000, 65536, 100000,
+                      "cluster_lane_preprocess 16 blocks": (16, (2048, 2100, 4100, 8200, 16384, 30000, 65536, 100000,
                                                                  131072))}
 
 

@@ -11,10 +11,11 @@ baseline and then of the current source; the median over rounds is reported with
 time per call in a CUDA graph (`bench_preprocess.graph_us`). ``--path`` plans both on one path (e.g. ``block``).
 One JSON line per size.
 
-``--prefill-baseline`` bounds what a store stream costs: the baseline is a source that leaves the tail of
-``sorted`` (past the total) unwritten, and its buffers' ``sorted`` is set to ``N*K`` once before the check,
-so that the stale tail passes it and every later call. Only for such experiments: the baseline's own
-output is then not fully checked.
+``--prefill-baseline`` bounds what a store stream costs: the baseline is a source that leaves part of ``sorted``
+unwritten (the tail past the total, or the placed slots), and its buffers' ``sorted`` is set to the torch
+reference's once before the check, so that the stale entries pass it and every later call. Only for such
+experiments: the baseline's own output is then not fully checked. ``--ep`` sets the expert-parallel ranks (8:
+32 local experts; 4 and 2: 64 and 128, where grid_fused places 2x and 4x as many slots).
 
     python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
 """
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, graph_us, median_us, routed_ids
+from bench_preprocess import BLOCK_M, EP, bench_stages, check, graph_us, median_us, routed_ids
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 
@@ -40,28 +41,31 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--path", default="auto", help="the backend's path option for both versions")
     parser.add_argument("--prefill-baseline", action="store_true",
-                        help="fill the baseline's sorted with N*K before the check (a baseline that skips the tail)")
+                        help="set the baseline's sorted to the reference's before the check (a baseline that skips "
+                             "some of its stores)")
+    parser.add_argument("--ep", type=int, default=EP, help=f"expert-parallel ranks (default {EP})")
     parser.add_argument("--out", help="JSON lines file to append to")
     args = parser.parse_args()
 
-    ctx, current, peer, gen = bench_stages(args.path)
+    ctx, current, peer, gen = bench_stages(args.path, args.ep)
     device = torch.cuda.current_device()
     baseline = CupyPreprocess(ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
     for nk in args.sizes:
-        ids = routed_ids(nk, int(ctx.sentinel), gen)
+        ids = routed_ids(nk, int(ctx.sentinel), gen, args.ep)
+        want = peer.preprocess(ids, BLOCK_M)
         calls = {}
         for name, stage in (("baseline", baseline), ("current", current)):
             buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
             if args.prefill_baseline and name == "baseline":
-                buffers.sorted_slot_ids.fill_(nk)
-            check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
+                buffers.sorted_slot_ids.copy_(want.aligned.sorted_slot_ids)
+            check(stage.preprocess_into(ids, buffers), want)
             calls[name] = (lambda s, b: lambda: s.preprocess_into(ids, b))(stage, buffers)
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.rounds):
             for name, call in calls.items():
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
-        row = {"num_slots": nk, "path": plan.path, "kernels": list(plan.kernel_names),
+        row = {"num_slots": nk, "ep": args.ep, "path": plan.path, "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
                **{f"{name}_rounds_us": t for name, t in times.items()},
                **{f"{name}_graph_us": graph_us(call) for name, call in calls.items()}}

@@ -233,10 +233,11 @@ def fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(time.time_ns() % (1 << 31))
 
 
-def bench_stages(path: str = "auto") -> tuple[BuildContext, CupyPreprocess, TorchPreprocess, torch.Generator]:
-    """`bench_context`, a cupy stage with ``path``, the torch reference and a `fresh_generator`: the setup of
-    profile_preprocess.py, phase_times.py and phase_trace.py."""
-    ctx = bench_context()
+def bench_stages(path: str = "auto", ep: int = EP) -> tuple[BuildContext, CupyPreprocess, TorchPreprocess,
+                                                              torch.Generator]:
+    """`bench_context` (``ep`` ranks), a cupy stage with ``path``, the torch reference and a `fresh_generator`: the
+    setup of ab_sources.py, profile_preprocess.py, phase_times.py and phase_trace.py."""
+    ctx = bench_context(ep)
     return ctx, CupyPreprocess(ctx, path=path), TorchPreprocess(ctx, mode="safe"), fresh_generator()
 
 

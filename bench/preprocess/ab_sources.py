@@ -1,4 +1,4 @@
-"""Two versions of ``csrc/preprocess.cu`` timed against each other in one process, on the same inputs.
+"""Two versions of ``csrc/preprocess.cu``, or two plans, timed against each other in one process, on the same inputs.
 
 A kernel change is judged against the version before it on the same GPU, in the same process, with the
 calls interleaved: run-to-run spread between processes (1-3 us at N*K = 8M on an H100) is as large as the
@@ -9,7 +9,8 @@ installed plan.py, each with its own buffers; both results are checked against t
 any timing. Per size, ``--rounds`` rounds each take `bench_preprocess.median_us` (L2 flushed) of the
 baseline and then of the current source; the median over rounds is reported with the ratio, and each version's
 time per call in a CUDA graph (`bench_preprocess.graph_us`). ``--path`` plans both on one path (e.g. ``block``).
-One JSON line per size.
+One JSON line per size. ``--unstaged-baseline`` instead times the installed source against itself with grid_fused
+given no stage (``plan_for(staged=False)``: every placed slot stored straight to ``sorted``).
 
 ``--prefill-baseline`` bounds what a store stream costs: the baseline is a source that leaves part of ``sorted``
 unwritten (the tail past the total, or the placed slots), and its buffers' ``sorted`` is set to the torch
@@ -18,6 +19,7 @@ experiments: the baseline's own output is then not fully checked. ``--ep`` sets 
 32 local experts; 4 and 2: 64 and 128, where grid_fused places 2x and 4x as many slots).
 
     python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
+    python3 bench/preprocess/ab_sources.py --unstaged-baseline --ep 4 --sizes 1048576 8388608
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ import torch
 from bench_preprocess import BLOCK_M, EP, bench_stages, check, graph_us, median_us, routed_ids
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
+from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
+from moe_plugin_cupy_preprocess.plan import plan_for
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="the other version of csrc/preprocess.cu")
+    baseline_kind = parser.add_mutually_exclusive_group(required=True)
+    baseline_kind.add_argument("--baseline", type=Path, help="the other version of csrc/preprocess.cu")
+    baseline_kind.add_argument("--unstaged-baseline", action="store_true",
+                               help="the installed source, its grid_fused plans without a stage")
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--path", default="auto", help="the backend's path option for both versions")
@@ -49,13 +56,19 @@ def main() -> int:
 
     ctx, current, peer, gen = bench_stages(args.path, args.ep)
     device = torch.cuda.current_device()
-    baseline = CupyPreprocess(ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
+    baseline = current if args.unstaged_baseline else CupyPreprocess(
+        ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen, args.ep)
         want = peer.preprocess(ids, BLOCK_M)
         calls = {}
         for name, stage in (("baseline", baseline), ("current", current)):
             buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
+            if args.unstaged_baseline and name == "baseline":
+                unstaged = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage.map, args.path,
+                                    stage.kernels.smem_optin, stage.kernels.num_sms,
+                                    stage.kernels.fused_occupancy("int32"), max_cluster=stage.max_cluster, staged=False)
+                buffers = PreprocessBuffers.allocate(unstaged, stage.device)
             if args.prefill_baseline and name == "baseline":
                 buffers.sorted_slot_ids.copy_(want.aligned.sorted_slot_ids)
             check(stage.preprocess_into(ids, buffers), want)
@@ -65,7 +78,8 @@ def main() -> int:
             for name, call in calls.items():
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
-        row = {"num_slots": nk, "ep": args.ep, "path": plan.path, "kernels": list(plan.kernel_names),
+        row = {"num_slots": nk, "ep": args.ep, "baseline": "unstaged" if args.unstaged_baseline else str(args.baseline),
+               "stage_cap": plan.stage_cap, "list_cap": plan.list_cap, "path": plan.path, "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
                **{f"{name}_rounds_us": t for name, t in times.items()},
                **{f"{name}_graph_us": graph_us(call) for name, call in calls.items()}}

@@ -218,6 +218,7 @@ class Plan:
     chunk: int = 0  # fused: consecutive slots per block (a multiple of TILE)
     keys_in_smem: bool = False  # fused: list_cap >= half a warp's segment (see `_fused_layout`)
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
+    stage_cap: int = 0  # fused: entries of the block's shared stage of placed slots (0: stored straight to sorted)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
     lanes: bool = False  # lane_preprocess / block_lane_preprocess (warp / block path): experts by lane
@@ -378,15 +379,17 @@ PLACE_QUEUE = 32 * 8 + 32
 """grid_fused: the least entries of a warp's list of local slots (HC_PLACE_BUF): phase 3 reuses the list as
 the queue of its re-read batches (8 chunks of 32 slots plus a carried remainder)."""
 LIST_OFFSET_LIMIT = 1 << 22
-"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22."""
+"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22, and
+staged entries ``(slot offset in the block's chunk << 10) | key``: no stage for chunks of 2**22 slots or more."""
 
 
-def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, list_cap: int = PLACE_QUEUE) -> int:
-    """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs,
-    one column of per-block counts (sized for the largest co-resident grid), scratch, and the per-warp
-    lists of local slots (``list_cap`` uint32 entries per warp)."""
-    return (map_entries + GRID_WARPS * num_local + 3 * num_local + 1 + FUSED_GRID_PER_SM_BOUND * num_sms
-            + SCRATCH_INTS + GRID_WARPS * list_cap)
+def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
+                     ) -> int:
+    """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
+    one column of per-block counts (sized for the largest co-resident grid), scratch, and
+    ``lists_and_stage`` uint32 entries: the per-warp lists of local slots, then the block's stage."""
+    return (map_entries + GRID_WARPS * num_local + 4 * num_local + 2 + FUSED_GRID_PER_SM_BOUND * num_sms
+            + SCRATCH_INTS + lists_and_stage)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:
@@ -396,12 +399,16 @@ def default_fused_occupancy(smem_bytes: int) -> int:
 
 
 def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: int, num_sms: int,
-                  occupancy: Callable[[int], int]) -> tuple[int, int, int, int] | None:
-    """``(grid_blocks, chunk, list_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
+                  occupancy: Callable[[int], int], staged: bool = True) -> tuple[int, int, int, int, int] | None:
+    """``(grid_blocks, chunk, list_cap, stage_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
 
     The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of
-    tiles); chunks are whole tiles, balanced to within one tile. Each warp's list then gets as many entries
-    as keep that grid co-resident, up to its whole segment (then no slot is ever re-read from local_ids).
+    tiles); chunks are whole tiles, balanced to within one tile. The shared memory that keeps that grid
+    co-resident then goes first to the block's stage, up to its whole chunk (a block whose local slots do not
+    fit stores them straight to `sorted`), and the rest to the warps' lists, up to a whole segment each
+    (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all.
+    The stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 /
+    59 us at 32 / 64 / 128 local experts), while a full list costs only a re-read of local_ids from L2.
     """
     if num_local > MAX_WINDOW:
         return None
@@ -425,17 +432,22 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     if seg >= LIST_OFFSET_LIMIT:
         return None
     if not bm:
-        return blocks, chunk, 0, _fused_smem_ints(map_smem, num_local, num_sms, 0) * 4
+        return blocks, chunk, 0, 0, _fused_smem_ints(map_smem, num_local, num_sms, 0) * 4
 
-    def fits(cap: int) -> bool:
-        nbytes = _fused_smem_ints(map_smem, num_local, num_sms, cap) * 4
+    def fits(entries: int) -> bool:
+        nbytes = _fused_smem_ints(map_smem, num_local, num_sms, entries) * 4
         return nbytes <= smem_optin and occupancy(nbytes) * num_sms >= blocks
 
-    lo, hi = PLACE_QUEUE, max(PLACE_QUEUE, seg)  # fits(lo) holds (the base above)
+    least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
+    stage_most = chunk if staged and chunk < LIST_OFFSET_LIMIT else 0
+    lo, hi = least, GRID_WARPS * max(PLACE_QUEUE, seg) + stage_most
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return blocks, chunk, lo, _fused_smem_ints(map_smem, num_local, num_sms, lo) * 4
+    stage_cap = min(stage_most, lo - least)
+    list_cap = min(max(PLACE_QUEUE, seg), (lo - stage_cap) // GRID_WARPS)
+    return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(map_smem, num_local, num_sms,
+                                                                GRID_WARPS * list_cap + stage_cap) * 4
 
 
 def check_block_m(block_m: object) -> int:
@@ -452,7 +464,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
              two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True,
-             max_cluster: int = 0, cluster_blocks: int | None = None) -> Plan:
+             max_cluster: int = 0, cluster_blocks: int | None = None, staged: bool = True) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
@@ -462,7 +474,8 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     ``lanes=False`` (benchmarks) keeps warp_preprocess / block_preprocess where the lane kernels would run;
     ``max_cluster`` is the widest thread-block cluster the device launches (0: none; 8 or 16, sm_90+): the block
     path then takes cluster_lane_preprocess past one block's share of slots (not with a fixed ``block_grid``);
-    ``cluster_blocks`` (benchmarks) holds it to clusters of that many blocks.
+    ``cluster_blocks`` (benchmarks) holds it to clusters of that many blocks; ``staged=False`` (benchmarks) gives
+    grid_fused no stage: every placed slot is stored straight to `sorted` (`_fused_layout`).
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -554,14 +567,15 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         block_threads = min(BLOCK_THREADS, max(32 * active_warps, expert_threads, 32))
     fused = None
     if chosen == "grid" and fused_occupancy is not None:
-        fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy)
-    grid_blocks, chunk, list_cap, smem_fused = fused or (block_blocks, 0, 0, 0)
+        fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged)
+    grid_blocks, chunk, list_cap, stage_cap, smem_fused = fused or (block_blocks, 0, 0, 0, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
                 sub=sub, owned_rows=owned_rows,
-                chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, smem_fused_bytes=smem_fused,
+                chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, stage_cap=stage_cap,
+                smem_fused_bytes=smem_fused,
                 two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
                 smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps), num_local) * 4 if block_lanes
                 else _block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4 if chosen == "block" else 0,

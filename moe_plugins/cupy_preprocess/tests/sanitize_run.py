@@ -2,10 +2,11 @@
 
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
 as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid
-barriers, with each map mode and with lists too short for a warp's local slots, the three split grid kernels for
-many local experts, map in shared memory, in global memory and absent, int32 and int64 ids, a rank without local
-experts) on fresh random inputs, and compares each result with the torch reference computed on the CPU (so that only
-our kernels and torch's copies run on the GPU). Each run writes `preprocess_into` buffers that have allocations of
+barriers, with each map mode, with lists too short for a warp's local slots and with blocks whose local slots do not
+fit the stage (stored straight to sorted), the three split grid kernels for many local experts, map in shared
+memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
+and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
+run on the GPU). Each run writes `preprocess_into` buffers that have allocations of
 their own (`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its unwritten words.
 Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
@@ -67,7 +68,11 @@ CASES = [
     (64, 1, 0, "out_of_range", 5000, 8, torch.int32, {"path": "grid"}),  # grid_fused, no map (40K slots, 10 blocks)
     # grid_fused with its lists cut to PLACE_QUEUE entries: 1.1M slots (137 blocks, 512-slot warp segments), 3/4
     # of them local: every warp's list fills up and phase 3 re-reads the rest of its local slots from local_ids
+    # (into the block's stage, which keeps its whole chunk)
     (64, 1, 0, "out_of_range", 140_000, 8, torch.int32, {"path": "grid", "least_lists": True}),
+    # grid_fused at 512K slots with a stage of 300 entries: the blocks of padding rows stage, the others (~500
+    # local slots each) store straight to sorted
+    (256, 8, 2, "non_local", 8000, 8, torch.int32, {"stage_cap": 300}),
 ]
 
 
@@ -81,7 +86,9 @@ def main() -> int:
         local = case.local if case.local.expert_map is None else case.local.with_map(case.local.expert_map.cuda())
         ctx = context(case.placement, rank, local, "cuda:0", top_k=k, sentinel=case.sentinel)
         least_lists = options.get("least_lists", False)
-        stage = CupyPreprocess(ctx, mode="safe", **{o: v for o, v in options.items() if o != "least_lists"})
+        stage_cap = options.get("stage_cap")
+        stage = CupyPreprocess(ctx, mode="safe", **{o: v for o, v in options.items()
+                                                    if o not in ("least_lists", "stage_cap")})
         ids = case.ids.cuda()
         for block_m in (None, 16):
             plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
@@ -89,6 +96,15 @@ def main() -> int:
                 plan = dataclasses.replace(plan, list_cap=PLACE_QUEUE)
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:
                     kernels_run.add("grid_fused re-read past a full list")
+            if stage_cap is not None and plan.fused and block_m:
+                plan = dataclasses.replace(plan, stage_cap=min(stage_cap, plan.stage_cap))
+            if plan.fused and block_m:  # which blocks stage their placed slots (those whose local slots fit)
+                local = (reference(case, None).local_ids.reshape(-1) >= 0).int()
+                per_block = [int(local[g * plan.chunk:(g + 1) * plan.chunk].sum()) for g in range(plan.grid_blocks)]
+                if any(n <= plan.stage_cap for n in per_block) and plan.stage_cap:
+                    kernels_run.add("grid_fused staged")
+                if any(n > plan.stage_cap for n in per_block):
+                    kernels_run.add("grid_fused stored straight")
             kernels_run.update(plan.kernel_names)
             if plan.cluster:
                 kernels_run.add(f"cluster_lane_preprocess {plan.grid_blocks} blocks")
@@ -110,7 +126,8 @@ def main() -> int:
                "block_lane_preprocess two experts per lane", "cluster_lane_preprocess",
                "cluster_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
                "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1",
-               "grid_fused map mode 2", "grid_fused re-read past a full list",
+               "grid_fused map mode 2", "grid_fused re-read past a full list", "grid_fused staged",
+               "grid_fused stored straight",
                *(f"cluster_lane_preprocess {b} blocks" for b in CLUSTER_SIZES if b <= widest)} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")

@@ -309,26 +309,37 @@ def test_where_the_map_lives() -> None:
 
 def test_fused_grid_sizing() -> None:
     """grid_fused: as many blocks as can be co-resident (132 SMs x 2 modelled), whole-tile chunks balanced
-    to within a tile, per-warp lists of local slots as long as keeps the grid co-resident (at most a segment)."""
+    to within a tile; the shared memory that keeps the grid co-resident goes to the block's stage first (up to
+    a chunk), then to per-warp lists of local slots (at most a segment each)."""
     def plan(nk: int, num_local: int = 32, **kw: object):
         return plan_for(nk, 1, torch.int32, 16, num_local, MapChoice(MAP_SHARED, 256), "grid", **kw)
 
-    for nk, blocks, chunk in ((1, 1, TILE), (65_536, 16, TILE), (1 << 20, 128, 2 * TILE), (1 << 23, 256, 8 * TILE),
-                              (3_000_000, 245, 3 * TILE)):
+    for nk, blocks, chunk in ((1, 1, TILE), (65_536, 16, TILE), (1 << 20, 128, 2 * TILE), (1 << 22, 256, 4 * TILE),
+                              (1 << 23, 256, 8 * TILE), (3_000_000, 245, 3 * TILE)):
         p = plan(nk)
-        assert (p.fused, p.grid_blocks, p.chunk, p.keys_in_smem) == (True, blocks, chunk, True), (nk, p)
+        assert (p.fused, p.grid_blocks, p.chunk) == (True, blocks, chunk), (nk, p)
         assert (p.grid_blocks - 1) * p.chunk < nk <= p.grid_blocks * p.chunk or nk < TILE
         assert p.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2, "two blocks per SM"
-        seg = p.chunk // GRID_WARPS  # a whole segment fits except at 8M (2048 slots: ~1.7K entries)
-        assert p.list_cap == max(PLACE_QUEUE, seg) if nk != 1 << 23 else PLACE_QUEUE < p.list_cap < seg, (nk, p)
-    # 4096 tiles: 16 per block, 4096-slot warp segments; lists as long as two blocks per SM allow (~1.7K entries)
+        seg = p.chunk // GRID_WARPS
+        unstaged = plan(nk, staged=False)
+        assert (unstaged.grid_blocks, unstaged.chunk, unstaged.stage_cap) == (blocks, chunk, 0)
+        if nk == 1 << 23:  # 32K-slot chunks: most of the stage (~22.8K entries), the least lists
+            assert 20_000 < p.stage_cap < chunk and p.list_cap == PLACE_QUEUE and not p.keys_in_smem, p
+            assert PLACE_QUEUE < unstaged.list_cap < seg and unstaged.keys_in_smem, "without a stage: ~1.7K entries"
+        else:  # a whole chunk staged; lists up to a segment
+            assert p.stage_cap == chunk and PLACE_QUEUE <= p.list_cap <= max(PLACE_QUEUE, seg) and p.keys_in_smem, p
+            assert unstaged.list_cap == max(PLACE_QUEUE, seg) and unstaged.keys_in_smem
+    assert plan(1 << 22).list_cap < 1024, "4M: the stage takes 16K entries, the lists what is left"
+    # 4096 tiles: 16 per block, 4096-slot warp segments; stage ~22.8K entries, the least lists
     big = plan(1 << 24)
-    assert big.fused and big.grid_blocks == 256 and PLACE_QUEUE < big.list_cap < 2048 and not big.keys_in_smem
+    assert big.fused and big.grid_blocks == 256 and big.list_cap == PLACE_QUEUE and 20_000 < big.stage_cap < 65536
     assert big.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2
+    assert plan(2_000_000_000).chunk >= 1 << 22 and plan(2_000_000_000).stage_cap == 0, "no stage: 2**22-slot chunks"
     assert not plan(1 << 20, fused_occupancy=None).fused, "no cooperative launch: three launches"
     assert not plan(1 << 20, num_local=1025).fused, "more than one expert window: three launches"
     assert not plan(1 << 20).two_phase and plan(1 << 20, num_local=256).two_phase
-    assert plan_for(1 << 20, 1, torch.int32, None, 32, MapChoice(MAP_NONE, 0), "grid").keys_in_smem is False
+    no_layout = plan_for(1 << 20, 1, torch.int32, None, 32, MapChoice(MAP_NONE, 0), "grid")
+    assert no_layout.keys_in_smem is False and no_layout.stage_cap == 0
 
 
 def test_forced_shared_map_shrinks_the_window_to_fit() -> None:

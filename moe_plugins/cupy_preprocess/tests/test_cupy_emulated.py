@@ -244,27 +244,50 @@ def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> 
     assert not big.fused and big.kernel_names == ("grid_count", "grid_scan", "grid_place")
 
 
+def run_fused_plan(kernels: EmulatedKernels, case: Case, plan: Plan, block_m: int) -> None:
+    """Launch ``plan`` once into guarded buffers and check every output against the reference."""
+    table = case.local.expert_map
+    buffers, backing = guarded_buffers(plan, "cpu")
+    launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], plan.map,
+           case.local.first, False, buffers)
+    check_guards(backing)
+    got = buffers.routing(count_invalid=True)
+    assert_matches(got, reference(case, block_m), block_m)
+    assert int(got.invalid_count) == int((case.ids < 0).sum())
+
+
+@pytest.mark.parametrize("staged", [True, False])
 @pytest.mark.parametrize("dtype, sentinel", [(torch.int32, "negative"), (torch.int64, "out_of_range")])
-def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torch.dtype, sentinel: str) -> None:
+def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torch.dtype, sentinel: str,
+                                           staged: bool) -> None:
     """Phase 3 past a full list: every expert local (ep_size 1, ~3/4 of the slots local), lists cut to the
     least (PLACE_QUEUE entries) by a shared-memory limit, segments of 512 slots: every warp's list fills up
-    part-way and the rest of its local slots are re-read from local_ids in batches behind the remainder."""
+    part-way and the rest of its local slots are re-read from local_ids in batches behind the remainder; into
+    the block's stage (which keeps its whole chunk: the lists give way first) or straight to `sorted`."""
     case = make_case(16, 1, 0, sentinel, rows_per_rank=6000, top_k=4, seed=24, dtype=dtype)
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), "auto")
-    kw = {"num_sms": kernels.num_sms, "fused_occupancy": kernels.fused_occupancy("int32")}
+    kw = {"num_sms": kernels.num_sms, "fused_occupancy": kernels.fused_occupancy("int32"), "staged": staged}
     base_plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid", **kw)
     assert base_plan.chunk // GRID_WARPS == 512 and base_plan.list_cap == 512
+    assert base_plan.stage_cap == (base_plan.chunk if staged else 0)
     plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid",
                     smem_optin=base_plan.smem_fused_bytes - 4 * GRID_WARPS * (512 - PLACE_QUEUE), **kw)
-    assert plan.fused and plan.list_cap == PLACE_QUEUE
-    buffers, backing = guarded_buffers(plan, "cpu")
-    launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], choice, 0, False,
-           buffers)
-    check_guards(backing)
-    got = buffers.routing(count_invalid=True)
-    assert_matches(got, reference(case, 16), 16)
-    assert int(got.invalid_count) == int((case.ids < 0).sum())
+    assert plan.fused and plan.list_cap == PLACE_QUEUE and plan.stage_cap == base_plan.stage_cap
+    run_fused_plan(kernels, case, plan, 16)
+
+
+def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernels: EmulatedKernels) -> None:
+    """A stage smaller than some blocks' local slots: those blocks store straight to `sorted`, the others
+    stage, in the same launch (3 blocks of 8192 slots, ~3/4 local, the stage cut between the blocks' counts)."""
+    case = make_case(16, 1, 0, "negative", rows_per_rank=6000, top_k=4, seed=31)
+    choice = choose_map(int(case.local.expert_map.numel()), "auto")
+    plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid", num_sms=kernels.num_sms,
+                    fused_occupancy=kernels.fused_occupancy("int32"))
+    local = (reference(case, None).local_ids.reshape(-1) >= 0).int()
+    per_block = sorted(int(local[g * plan.chunk:(g + 1) * plan.chunk].sum()) for g in range(plan.grid_blocks))
+    assert plan.grid_blocks == 3 and plan.stage_cap == plan.chunk and per_block[0] < per_block[-1], per_block
+    run_fused_plan(kernels, case, dataclasses.replace(plan, stage_cap=per_block[0]), 16)  # the least-local block stages
 
 
 def test_fused_misaligned_ids_take_the_scalar_loads(kernels: EmulatedKernels) -> None:

@@ -1562,11 +1562,16 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
 //      invalid count. (The grid writes the padding entries and block ids at the very end, after phase 3.)
-//   3. (block_m > 0) cnt[w][k] becomes the global position of warp w's first slot of expert k (one
-//      __syncthreads), then every warp places its local slots with no further block barrier: it ranks its
-//      list 32 entries at a time (bits + 1 ballots give the lanes of equal key, the group leader reads and
-//      advances the warp's row, a __syncwarp per round orders it) and stores every slot straight to
-//      `sorted`. Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
+//   3. (block_m > 0) cnt[w][k] becomes the position of warp w's first slot of expert k (one __syncthreads),
+//      then every warp ranks its local slots with no block barrier: it ranks its list 32 entries at a time
+//      (bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's row, a
+//      __syncwarp per round orders it). Staged (the block's local slots fit in `stage_cap`): the positions
+//      are block-local, each slot goes to the shared `stage` (its block offset << 10 | key), and after one
+//      __syncthreads the block copies `stage` out to `sorted` in position order, so that each store
+//      instruction writes a run of one expert's group. Otherwise the positions are global and every slot
+//      is stored straight to `sorted`: one scattered 4-byte store per slot, up to 32 groups per
+//      instruction, which took 10 / 27 / 59 us of N*K = 8M at 32 / 64 / 128 local experts (GPU run 79).
+//      Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
 //      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail of
@@ -1581,8 +1586,10 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES)] (zero at allocation, 8-byte aligned): sync[0..1] the grid
 // barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
 // tail queue q (phase 3; block 0 resets them before the first grid barrier). One 128-byte line each.
-// Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][col: G]
-// [scratch: HC_SCRATCH][lists: 16 * list_cap uint32] (list_cap >= HC_PLACE_BUF with block_m, else 0).
+// Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
+// [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32] (list_cap >=
+// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or when a chunk reaches 2^22 slots: a
+// staged entry holds a block offset beside the 10-bit key).
 // ---------------------------------------------------------------------------------------------------
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
@@ -1758,7 +1765,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
            int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts, int* __restrict__ invalid,
            int* __restrict__ sorted, int* __restrict__ block_ids, int* __restrict__ total_out, int block_m,
            int capacity, int* __restrict__ cta_hist, int* __restrict__ cta_invalid, unsigned* __restrict__ sync,
-           int chunk, int list_cap, int two_phase) {
+           int chunk, int list_cap, int two_phase, int stage_cap) {
     extern __shared__ int smem[];
     const int wl = num_local;  // <= 1024, checked by plan.py
     constexpr int nwarps = HC_GRID_THREADS / 32;
@@ -1768,11 +1775,13 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* tot = cnt + nwarps * wl;
     int* run = tot + wl;
     int* gs = run + wl;
-    int* col = gs + wl + 1;  // [G]: one column of cta_hist (two_phase)
+    int* bst = gs + wl + 1;  // this block's slots per expert, then (staged) their block-local group starts
+    int* col = bst + wl + 1;  // [G]: one column of cta_hist (two_phase)
     int* scratch = col + G;  // [0, 33): scans; [33]: invalid count
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
     unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
+    unsigned* stage = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + nwarps * list_cap;  // [stage_cap]
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
@@ -1811,6 +1820,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
         cta_hist[k * G + me] = t;
+        bst[k] = t;
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
@@ -1878,6 +1888,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
     __syncthreads();
     const int total = block_exclusive_scan(gs, wl, scratch);
+    // The block's local slots (bst[k] becomes expert k's block-local start): staged if they fit (uniform).
+    const int block_local = stage_cap > 0 ? block_exclusive_scan(bst, wl, scratch) : 0;
+    const bool staged = stage_cap > 0 && block_local <= stage_cap;
     if (tid == 0) {
         gs[wl] = total;
         if (me == 0) total_out[0] = total;
@@ -1885,20 +1898,25 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     __syncthreads();
 
     // ---- phase 3: every warp places its local slots ----------------------------------------------
-    // cnt[w][k] (warp w's slots of expert k) -> global position of warp w's first slot of k: group start +
-    // this block's lower-block prefix + lower warps' counts.
+    // cnt[w][k] (warp w's slots of expert k) -> position of warp w's first slot of k: (global) group start +
+    // this block's lower-block prefix, or (staged) the block-local start; + lower warps' counts. Staged,
+    // run[k] becomes the distance from a staged position of expert k to its place in `sorted`.
     for (int k = tid; k < wl; k += blockDim.x) {
         int c[nwarps];
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
         int r = gs[k] + run[k];
+        if (staged) {
+            run[k] = r - bst[k];
+            r = bst[k];
+        }
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) {
             cnt[w * wl + k] = r;
             r += c[w];
         }
     }
-    __syncthreads();  // the last block barrier: from here on every warp works alone
+    __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
@@ -1934,6 +1952,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     };
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
+    int* const placed = staged ? reinterpret_cast<int*>(stage) : sorted;  // where warp_place stores
+    const unsigned seg_offset = (unsigned)(ws - c0) << HC_KEY_BITS;        // staged: list entry -> stage entry
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
     // on (only when the list filled up) are re-read from local_ids, HC_PLACE_BATCH chunks of 32 at a time,
     // compacted into the list's memory (now a queue: one ballot per chunk) behind a carried remainder.
@@ -1947,8 +1967,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (tail_left) tail_left = fill_tail_piece();
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
-            warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1, ws + (int)(entry >> HC_KEY_BITS),
-                       bits, lower, row, sorted);
+            warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1,
+                       staged ? (int)(entry + seg_offset) : ws + (int)(entry >> HC_KEY_BITS), bits, lower, row, placed);
         }
         queued -= ranked;
         if (!more) break;
@@ -1973,6 +1993,13 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
         next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
+    }
+    if (staged) {  // copy `stage` out in position order: consecutive threads, consecutive places of a group
+        __syncthreads();
+        for (int p = tid; p < block_local; p += blockDim.x) {
+            const unsigned e = stage[p];
+            sorted[p + run[e & ((1u << HC_KEY_BITS) - 1)]] = c0 + (int)(e >> HC_KEY_BITS);
+        }
     }
     while (tail_left) tail_left = fill_tail_piece();  // the pieces left after this warp's last round
     HC_MARK(8);
@@ -2068,7 +2095,7 @@ template __global__ void grid_count<int>(const int*, int, const int*, int, int, 
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,
                                                int*, int*, unsigned char*, int, int, int, int);
-template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int);
-template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int);
+template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int, int);
+template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int, int);
 #undef HC_PARAMS
 #endif

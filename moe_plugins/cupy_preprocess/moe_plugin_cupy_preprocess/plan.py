@@ -383,6 +383,14 @@ LIST_OFFSET_LIMIT = 1 << 22
 staged entries ``(slot offset in the block's chunk << 10) | key``: no stage for chunks of 2**22 slots or more."""
 
 
+STAGE_MIN_CHUNK = 2 * TILE
+"""grid_fused stages its placed slots only in chunks of at least this many slots. Measured on an H100 (GPU run 80,
+same process, against the same plan without a stage, CUDA events): at one tile per block (N*K = 262144) the stage
+cost 13.82 -> 15.20 us at 32 local experts (2% at 64, -2% at 128), while from two tiles on it won at every size
+and EP: 1M 17.86 -> 17.22 / 21.18 -> 20.13 / 25.70 -> 22.34 us, 8M 62.11 -> 53.87 / 81.70 -> 63.30 / 128.19 ->
+77.15 at 32 / 64 / 128 local experts."""
+
+
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
                      ) -> int:
     """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
@@ -405,7 +413,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of
     tiles); chunks are whole tiles, balanced to within one tile. The shared memory that keeps that grid
     co-resident then goes first to the block's stage, up to its whole chunk (a block whose local slots do not
-    fit stores them straight to `sorted`), and the rest to the warps' lists, up to a whole segment each
+    fit stores them straight to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists, up to a whole segment each
     (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all.
     The stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 /
     59 us at 32 / 64 / 128 local experts), while a full list costs only a re-read of local_ids from L2.
@@ -439,7 +447,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         return nbytes <= smem_optin and occupancy(nbytes) * num_sms >= blocks
 
     least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
-    stage_most = chunk if staged and chunk < LIST_OFFSET_LIMIT else 0
+    stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk < LIST_OFFSET_LIMIT else 0
     lo, hi = least, GRID_WARPS * max(PLACE_QUEUE, seg) + stage_most
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -70,9 +70,9 @@ CASES = [
     # of them local: every warp's list fills up and phase 3 re-reads the rest of its local slots from local_ids
     # (into the block's stage, which keeps its whole chunk)
     (64, 1, 0, "out_of_range", 140_000, 8, torch.int32, {"path": "grid", "least_lists": True}),
-    # grid_fused at 512K slots with a stage of 300 entries: the blocks of padding rows stage, the others (~500
-    # local slots each) store straight to sorted
-    (256, 8, 2, "non_local", 8000, 8, torch.int32, {"stage_cap": 300}),
+    # grid_fused at 1.09M slots (133 blocks of 8192) with a stage of 300 entries: the blocks of padding rows stage,
+    # the others (~1000 local slots each) store straight to sorted
+    (256, 8, 2, "non_local", 17_000, 8, torch.int32, {"stage_cap": 300}),
 ]
 
 

@@ -27,7 +27,8 @@ from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOT
                                              CLUSTER_AUTO_MAX, CLUSTER_MAX_SLOTS, CLUSTER_SIZES, CLUSTER_WIDE_MIN_SLOTS,
                                              CLUSTER_WIDE_SMEM_BYTES, DEFAULT_SMEM_OPTIN,
                                              GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL,
-                                             MAP_NONE, MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, TILE,
+                                             MAP_NONE, MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, STAGE_MIN_CHUNK,
+                                             TILE,
                                              WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
                                              check_block_m, choose_map, moved_bytes, plan_for)
 from moe_plugin_cupy_preprocess.validate import (as_tensor, check_contiguous_for_capture, check_topk_ids,
@@ -326,6 +327,8 @@ def test_fused_grid_sizing() -> None:
         if nk == 1 << 23:  # 32K-slot chunks: most of the stage (~22.8K entries), the least lists
             assert 20_000 < p.stage_cap < chunk and p.list_cap == PLACE_QUEUE and not p.keys_in_smem, p
             assert PLACE_QUEUE < unstaged.list_cap < seg and unstaged.keys_in_smem, "without a stage: ~1.7K entries"
+        elif chunk < STAGE_MIN_CHUNK:  # one tile per block: no stage
+            assert p.stage_cap == 0 and p.list_cap == max(PLACE_QUEUE, seg) and p.keys_in_smem, p
         else:  # a whole chunk staged; lists up to a segment
             assert p.stage_cap == chunk and PLACE_QUEUE <= p.list_cap <= max(PLACE_QUEUE, seg) and p.keys_in_smem, p
             assert unstaged.list_cap == max(PLACE_QUEUE, seg) and unstaged.keys_in_smem

@@ -118,13 +118,13 @@ def test_block_kernel_over_several_blocks(kernels: EmulatedKernels, blocks: int,
 
 # --- the cluster kernel: 8 blocks that split the slots ----------------------------------------------------
 
-# (global experts, ep, rows per rank, top_k): ep * rows * top_k = 1056 and 2400 slots (1 per thread), 9024 (2 on
-# 8 blocks, 1 on 16), 20032 (4; 2) and 40000 (8; 4), and 65792 (16 blocks, 8 per thread), ragged last warps and
+# (global experts, ep, rows per rank, top_k): ep * rows * top_k = 1056 and 2400 slots (1 per thread; 2400 on 16
+# blocks where they fit), 9024 (2 on 8 blocks, 1 on 16), 20032 (4; 2) and 40000 (8; 4), and 65792 (16 blocks, 8 per thread), ragged last warps and
 # blocks; 32 local experts (one per lane) and 64 (two per lane). Cluster (blocks, ipt) per size and widest cluster:
 CLUSTER_CASES = [(256, 8, 33, 4), (128, 2, 150, 8), (256, 4, 282, 8), (256, 8, 313, 8), (256, 4, 1250, 8),
                  (256, 8, 1028, 8)]
 CLUSTER_SHAPES = {8: {1056: (8, 1), 2400: (8, 1), 9024: (8, 2), 20032: (8, 4), 40000: (8, 8)},
-                  16: {1056: (8, 1), 2400: (8, 1), 9024: (16, 1), 20032: (16, 2), 40000: (16, 4), 65792: (16, 8)}}
+                  16: {1056: (8, 1), 2400: (16, 1), 9024: (16, 1), 20032: (16, 2), 40000: (16, 4), 65792: (16, 8)}}
 
 
 @pytest.mark.parametrize("shape", CLUSTER_CASES)

@@ -26,7 +26,7 @@ import sys
 
 import numpy
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
+from bench_preprocess import BLOCK_M, EP, bench_stages, check, routed_ids
 from moe_plugin_cupy_preprocess import jit, plan
 
 MARKS = 32
@@ -45,7 +45,8 @@ MARK_NAMES = {
     "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",
                          "padding (window > 32)", "block ids (window > 32)", "window sync", "sorted fill", "block id fill", "end"],
     "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",
-                   "grid barrier", "phase 2", "phase 3 starts", "placed+tail (own warp)", "end"],
+                   "grid barrier", "phase 2", "phase 3 starts", "ranked (own warp)", "staged copied out",
+                   "tail (own warp)", "end"],
 }
 
 
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--path", default="auto", help="the backend's path option (auto, warp, block, grid)")
     parser.add_argument("--block-owned", type=int, help="block path: slots per block (plan.BLOCK_OWNED_SLOTS)")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--ep", type=int, default=EP, help=f"expert-parallel ranks (default {EP})")
     parser.add_argument("--per-block", action="store_true", help="also the spread of every mark over the blocks")
     parser.add_argument("--out", help="JSON lines file to write (appended: one line per size and timer)")
     args = parser.parse_args()
@@ -64,7 +66,7 @@ def main() -> int:
         plan.BLOCK_OWNED_SLOTS = args.block_owned
     import cupy
 
-    ctx, stage, peer, gen = bench_stages(args.path)
+    ctx, stage, peer, gen = bench_stages(args.path, args.ep)
     trace_ptr = jit._module().get_global("hc_trace")
     trace = cupy.ndarray((2 * MARKS,), dtype=cupy.uint64, memptr=trace_ptr)
     trace_blocks = cupy.ndarray((TRACE_BLOCKS, MARKS, 2), dtype=cupy.uint64,
@@ -72,7 +74,7 @@ def main() -> int:
     smids = cupy.ndarray((TRACE_BLOCKS,), dtype=cupy.uint32, memptr=jit._module().get_global("hc_trace_smid"))
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
     for nk in args.sizes:
-        ids = routed_ids(nk, int(ctx.sentinel), gen)
+        ids = routed_ids(nk, int(ctx.sentinel), gen, args.ep)
         buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
         check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
         kernel = buffers.plan.kernel_names[-1].split("<")[0]
@@ -112,7 +114,7 @@ def main() -> int:
                         spread.setdefault(i, []).append(stats)
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
-            row = {"num_slots": nk, "kernel": kernel, "blocks": buffers.plan.grid_blocks, "flushed": flushed,
+            row = {"num_slots": nk, "ep": args.ep, "kernel": kernel, "blocks": buffers.plan.grid_blocks, "flushed": flushed,
                    "event_us": statistics.median(event_us),
                    "sm_ghz": statistics.median(ghz) if ghz else None, "marks_ns": marks}
             if spread:

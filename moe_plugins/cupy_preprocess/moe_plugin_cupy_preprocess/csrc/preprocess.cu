@@ -1994,6 +1994,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         next += 32 * HC_PLACE_BATCH;
         __syncwarp();  // the queue is visible to every lane
     }
+    HC_MARK(8);
     if (staged) {  // copy `stage` out in position order: consecutive threads, consecutive places of a group
         __syncthreads();
         for (int p = tid; p < block_local; p += blockDim.x) {
@@ -2001,8 +2002,9 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             sorted[p + run[e & ((1u << HC_KEY_BITS) - 1)]] = c0 + (int)(e >> HC_KEY_BITS);
         }
     }
+    HC_MARK(9);
     while (tail_left) tail_left = fill_tail_piece();  // the pieces left after this warp's last round
-    HC_MARK(8);
+    HC_MARK(10);
 
     // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since
     // the last __syncthreads). Nothing in the kernel reads them, so they come last: before run 7 they sat
@@ -2015,7 +2017,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
-    HC_MARK(9);
+    HC_MARK(11);
 }
 
 // An empty kernel, launched by the benchmark to measure the launch floor in the same process. (One

@@ -283,7 +283,7 @@ def test_expert_windows_and_shared_memory_fit() -> None:
             assert plan.fused == (plan.path == "grid" and num_local <= MAX_WINDOW)
             if plan.fused:
                 assert ws == {"tile_hist": num_local * plan.grid_blocks, "tile_invalid": plan.grid_blocks,
-                              "group_start": 0, "done": 32 * 34, "keys8_bytes": 0}
+                              "group_start": 0, "done": 32 * 33, "keys8_bytes": 0}
                 assert plan.kernel_names == ("grid_fused",)
             elif plan.path == "grid":
                 assert ws == {"tile_hist": plan.window * plan.tiles, "tile_invalid": plan.tiles,

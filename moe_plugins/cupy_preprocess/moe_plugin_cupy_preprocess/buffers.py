@@ -44,8 +44,7 @@ class PreprocessBuffers:
     allocation: ``done[0:2]`` is the grid barrier's 64-bit count of block arrivals (it only grows, by
     ``grid_blocks`` per barrier, so it is a multiple of ``grid_blocks`` between launches), and
     ``done[FUSED_SYNC_STRIDE * (1 + q)]`` counts the handed-out pieces of the ``sorted`` tail's queue q
-    (reset by the kernel itself), and ``done[FUSED_LOCAL_SUMS + parity]`` sums the grid's local slots in
-    launches of that parity (each launch zeroes the other one for the next).
+    (reset by the kernel itself).
 
     ``launch_cache`` holds the packed launch arguments built for these buffers (see `launch.Sequence`).
     ``slab``: the one int32 allocation that `allocate` carves every buffer from (``None`` for buffers made

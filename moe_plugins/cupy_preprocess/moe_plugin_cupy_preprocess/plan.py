@@ -90,11 +90,8 @@ FUSED_TAIL_QUEUES = 32
 """HC_TAIL_QUEUES in csrc/preprocess.cu: grid_fused hands out the tail of ``sorted`` from this many counters."""
 FUSED_SYNC_STRIDE = 32
 """HC_SYNC_STRIDE: ints between two of grid_fused's sync counters (one 128-byte line each)."""
-FUSED_LOCAL_SUMS = FUSED_SYNC_STRIDE * (1 + FUSED_TAIL_QUEUES)
-"""HC_LOCAL_SUMS: where grid_fused's two per-parity sums of the grid's local slots sit in its sync words."""
-FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * (2 + FUSED_TAIL_QUEUES)
-"""grid_fused's sync words: the grid barrier's 64-bit arrival count, the tail queues' counters, then the two
-per-parity sums of local slots (the bound on the total that places the tail of ``sorted``)."""
+FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * (1 + FUSED_TAIL_QUEUES)
+"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the tail queues' counters."""
 TWO_PHASE_LIMIT = 8192
 """Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
 the counts distributed over the blocks (two grid barriers) instead of every block reading all of them.

@@ -23,7 +23,7 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement, LocalExperts
 
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import FUSED_LOCAL_SUMS, FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
+from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
 
 SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
 POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
@@ -142,9 +142,8 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
     """The grid path's ``done`` words after ``launches`` launches (``None``: some number) on fresh buffers.
 
     Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
-    of the grid (exactly grid x barriers per launch x launches when ``launches`` is given); with a layout, the
-    last launch's parity word holds the local slots and the other is 0, and every warp of the grid asked its
-    tail queue's counter once past the queue's last piece (after its fixed first piece).
+    of the grid (exactly grid x barriers per launch x launches when ``launches`` is given), and with a
+    layout every warp of the grid asked its tail queue's counter once past the queue's last piece.
     """
     plan = buffers.plan
     if not buffers.done.numel():
@@ -158,25 +157,17 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
     assert arrivals % plan.grid_blocks == 0 and arrivals > 0, f"barrier count {arrivals}, grid {plan.grid_blocks}"
     if launches is not None:
         assert arrivals == launches * per_launch, f"barrier count {arrivals} after {launches} launches of {per_launch}"
-    if plan.block_m:
-        local = int(buffers.expert_counts.sum())
-        last = (arrivals // per_launch - 1) % 2  # the last launch's parity
-        sums = [int(words[FUSED_LOCAL_SUMS + p]) for p in (0, 1)]
-        assert sums[last] == local and sums[1 - last] == 0, f"local-slot sums {sums}, last parity {last}, {local} local"
-        bound = min(plan.capacity, local + min(plan.num_local, local) * (plan.block_m - 1))
-        misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * bound) % 16
-        head = min(plan.capacity, bound + (16 - misaligned) % 16 // 4)
+    if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
+        total = int(buffers.num_slots_post_padded)
+        misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
+        head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
         pieces = -(-(plan.capacity - head) // TAIL_PIECE)
         warps = plan.grid_blocks * GRID_THREADS // 32
         queues = min(FUSED_TAIL_QUEUES, warps)  # a one-block grid serves 16 queues
         per_queue = -(-pieces // queues)
         for q in range(FUSED_TAIL_QUEUES):
             served = q < queues
-            queue_pieces = max(0, min(per_queue, pieces - q * per_queue))
-            queue_warps = len(range(q, warps, queues))
-            # the warps past their fixed first pieces each ask until one answer is past the queue's last piece
-            expected = max(0, queue_pieces - queue_warps) + sum(1 for i in range(queue_warps) if i < queue_pieces) \
-                if served else 0
+            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, queues)) if served else 0
             got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
             assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
 

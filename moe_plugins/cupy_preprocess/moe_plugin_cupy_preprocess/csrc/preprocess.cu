@@ -1554,11 +1554,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      entries go). A group of slots that does not fit sets `over` and ends the list: the local slots from
 //      there on are re-read in phase 3 (only when more than list_cap of a warp's seg slots are local; the
 //      plan gives the lists as much shared memory as keeps the grid co-resident, up to a whole segment).
-//      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]),
-//      and (with a layout) adds its local slots to the grid's sum for this launch.
+//      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]).
 //   barrier
-//   tail: every warp writes its first piece of the tail of `sorted`, which starts past a bound on the total
-//      that the grid's sum of local slots gives (see the code), while phase 2 waits on L2.
 //   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the whole cta_hist (coalesced, from L2) and
 //      derives both the expert totals and its own prefix over lower blocks; block 0 writes counts.
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
@@ -1577,21 +1574,18 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
-//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail, the
-//      next free one of the warp's tail queue; after its last round the warp takes pieces until its queue
-//      is empty.
+//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail of
+//      `sorted` past the total, the next free one of the warp's tail queue; after its last round the warp
+//      takes pieces until its queue is empty.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
 //   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
 //   instructions at 8M.)
 //
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G],
-// sync [HC_SYNC_STRIDE * (2 + HC_TAIL_QUEUES)] (zero at allocation, 8-byte aligned): sync[0..1] the grid
-// barrier's 64-bit arrival count (see grid_barrier); sync[HC_LOCAL_SUMS + parity] the local slots of the whole
-// grid, summed before the first barrier by launches of that parity (each launch zeroes the other parity's
-// word for the next one); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
-// tail queue q past its warps' fixed first pieces (block 0 resets them before the first grid barrier). One
-// 128-byte line each (the two sums share one).
+// sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES)] (zero at allocation, 8-byte aligned): sync[0..1] the grid
+// barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
+// tail queue q (phase 3; block 0 resets them before the first grid barrier). One 128-byte line each.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
 // [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32] (list_cap >=
 // HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or when a chunk reaches 2^22 slots: a
@@ -1605,7 +1599,6 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 #define HC_NO_OVER 0x7fffffff  // `over` while every local slot of the warp is in its list
 #define HC_TAIL_QUEUES 32      // grid_fused phase 3: counters the tail pieces are handed out from
 #define HC_SYNC_STRIDE 32      // ints between two counters of the workspace's sync words (a 128-byte line)
-#define HC_LOCAL_SUMS (HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES))  // the two per-parity sums of local slots
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -1799,15 +1792,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(0);
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
-    if (tid == 0) {
-        scratch[33] = 0;  // invalid ids
-        scratch[34] = 0;  // local slots of the block
-        // The launch's parity: the barrier count is a whole number of launches' arrivals until every block of
-        // this launch has arrived, which needs this block.
-        const unsigned long long launches = *reinterpret_cast<volatile unsigned long long*>(arrivals)
-                                            / ((unsigned long long)G * (1 + two_phase));
-        scratch[35] = (int)(launches & 1ull);
-    }
+    if (tid == 0) scratch[33] = 0;
     __syncthreads();
     HC_MARK(1);
     int* row = cnt + warp * wl;
@@ -1830,72 +1815,19 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
     __syncthreads();
     HC_MARK(3);
-    int local_here = 0;
     for (int k = tid; k < wl; k += blockDim.x) {
         int t = 0;
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
         cta_hist[k * G + me] = t;
         bst[k] = t;
-        local_here += t;
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
     if (me == 0 && tid < HC_TAIL_QUEUES) sync[HC_SYNC_STRIDE * (1 + tid)] = 0;
-    unsigned* local_sums = sync + HC_LOCAL_SUMS;
-    const int parity = scratch[35];
-    if (aligned) {  // the grid's local slots, complete when the barrier ends: a bound on the total
-        local_here = warp_sum(local_here);
-        if (lane == 0 && local_here) atomicAdd(&scratch[34], local_here);
-        __syncthreads();
-        if (tid == 0) {
-            if (scratch[34]) atomicAdd(local_sums + parity, (unsigned)scratch[34]);
-            if (me == 0) local_sums[1 - parity] = 0;  // the next launch's sum (no launch reads it before)
-        }
-    }
     HC_MARK(4);
     grid_barrier(arrivals);
     HC_MARK(5);
-
-    // ---- the tail of `sorted` past the total, from a bound on the total known at the barrier ---------
-    // The tail (most of `sorted` when few slots are local: 29 of the 103 MB the benchmark moves at N*K = 8M)
-    // starts at `tail_head`: the first 16-byte aligned entry at or past an upper bound on the total (every
-    // local slot, plus block_m - 1 padding entries per expert that has one), so it is known as soon as the
-    // barrier ends, and its first pieces stream to memory while phase 2 waits on L2 round trips. The entries
-    // from the total up to tail_head (fewer than num_local * block_m + 4) are filled at the end.
-    // It is cut into pieces of HC_TAIL_PIECE entries, and the pieces into `queues` runs of consecutive pieces:
-    // HC_TAIL_QUEUES, or one per warp on a grid of fewer warps (one block), so that every queue is served. Grid
-    // warp gw serves queue gw % queues (with 32 queues, warp gw % 16 of every other block: spread over all SMs).
-    // Its first piece is fixed (the (gw / queues)-th of its queue), written right here; then it takes the
-    // queue's next free piece from its counter, one piece per ranking round (so the stores stream to memory
-    // while it ranks) and then until the queue is empty. The counters balance the grid: with a fixed slice per
-    // warp, the blocks of some SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35).
-    // One counter for the whole grid was slower still (run 36: 14K requests at one address, phase 3 took 25 us
-    // instead of 16). Each request is issued a piece ahead, so its round trip overlaps the work. The tail never
-    // overlaps a placement or padding write (those are below the total). capacity < 2^31 (plan.py).
-    const long long grid_local = aligned ? (long long)__ldcg(local_sums + parity) : 0;
-    const long long bound = min((long long)capacity, grid_local + min((long long)wl, grid_local) * (block_m - 1));
-    const int tail_head = (int)min((long long)capacity, bound + (long long)(((16u - ((unsigned)reinterpret_cast<
-        unsigned long long>(sorted + bound) & 15u)) & 15u) >> 2));
-    const int tail_pieces = (capacity - tail_head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
-    const int grid_warps = G * nwarps, gw = me * nwarps + warp;
-    const int queues = min(HC_TAIL_QUEUES, grid_warps);
-    const int queue = gw % queues;
-    const int queue_warps = (grid_warps - queue + queues - 1) / queues;  // the grid warps that serve this queue
-    const int per_queue = (tail_pieces + queues - 1) / queues;
-    const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
-    unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
-    int requested = lane == 0 ? gw / queues : 0;  // lane 0: the queue's piece this warp writes next
-    // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
-    auto fill_tail_piece = [&]() -> bool {
-        const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
-        if (piece >= queue_pieces) return false;
-        if (lane == 0) requested = queue_warps + (int)atomicAdd(tail_next, 1u);
-        const int p = tail_head + (queue_first + piece) * HC_TAIL_PIECE;
-        hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
-        return true;
-    };
-    bool tail_left = aligned && fill_tail_piece();  // warp-uniform
 
     // ---- phase 2: expert totals, this block's prefix, group starts, fills --------------------------
     if (me == 0 && tid < 32) {  // the invalid count (read by every mode; written once)
@@ -1986,6 +1918,38 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
     HC_MARK(7);
+    // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
+    // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first
+    // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and
+    // the pieces into `queues` runs of consecutive pieces: HC_TAIL_QUEUES, or one per warp on a grid of fewer
+    // warps (one block), so that every queue is served. Grid warp gw serves queue gw % queues (with 32 queues,
+    // warp gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
+    // counter, one piece per ranking round (so the stores stream to memory while it ranks) and then until
+    // the queue is empty. The counters balance the grid: with a fixed slice per warp, the blocks of some
+    // SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35). One counter for the
+    // whole grid was slower still (run 36: 14K requests at one address, phase 3 took 25 us instead of 16).
+    // Each request is issued a piece ahead, so its round trip overlaps the work. The tail never overlaps a
+    // placement or padding write (those are below the total). capacity < 2^31 (plan.py): int arithmetic.
+    const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
+                                                           & 15u)) & 15u) >> 2));
+    if (me == 0 && warp == 0 && lane < head - total) sorted[total + lane] = nk;
+    const int tail_pieces = (capacity - head + HC_TAIL_PIECE - 1) / HC_TAIL_PIECE;
+    const int queues = min(HC_TAIL_QUEUES, G * nwarps);
+    const int queue = (me * nwarps + warp) % queues;
+    const int per_queue = (tail_pieces + queues - 1) / queues;
+    const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
+    unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
+    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next
+    bool tail_left = true;                                          // warp-uniform
+    // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
+    auto fill_tail_piece = [&]() -> bool {
+        const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
+        if (piece >= queue_pieces) return false;
+        if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
+        const int p = head + (queue_first + piece) * HC_TAIL_PIECE;
+        hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
+        return true;
+    };
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
     int* const placed = staged ? reinterpret_cast<int*>(stage) : sorted;  // where warp_place stores
@@ -2047,7 +2011,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // between the scan and the placement, where every warp of the grid waited on this cold, rarely taken
     // code (instruction-cache misses at each branch over it: ~3% of the run-6 stall samples at 8M).
     const int gtid = me * blockDim.x + tid, gsize = G * blockDim.x;
-    for (int p = total + gtid; p < tail_head; p += gsize) sorted[p] = nk;  // past the total, below the tail
     for (int j = gtid; j < wl * block_m; j += gsize) {  // < block_m padding entries per group
         const int k = j / block_m, r = j - k * block_m;
         if (r < hc_round_up(tot[k], block_m) - tot[k]) sorted[gs[k] + tot[k] + r] = nk;

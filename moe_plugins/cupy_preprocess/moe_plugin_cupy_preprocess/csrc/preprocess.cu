@@ -1885,23 +1885,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     HC_MARK(6);
     if (!aligned) return;
-    for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
-    __syncthreads();
-    const int total = block_exclusive_scan(gs, wl, scratch);
-    // The block's local slots (bst[k] becomes expert k's block-local start): staged if they fit (uniform).
-    const int block_local = stage_cap > 0 ? block_exclusive_scan(bst, wl, scratch) : 0;
-    const bool staged = stage_cap > 0 && block_local <= stage_cap;
-    if (tid == 0) {
-        gs[wl] = total;
-        if (me == 0) total_out[0] = total;
-    }
-    __syncthreads();
-
-    // ---- phase 3: every warp places its local slots ----------------------------------------------
-    // cnt[w][k] (warp w's slots of expert k) -> position of warp w's first slot of k: (global) group start +
-    // this block's lower-block prefix, or (staged) the block-local start; + lower warps' counts. Staged,
-    // run[k] becomes the distance from a staged position of expert k to its place in `sorted`.
-    for (int k = tid; k < wl; k += blockDim.x) {
+    // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
+    // count in scratch[34]); the block stages if they fit (uniform). Then cnt[w][k] (warp w's slots of expert k)
+    // becomes the position of warp w's first slot of k: (global) group start + this block's lower-block prefix,
+    // or (staged) the block-local start; + lower warps' counts. Staged, run[k] becomes the distance from a
+    // staged position of expert k to its place in `sorted`.
+    auto positions = [&](int k, bool staged) {
         int c[nwarps];
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
@@ -1915,8 +1904,38 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             cnt[w * wl + k] = r;
             r += c[w];
         }
+    };
+    if (wl <= 32) {  // warp 0 alone, lane k for expert k: two shuffle scans, no block barrier until the end
+        if (warp == 0) {
+            const int padded = lane < wl ? hc_round_up(tot[lane], block_m) : 0;
+            const int mine = lane < wl ? bst[lane] : 0;
+            const int padded_incl = warp_inclusive_scan(padded), mine_incl = warp_inclusive_scan(mine);
+            const int all_local = __shfl_sync(HC_FULL_MASK, mine_incl, 31);
+            if (lane < wl) {
+                gs[lane] = padded_incl - padded;
+                bst[lane] = mine_incl - mine;
+                positions(lane, stage_cap > 0 && all_local <= stage_cap);
+            }
+            if (lane == 31) {
+                gs[wl] = padded_incl;
+                scratch[34] = all_local;
+            }
+        }
+    } else {  // block scans (3 block barriers each)
+        for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
+        __syncthreads();
+        const int padded_total = block_exclusive_scan(gs, wl, scratch);
+        const int all_local = stage_cap > 0 ? block_exclusive_scan(bst, wl, scratch) : 0;
+        if (tid == 0) {
+            gs[wl] = padded_total;
+            scratch[34] = all_local;
+        }
+        for (int k = tid; k < wl; k += blockDim.x) positions(k, stage_cap > 0 && all_local <= stage_cap);
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
+    const int total = gs[wl], block_local = scratch[34];
+    const bool staged = stage_cap > 0 && block_local <= stage_cap;
+    if (me == 0 && tid == 0) total_out[0] = total;
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
     // benchmark moves at N*K = 8M) is cut into pieces of HC_TAIL_PIECE entries from `head` (the first

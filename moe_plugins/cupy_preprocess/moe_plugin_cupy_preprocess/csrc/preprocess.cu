@@ -1905,24 +1905,19 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             r += c[w];
         }
     };
-    if (wl <= 64) {  // warp 0 alone, lane k for experts k and k + 32: shuffle scans, no block barrier until the end
+    if (wl <= 32) {  // warp 0 alone, lane k for expert k: two shuffle scans, no block barrier until the end
         if (warp == 0) {
-            int padded_total = 0, all_local = 0;
-            for (int k0 = 0; k0 < wl; k0 += 32) {
-                const int k = k0 + lane;
-                const int padded = k < wl ? hc_round_up(tot[k], block_m) : 0;
-                const int mine = k < wl ? bst[k] : 0;
-                const int padded_incl = warp_inclusive_scan(padded), mine_incl = warp_inclusive_scan(mine);
-                if (k < wl) {
-                    gs[k] = padded_total + padded_incl - padded;
-                    bst[k] = all_local + mine_incl - mine;
-                }
-                padded_total += __shfl_sync(HC_FULL_MASK, padded_incl, 31);
-                all_local += __shfl_sync(HC_FULL_MASK, mine_incl, 31);
+            const int padded = lane < wl ? hc_round_up(tot[lane], block_m) : 0;
+            const int mine = lane < wl ? bst[lane] : 0;
+            const int padded_incl = warp_inclusive_scan(padded), mine_incl = warp_inclusive_scan(mine);
+            const int all_local = __shfl_sync(HC_FULL_MASK, mine_incl, 31);
+            if (lane < wl) {
+                gs[lane] = padded_incl - padded;
+                bst[lane] = mine_incl - mine;
+                positions(lane, stage_cap > 0 && all_local <= stage_cap);
             }
-            for (int k = lane; k < wl; k += 32) positions(k, stage_cap > 0 && all_local <= stage_cap);
-            if (lane == 0) {
-                gs[wl] = padded_total;
+            if (lane == 31) {
+                gs[wl] = padded_incl;
                 scratch[34] = all_local;
             }
         }

@@ -225,6 +225,18 @@ def test_fused_every_sentinel_map_place_and_block_m(kernels: EmulatedKernels, se
         assert_layout_valid(got, block_m)
 
 
+@pytest.mark.parametrize("experts, ep", [(96, 4), (160, 4), (256, 4), (320, 4)])
+def test_fused_group_starts_by_one_warp_or_the_block(kernels: EmulatedKernels, experts: int, ep: int) -> None:
+    """24, 40 and 64 local experts (warp 0 scans one or two rounds of 32) and 80 (block scans); 3 blocks of 2
+    tiles, staged, two launches into the same buffers."""
+    case = make_case(experts, ep, 1, "non_local", rows_per_rank=600, top_k=8, seed=experts)
+    for block_m in (16, 64):
+        got, plan = run(kernels, case, block_m, path="grid", launches=2)
+        assert plan.fused and plan.grid_blocks == 3 and plan.stage_cap == plan.chunk == 2 * TILE
+        assert_matches(got, reference(case, block_m), block_m, f"{case.local.count} local experts block_m={block_m}")
+        assert_layout_valid(got, block_m)
+
+
 def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> None:
     # 300 local experts x 2 blocks (3 tiles: 2 + 1), over a lowered limit: the distributed column scan (two barriers).
     case = make_case(300, 1, 0, "out_of_range", rows_per_rank=1100, top_k=8, seed=21, dtype=torch.int64)

@@ -9,8 +9,9 @@ installed plan.py, each with its own buffers; both results are checked against t
 any timing. Per size, ``--rounds`` rounds each take `bench_preprocess.median_us` (L2 flushed) of the
 baseline and then of the current source; the median over rounds is reported with the ratio, and each version's
 time per call in a CUDA graph (`bench_preprocess.graph_us`). ``--path`` plans both on one path (e.g. ``block``).
-One JSON line per size. ``--unstaged-baseline`` instead times the installed source against itself with grid_fused
-given no stage (``plan_for(staged=False)``: every placed slot stored straight to ``sorted``).
+One JSON line per size. ``--baseline-plan KEY=VALUE ...`` instead times the installed source against itself,
+planned with those `plan_for` options for the baseline: ``staged=false`` (grid_fused without its stage, every
+placed slot stored straight to ``sorted``), ``share_lists=false`` (the stage takes the shared memory first).
 
 ``--prefill-baseline`` bounds what a store stream costs: the baseline is a source that leaves part of ``sorted``
 unwritten (the tail past the total, or the placed slots), and its buffers' ``sorted`` is set to the torch
@@ -19,7 +20,7 @@ experiments: the baseline's own output is then not fully checked. ``--ep`` sets 
 32 local experts; 4 and 2: 64 and 128, where grid_fused places 2x and 4x as many slots).
 
     python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
-    python3 bench/preprocess/ab_sources.py --unstaged-baseline --ep 4 --sizes 1048576 8388608
+    python3 bench/preprocess/ab_sources.py --baseline-plan staged=false --ep 4 --sizes 1048576 8388608
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     baseline_kind = parser.add_mutually_exclusive_group(required=True)
     baseline_kind.add_argument("--baseline", type=Path, help="the other version of csrc/preprocess.cu")
-    baseline_kind.add_argument("--unstaged-baseline", action="store_true",
-                               help="the installed source, its grid_fused plans without a stage")
+    baseline_kind.add_argument("--baseline-plan", nargs="+", metavar="KEY=VALUE",
+                               help="the installed source, planned with these plan_for options (true/false/int)")
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--path", default="auto", help="the backend's path option for both versions")
@@ -53,10 +54,11 @@ def main() -> int:
     parser.add_argument("--ep", type=int, default=EP, help=f"expert-parallel ranks (default {EP})")
     parser.add_argument("--out", help="JSON lines file to append to")
     args = parser.parse_args()
+    plan_options = dict(parse_option(o) for o in args.baseline_plan or ())
 
     ctx, current, peer, gen = bench_stages(args.path, args.ep)
     device = torch.cuda.current_device()
-    baseline = current if args.unstaged_baseline else CupyPreprocess(
+    baseline = current if plan_options else CupyPreprocess(
         ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen, args.ep)
@@ -64,11 +66,11 @@ def main() -> int:
         calls = {}
         for name, stage in (("baseline", baseline), ("current", current)):
             buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
-            if args.unstaged_baseline and name == "baseline":
-                unstaged = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage.map, args.path,
-                                    stage.kernels.smem_optin, stage.kernels.num_sms,
-                                    stage.kernels.fused_occupancy("int32"), max_cluster=stage.max_cluster, staged=False)
-                buffers = PreprocessBuffers.allocate(unstaged, stage.device)
+            if plan_options and name == "baseline":
+                other = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage.map, args.path,
+                                 stage.kernels.smem_optin, stage.kernels.num_sms, stage.kernels.fused_occupancy("int32"),
+                                 max_cluster=stage.max_cluster, **plan_options)
+                buffers = PreprocessBuffers.allocate(other, stage.device)
             if args.prefill_baseline and name == "baseline":
                 buffers.sorted_slot_ids.copy_(want.aligned.sorted_slot_ids)
             check(stage.preprocess_into(ids, buffers), want)
@@ -78,7 +80,7 @@ def main() -> int:
             for name, call in calls.items():
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
-        row = {"num_slots": nk, "ep": args.ep, "baseline": "unstaged" if args.unstaged_baseline else str(args.baseline),
+        row = {"num_slots": nk, "ep": args.ep, "baseline": plan_options or str(args.baseline),
                "stage_cap": plan.stage_cap, "list_cap": plan.list_cap, "path": plan.path, "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
                **{f"{name}_rounds_us": t for name, t in times.items()},
@@ -93,6 +95,19 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
         del ids, calls
     return 0
+
+
+def parse_option(text: str) -> tuple[str, bool | int]:
+    """``KEY=VALUE`` of ``--baseline-plan``: VALUE true/false or an int."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--baseline-plan takes KEY=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        raise SystemExit(f"--baseline-plan {key}: expected true, false or an int, got {value!r}") from None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ counters for one window); more local experts than that repeat the passes per win
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -391,6 +392,14 @@ and EP: 1M 17.86 -> 17.22 / 21.18 -> 20.13 / 25.70 -> 22.34 us, 8M 62.11 -> 53.8
 77.15 at 32 / 64 / 128 local experts."""
 
 
+LIST_SHARE_MARGIN = 1.25
+"""grid_fused keeps each warp's list this many times its expected local slots (``seg * num_local / E``) where
+the stage can spare it (`_fused_layout`): a list that fills up leaves the rest of the warp's slots to a re-read."""
+STAGE_SHARE_MARGIN = 2.0
+"""... and only while the stage still holds this many times a block's expected local slots: a block whose local
+slots overflow the stage stores every one of them straight to `sorted`, the costlier miss."""
+
+
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
                      ) -> int:
     """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
@@ -407,16 +416,20 @@ def default_fused_occupancy(smem_bytes: int) -> int:
 
 
 def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: int, num_sms: int,
-                  occupancy: Callable[[int], int], staged: bool = True) -> tuple[int, int, int, int, int] | None:
+                  occupancy: Callable[[int], int], staged: bool = True, local_share: float | None = None
+                  ) -> tuple[int, int, int, int, int] | None:
     """``(grid_blocks, chunk, list_cap, stage_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
 
     The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of
     tiles); chunks are whole tiles, balanced to within one tile. The shared memory that keeps that grid
     co-resident then goes first to the block's stage, up to its whole chunk (a block whose local slots do not
-    fit stores them straight to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists, up to a whole segment each
-    (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all.
-    The stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 /
-    59 us at 32 / 64 / 128 local experts), while a full list costs only a re-read of local_ids from L2.
+    fit stores them straight to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists,
+    up to a whole segment each (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no
+    stage, the lists take it all. The stage comes first because the scattered stores it saves cost most (GPU
+    run 79, N*K = 8M: 10 / 27 / 59 us at 32 / 64 / 128 local experts), while a full list costs only a re-read
+    of local_ids from L2. With ``local_share`` (the expected fraction of local slots), the lists keep
+    `LIST_SHARE_MARGIN` times a warp's expected local slots where the stage still holds `STAGE_SHARE_MARGIN`
+    times a block's.
     """
     if num_local > MAX_WINDOW:
         return None
@@ -453,6 +466,10 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     stage_cap = min(stage_most, lo - least)
+    if stage_most and local_share is not None:
+        reserve = min(max(PLACE_QUEUE, seg), -(-math.ceil(LIST_SHARE_MARGIN * local_share * seg) // 32) * 32)
+        if lo - GRID_WARPS * reserve >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
+            stage_cap = min(stage_most, lo - GRID_WARPS * max(PLACE_QUEUE, reserve))
     list_cap = min(max(PLACE_QUEUE, seg), (lo - stage_cap) // GRID_WARPS)
     return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(map_smem, num_local, num_sms,
                                                                 GRID_WARPS * list_cap + stage_cap) * 4
@@ -472,7 +489,8 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
              path: str = "auto", smem_optin: int = DEFAULT_SMEM_OPTIN, num_sms: int = DEFAULT_NUM_SMS,
              fused_occupancy: Callable[[int], int] | None = default_fused_occupancy,
              two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None, lanes: bool = True,
-             max_cluster: int = 0, cluster_blocks: int | None = None, staged: bool = True) -> Plan:
+             max_cluster: int = 0, cluster_blocks: int | None = None, staged: bool = True,
+             share_lists: bool = True) -> Plan:
     """The launch plan for ``topk_ids [rows, top_k]`` of ``id_dtype``; raises `ContractError`/`ConfigError`.
 
     ``fused_occupancy(smem_bytes)`` gives grid_fused's co-resident blocks per SM (the driver's answer on a
@@ -483,7 +501,9 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
     ``max_cluster`` is the widest thread-block cluster the device launches (0: none; 8 or 16, sm_90+): the block
     path then takes cluster_lane_preprocess past one block's share of slots (not with a fixed ``block_grid``);
     ``cluster_blocks`` (benchmarks) holds it to clusters of that many blocks; ``staged=False`` (benchmarks) gives
-    grid_fused no stage: every placed slot is stored straight to `sorted` (`_fused_layout`).
+    grid_fused no stage: every placed slot is stored straight to `sorted` (`_fused_layout`); ``share_lists=False``
+    (benchmarks) gives its stage all the shared memory it can take before the lists, whatever the share of local
+    experts.
     """
     bm = check_block_m(block_m)
     if path not in PATHS:
@@ -575,7 +595,10 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         block_threads = min(BLOCK_THREADS, max(32 * active_warps, expert_threads, 32))
     fused = None
     if chosen == "grid" and fused_occupancy is not None:
-        fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged)
+        share = None
+        if share_lists:
+            share = 1.0 if map_choice.mode == MAP_NONE or not map_choice.size else min(1.0, num_local / map_choice.size)
+        fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged, share)
     grid_blocks, chunk, list_cap, stage_cap, smem_fused = fused or (block_blocks, 0, 0, 0, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,

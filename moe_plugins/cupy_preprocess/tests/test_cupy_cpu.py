@@ -324,8 +324,10 @@ def test_fused_grid_sizing() -> None:
         seg = p.chunk // GRID_WARPS
         unstaged = plan(nk, staged=False)
         assert (unstaged.grid_blocks, unstaged.chunk, unstaged.stage_cap) == (blocks, chunk, 0)
-        if nk == 1 << 23:  # 32K-slot chunks: most of the stage (~22.8K entries), the least lists
-            assert 20_000 < p.stage_cap < chunk and p.list_cap == PLACE_QUEUE and not p.keys_in_smem, p
+        if nk == 1 << 23:  # 32K-slot chunks: most of the stage, lists of 1.25x a warp's expected 256 local slots
+            assert 20_000 < p.stage_cap < chunk and p.list_cap == 320 and not p.keys_in_smem, p
+            stage_first = plan(nk, share_lists=False)
+            assert stage_first.list_cap == PLACE_QUEUE and stage_first.stage_cap > p.stage_cap, stage_first
             assert PLACE_QUEUE < unstaged.list_cap < seg and unstaged.keys_in_smem, "without a stage: ~1.7K entries"
         elif chunk < STAGE_MIN_CHUNK:  # one tile per block: no stage
             assert p.stage_cap == 0 and p.list_cap == max(PLACE_QUEUE, seg) and p.keys_in_smem, p
@@ -333,9 +335,12 @@ def test_fused_grid_sizing() -> None:
             assert p.stage_cap == chunk and PLACE_QUEUE <= p.list_cap <= max(PLACE_QUEUE, seg) and p.keys_in_smem, p
             assert unstaged.list_cap == max(PLACE_QUEUE, seg) and unstaged.keys_in_smem
     assert plan(1 << 22).list_cap < 1024, "4M: the stage takes 16K entries, the lists what is left"
-    # 4096 tiles: 16 per block, 4096-slot warp segments; stage ~22.8K entries, the least lists
+    # 4096 tiles: 16 per block, 4096-slot warp segments: lists of 640 (1.25 x 512 expected local slots), the stage
+    # the rest (~17K entries >= 2 x a block's expected 8192)
     big = plan(1 << 24)
-    assert big.fused and big.grid_blocks == 256 and big.list_cap == PLACE_QUEUE and 20_000 < big.stage_cap < 65536
+    assert big.fused and big.grid_blocks == 256 and big.list_cap == 640 and 16_384 < big.stage_cap < 65536
+    # 128 of 256 experts local: lists of 1.25 x 1024 would leave the stage less than twice a block's 16K: stage first
+    assert plan(1 << 23, num_local=128).list_cap == PLACE_QUEUE
     assert big.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2
     assert plan(2_000_000_000).chunk >= 1 << 22 and plan(2_000_000_000).stage_cap == 0, "no stage: 2**22-slot chunks"
     assert not plan(1 << 20, fused_occupancy=None).fused, "no cooperative launch: three launches"

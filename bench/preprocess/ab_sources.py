@@ -68,8 +68,8 @@ def main() -> int:
             buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
             if plan_options and name == "baseline":
                 other = plan_for(*ids.shape, ids.dtype, BLOCK_M, ctx.local.count, stage.map, args.path,
-                                 stage.kernels.smem_optin, stage.kernels.num_sms, stage.kernels.fused_occupancy("int32"),
-                                 max_cluster=stage.max_cluster, **plan_options)
+                                 stage.kernels.smem_optin, stage.kernels.num_sms,
+                                 stage.kernels.fused_occupancy("int32"), max_cluster=stage.max_cluster, **plan_options)
                 buffers = PreprocessBuffers.allocate(other, stage.device)
             if args.prefill_baseline and name == "baseline":
                 buffers.sorted_slot_ids.copy_(want.aligned.sorted_slot_ids)
@@ -81,7 +81,8 @@ def main() -> int:
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
         row = {"num_slots": nk, "ep": args.ep, "baseline": plan_options or str(args.baseline),
-               "stage_cap": plan.stage_cap, "list_cap": plan.list_cap, "path": plan.path, "kernels": list(plan.kernel_names),
+               "stage_cap": plan.stage_cap, "list_cap": plan.list_cap, "path": plan.path,
+               "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
                **{f"{name}_rounds_us": t for name, t in times.items()},
                **{f"{name}_graph_us": graph_us(call) for name, call in calls.items()}}

@@ -114,7 +114,8 @@ def main() -> int:
                         spread.setdefault(i, []).append(stats)
             names = MARK_NAMES.get(kernel, [])
             marks = {(names[i] if i < len(names) else str(i)): statistics.median(v) for i, v in sorted(per_mark.items())}
-            row = {"num_slots": nk, "ep": args.ep, "kernel": kernel, "blocks": buffers.plan.grid_blocks, "flushed": flushed,
+            row = {"num_slots": nk, "ep": args.ep, "kernel": kernel, "blocks": buffers.plan.grid_blocks,
+                   "flushed": flushed,
                    "event_us": statistics.median(event_us),
                    "sm_ghz": statistics.median(ghz) if ghz else None, "marks_ns": marks}
             if spread:

@@ -1987,7 +1987,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1,
-                       staged ? (int)(entry + seg_offset) : ws + (int)(entry >> HC_KEY_BITS), bits, lower, row, placed);
+                       staged ? (int)(entry + seg_offset) : ws + (int)(entry >> HC_KEY_BITS), bits, lower, row,
+                       placed);
         }
         queued -= ranked;
         if (!more) break;

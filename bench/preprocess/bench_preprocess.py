@@ -337,15 +337,12 @@ def main() -> int:
                 variants = [(path, b)]
                 # A/B in the same process: the cluster kernel against block_lane_preprocess's independent blocks
                 # and as the other cluster size, the lane kernels against warp_ / block_preprocess (those stop
-                # at BLOCK_MAX_SLOTS), and grid_fused with and without its stage.
+                # at BLOCK_MAX_SLOTS).
                 others: list[tuple[str, dict[str, Any]]] = []
                 if b.plan.cluster:
                     others += [(f"cluster{size}", {"max_cluster": stage_p.max_cluster, "cluster_blocks": size})
                                for size in CLUSTER_SIZES if size != b.plan.grid_blocks and size <= stage_p.max_cluster
                                and nk <= cluster_max_slots(size)]
-                if b.plan.stage_cap:  # grid_fused without its stage: every placed slot stored straight to sorted
-                    others.append(("unstaged", {"staged": False,
-                                                "fused_occupancy": stage_p.kernels.fused_occupancy("int32")}))
                 if nk <= BLOCK_MAX_SLOTS or path != "block":
                     others += [(name, option) for name, option in (("no_cluster", {"lanes": True}),
                                                                    ("no_lanes", {"lanes": False}))

@@ -73,13 +73,12 @@ def main(src: str, dst: str) -> int:
 
 # The kernel each path comparison entry ran (bench_preprocess.py: "<path>" runs the lane kernels where they fit,
 # the block path's as one thread-block cluster past 1024 slots on sm_90; "<path>_no_cluster" the independent blocks,
-# "<path>_no_lanes" the older kernel of that path, "grid_unstaged" grid_fused with no shared stage).
+# "<path>_no_lanes" the older kernel of that path).
 KERNEL_OF = {"warp": "lane_preprocess", "warp_no_lanes": "warp_preprocess",
              "block": "block_lane_preprocess, cluster_lane_preprocess past 1024 slots (16 blocks past 2048)",
              "block_cluster8": "cluster_lane_preprocess as 8 blocks", "block_cluster16":
              "cluster_lane_preprocess as 16 blocks", "block_no_cluster": "block_lane_preprocess",
-             "block_no_lanes": "block_preprocess", "grid": "grid_fused",
-             "grid_unstaged": "grid_fused without its stage (placed slots stored straight to sorted)"}
+             "block_no_lanes": "block_preprocess", "grid": "grid_fused"}
 
 
 def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) -> None:

@@ -460,17 +460,19 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         return nbytes <= smem_optin and occupancy(nbytes) * num_sms >= blocks
 
     least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
+    most_list = max(PLACE_QUEUE, seg)
     stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk < LIST_OFFSET_LIMIT else 0
-    lo, hi = least, GRID_WARPS * max(PLACE_QUEUE, seg) + stage_most
+    lo, hi = least, GRID_WARPS * most_list + stage_most
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     stage_cap = min(stage_most, lo - least)
     if stage_most and local_share is not None:
-        reserve = min(max(PLACE_QUEUE, seg), -(-math.ceil(LIST_SHARE_MARGIN * local_share * seg) // 32) * 32)
-        if lo - GRID_WARPS * reserve >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
-            stage_cap = min(stage_most, lo - GRID_WARPS * max(PLACE_QUEUE, reserve))
-    list_cap = min(max(PLACE_QUEUE, seg), (lo - stage_cap) // GRID_WARPS)
+        wanted = -(-math.ceil(LIST_SHARE_MARGIN * local_share * seg) // 32) * 32
+        reserve = GRID_WARPS * min(most_list, max(PLACE_QUEUE, wanted))  # the lists' entries, all warps
+        if lo - reserve >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
+            stage_cap = min(stage_most, lo - reserve)
+    list_cap = min(most_list, (lo - stage_cap) // GRID_WARPS)
     return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(map_smem, num_local, num_sms,
                                                                 GRID_WARPS * list_cap + stage_cap) * 4
 

@@ -1886,10 +1886,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(6);
     if (!aligned) return;
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
-    // count in scratch[34]); the block stages if they fit (uniform). Then cnt[w][k] (warp w's slots of expert k)
+    // count in scratch[34]); the block stages if they fit (`fits_stage`: uniform). Then cnt[w][k] (warp w's slots of expert k)
     // becomes the position of warp w's first slot of k: (global) group start + this block's lower-block prefix,
     // or (staged) the block-local start; + lower warps' counts. Staged, run[k] becomes the distance from a
     // staged position of expert k to its place in `sorted`.
+    auto fits_stage = [&](int block_local) { return stage_cap > 0 && block_local <= stage_cap; };
     auto positions = [&](int k, bool staged) {
         int c[nwarps];
 #pragma unroll
@@ -1914,7 +1915,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (lane < wl) {
                 gs[lane] = padded_incl - padded;
                 bst[lane] = mine_incl - mine;
-                positions(lane, stage_cap > 0 && all_local <= stage_cap);
+                positions(lane, fits_stage(all_local));
             }
             if (lane == 31) {
                 gs[wl] = padded_incl;
@@ -1930,11 +1931,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             gs[wl] = padded_total;
             scratch[34] = all_local;
         }
-        for (int k = tid; k < wl; k += blockDim.x) positions(k, stage_cap > 0 && all_local <= stage_cap);
+        for (int k = tid; k < wl; k += blockDim.x) positions(k, fits_stage(all_local));
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
     const int total = gs[wl], block_local = scratch[34];
-    const bool staged = stage_cap > 0 && block_local <= stage_cap;
+    const bool staged = fits_stage(block_local);
     if (me == 0 && tid == 0) total_out[0] = total;
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the

@@ -379,9 +379,6 @@ FUSED_GRID_PER_SM_BOUND = 2048 // GRID_THREADS
 PLACE_QUEUE = 32 * 8 + 32
 """grid_fused: the least entries of a warp's list of local slots (HC_PLACE_BUF): phase 3 reuses the list as
 the queue of its re-read batches (8 chunks of 32 slots plus a carried remainder)."""
-TAIL_SOURCE_INTS = 512 // 4 + 3
-"""grid_fused: the shared source of its bulk tail stores, a quarter of a tail piece (HC_TAIL_PIECE / 4 ints), plus
-the ints that align it to 16 bytes."""
 LIST_OFFSET_LIMIT = 1 << 22
 """grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22, and
 staged entries ``(slot offset in the block's chunk << 10) | key``: no stage for chunks of 2**22 slots or more."""
@@ -406,11 +403,10 @@ slots overflow the stage stores every one of them straight to `sorted`, the cost
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
                      ) -> int:
     """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
-    one column of per-block counts (sized for the largest co-resident grid), scratch,
-    ``lists_and_stage`` uint32 entries: the per-warp lists of local slots, then the block's stage, and the
-    16-byte aligned source of the tail's bulk stores."""
+    one column of per-block counts (sized for the largest co-resident grid), scratch, and
+    ``lists_and_stage`` uint32 entries: the per-warp lists of local slots, then the block's stage."""
     return (map_entries + GRID_WARPS * num_local + 4 * num_local + 2 + FUSED_GRID_PER_SM_BOUND * num_sms
-            + SCRATCH_INTS + lists_and_stage + TAIL_SOURCE_INTS)
+            + SCRATCH_INTS + lists_and_stage)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:

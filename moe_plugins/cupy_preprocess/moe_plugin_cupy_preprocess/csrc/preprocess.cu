@@ -140,13 +140,6 @@ __device__ __forceinline__ void hc_mbar_wait(unsigned long long* bar) {
 __device__ __forceinline__ void hc_mbar_inval(unsigned long long* bar) {
     asm volatile("mbarrier.inval.shared::cta.b64 [%0];" :: "r"(hc_smem_addr(bar)) : "memory");
 }
-#define HC_BULK_STORES 1
-__device__ __forceinline__ void hc_fence_shared_for_bulk() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void hc_bulk_store(int* dst, const int* src, unsigned bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n\tcp.async.bulk.commit_group;"
-                 :: "l"(dst), "r"(hc_smem_addr(src)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void hc_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 #else  // compiled for an older GPU: plan.py never launches the cluster kernel there
 #define HC_CLUSTER_DIMS(blocks)
 __device__ __forceinline__ void hc_cluster_arrive_relaxed() { __trap(); }
@@ -158,12 +151,6 @@ __device__ __forceinline__ void hc_mbar_wait(unsigned long long*) { __trap(); }
 __device__ __forceinline__ void hc_mbar_inval(unsigned long long*) { __trap(); }
 #endif
 #endif
-// Bulk asynchronous stores (sm_90+, TMA; grid_fused's tail of `sorted`): hc_bulk_store copies `bytes` (a multiple
-// of 16; dst and src 16-byte aligned) from shared to global memory in its own bulk group, without registers or
-// the warp's store path; hc_fence_shared_for_bulk (by each thread, after its generic writes to the source and
-// before the __syncthreads that precedes the copies) makes the source visible to the copy engine; hc_bulk_wait
-// (every thread that issued copies, before it exits) waits until they are done. Without HC_BULK_STORES (older
-// GPUs; the CPU emulator) the tail is written with ordinary stores.
 
 // Global id -> local id. `bad` says whether the id breaks the sentinel contract (counted in safe mode):
 // with a map, ids outside [0, map_size); without one, negative ids (an id >= E is the out_of_range
@@ -374,23 +361,6 @@ __device__ __forceinline__ void hc_fill_piece(int* __restrict__ a, int p, int en
             if (i + 2 < end) a[i + 2] = value;
         }
     }
-}
-
-// hc_fill_piece through the copy engine where there is one: lanes 0..3 each send one quarter of the piece
-// (HC_TAIL_PIECE / 4 entries, the size of `src`, a shared buffer of `value`s) as one bulk store; the < 4
-// entries past a quarter's last 16 bytes (only at the end of the array) as plain stores. Warp-uniform.
-__device__ __forceinline__ void hc_send_piece(int* __restrict__ a, int p, int end, int value, const int* src) {
-#ifdef HC_BULK_STORES
-    const int lane = threadIdx.x & 31;
-    if (lane < 4) {
-        const int q = p + lane * (HC_TAIL_PIECE / 4), n = max(0, min(HC_TAIL_PIECE / 4, end - q));
-        if (n >= 4) hc_bulk_store(a + q, src, (unsigned)(n & ~3) * 4u);
-        for (int i = q + (n & ~3); i < q + n; ++i) a[i] = value;
-    }
-#else
-    (void)src;
-    hc_fill_piece(a, p, end, value);
-#endif
 }
 
 // First index in a[0..n) whose value is > x (a sorted ascending).
@@ -1617,10 +1587,9 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
 // tail queue q (phase 3; block 0 resets them before the first grid barrier). One 128-byte line each.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
-// [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32][tail_src: HC_TAIL_PIECE / 4,
-// from the next 16-byte boundary] (list_cap >= HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or
-// when a chunk reaches 2^22 slots: a staged entry holds a block offset beside the 10-bit key; tail_src: nk, the
-// source of the bulk stores of the tail).
+// [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32] (list_cap >=
+// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or when a chunk reaches 2^22 slots: a
+// staged entry holds a block offset beside the 10-bit key).
 // ---------------------------------------------------------------------------------------------------
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
@@ -1813,7 +1782,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
     unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
     unsigned* stage = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + nwarps * list_cap;  // [stage_cap]
-    int* tail_src = reinterpret_cast<int*>((reinterpret_cast<unsigned long long>(stage + stage_cap) + 15) & ~15ull);
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
@@ -1917,10 +1885,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     HC_MARK(6);
     if (!aligned) return;
-    for (int j = tid; j < HC_TAIL_PIECE / 4; j += blockDim.x) tail_src[j] = nk;
-#ifdef HC_BULK_STORES
-    hc_fence_shared_for_bulk();  // before the __syncthreads below, after which any warp may send the tail
-#endif
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
     // count in scratch[34]); the block stages if they fit (`fits_stage`: uniform). Then cnt[w][k] (warp w's slots of expert k)
     // becomes the position of warp w's first slot of k: (global) group start + this block's lower-block prefix,
@@ -2003,7 +1967,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         if (piece >= queue_pieces) return false;
         if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
         const int p = head + (queue_first + piece) * HC_TAIL_PIECE;
-        hc_send_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk, tail_src);
+        hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
         return true;
     };
     const int bits = key_bits(wl);
@@ -2074,9 +2038,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     for (int b = gtid; b < total / block_m; b += gsize) block_ids[b] = upper_bound(gs, wl + 1, b * block_m) - 1;
     hc_fill(block_ids, total / block_m, capacity / block_m, -1, gtid, gsize);
-#ifdef HC_BULK_STORES
-    hc_bulk_wait();  // tail_src is read until this thread's copies are done
-#endif
     HC_MARK(11);
 }
 

@@ -160,7 +160,7 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
         step = Step("grid_fused", kernels.handle(f"grid_fused<{id_name}>"), plan.grid_blocks, GRID_THREADS,
                     plan.smem_fused_bytes,
                     outputs + [_ptr(out.tile_hist), _ptr(out.tile_invalid), _ptr(out.done), plan.chunk,
-                               plan.list_cap, int(plan.two_phase), plan.stage_cap],
+                               plan.list_cap, int(plan.two_phase), plan.stage_cap, plan.group_blocks],
                     cooperative=True, takes_ids=True)
         return Sequence([step], shape, plan.id_dtype, device_index)
     steps = []

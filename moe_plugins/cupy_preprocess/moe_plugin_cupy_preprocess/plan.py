@@ -92,7 +92,12 @@ FUSED_TAIL_QUEUES = 32
 FUSED_SYNC_STRIDE = 32
 """HC_SYNC_STRIDE: ints between two of grid_fused's sync counters (one 128-byte line each)."""
 FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * (1 + FUSED_TAIL_QUEUES)
-"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the tail queues' counters."""
+"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the tail queues' counters (the group
+sums follow them in the same buffer)."""
+FUSED_GROUP_BLOCKS = 16
+"""grid_fused (one barrier) sums the per-block counts of each group of this many consecutive blocks before its
+grid barrier, so that after it a block reads the group sums and its own group's counts, not every block's
+(``Plan.group_blocks``; the tests also plan smaller groups, to have several in a small grid)."""
 TWO_PHASE_LIMIT = 8192
 """Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
 the counts distributed over the blocks (two grid barriers) instead of every block reading all of them.
@@ -220,6 +225,7 @@ class Plan:
     keys_in_smem: bool = False  # fused: list_cap >= half a warp's segment (see `_fused_layout`)
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     stage_cap: int = 0  # fused: entries of the block's shared stage of placed slots (0: stored straight to sorted)
+    group_blocks: int = 0  # fused with one barrier: consecutive blocks per group of summed counts (FUSED_GROUP_BLOCKS)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
     lanes: bool = False  # lane_preprocess / block_lane_preprocess (warp / block path): experts by lane
@@ -263,16 +269,23 @@ class Plan:
         """Sizes of the grid path's workspace buffers (all zero on the block path).
 
         Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
-        per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count and
-        the counters of phase 3's tail queues (`buffers.PreprocessBuffers`).
+        per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count,
+        the counters of phase 3's tail queues and two halves of group sums (`buffers.PreprocessBuffers`).
         """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}
         if self.fused:
             return {"tile_hist": self.num_local * self.grid_blocks, "tile_invalid": self.grid_blocks,
-                    "group_start": 0, "done": FUSED_SYNC_INTS, "keys8_bytes": 0}
+                    "group_start": 0, "done": FUSED_SYNC_INTS + 2 * self.fused_groups * self.num_local,
+                    "keys8_bytes": 0}
         return {"tile_hist": self.window * self.tiles, "tile_invalid": self.tiles,
                 "group_start": self.num_local + 1, "done": 1, "keys8_bytes": self.keys8_bytes}
+
+    @property
+    def fused_groups(self) -> int:
+        """grid_fused's groups of ``group_blocks`` consecutive blocks, whose counts it sums before its barrier
+        (0 where it runs two barriers, or does not run)."""
+        return -(-self.grid_blocks // self.group_blocks) if self.group_blocks else 0
 
     @property
     def keys8_bytes(self) -> int:
@@ -603,13 +616,15 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged, share)
     grid_blocks, chunk, list_cap, stage_cap, smem_fused = fused or (block_blocks, 0, 0, 0, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
+    two_phase = fused is not None and num_local * grid_blocks > two_phase_limit
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
                 sub=sub, owned_rows=owned_rows,
                 chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, stage_cap=stage_cap,
                 smem_fused_bytes=smem_fused,
-                two_phase=fused is not None and num_local * grid_blocks > two_phase_limit,
+                two_phase=two_phase,
+                group_blocks=FUSED_GROUP_BLOCKS if fused is not None and not two_phase else 0,
                 smem_block_bytes=_block_lane_smem_ints(map_smem, max(1, active_warps), num_local) * 4 if block_lanes
                 else _block_smem_ints(map_smem, window, vrows, active_warps * 32 * ipt) * 4 if chosen == "block" else 0,
                 smem_count_bytes=(map_smem + window + SCRATCH_INTS) * 4 if chosen == "grid" and not fused else 0,

@@ -23,7 +23,7 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement, LocalExperts
 
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
+from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_INTS, FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
 
 SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
 POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
@@ -142,8 +142,10 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
     """The grid path's ``done`` words after ``launches`` launches (``None``: some number) on fresh buffers.
 
     Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
-    of the grid (exactly grid x barriers per launch x launches when ``launches`` is given), and with a
-    layout every warp of the grid asked its tail queue's counter once past the queue's last piece.
+    of the grid (exactly grid x barriers per launch x launches when ``launches`` is given); with a
+    layout every warp of the grid asked its tail queue's counter once past the queue's last piece; with group
+    sums, the last launch's half holds the sums of its per-block counts and the other half is zero (ready for
+    the next launch).
     """
     plan = buffers.plan
     if not buffers.done.numel():
@@ -157,6 +159,15 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
     assert arrivals % plan.grid_blocks == 0 and arrivals > 0, f"barrier count {arrivals}, grid {plan.grid_blocks}"
     if launches is not None:
         assert arrivals == launches * per_launch, f"barrier count {arrivals} after {launches} launches of {per_launch}"
+    if plan.fused_groups:
+        groups, num_local, grid = plan.fused_groups, plan.num_local, plan.grid_blocks
+        sums = words[FUSED_SYNC_INTS:FUSED_SYNC_INTS + 2 * groups * num_local].view(2, groups, num_local)
+        last = (arrivals // grid - 1) % 2
+        per_block = torch.zeros(num_local, groups * plan.group_blocks, dtype=torch.int32)
+        per_block[:, :grid] = buffers.tile_hist.cpu().view(num_local, grid)
+        expected = per_block.view(num_local, groups, plan.group_blocks).sum(-1, dtype=torch.int32).T
+        assert torch.equal(sums[last], expected), "the last launch's group sums are not the sums of its block counts"
+        assert not sums[1 - last].any(), "the next launch's half of the group sums was not zeroed"
     if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
         total = int(buffers.num_slots_post_padded)
         misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16

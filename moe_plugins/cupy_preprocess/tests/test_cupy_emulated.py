@@ -18,8 +18,9 @@ from preprocess_testlib import (POISON, Case, assert_layout_valid, assert_matche
 from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
-from moe_plugin_cupy_preprocess.plan import (GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE, PLACE_QUEUE,
-                                             TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS, MapChoice, Plan,
+from moe_plugin_cupy_preprocess.plan import (FUSED_GROUP_BLOCKS, GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE,
+                                             PLACE_QUEUE, TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
+                                             MapChoice, Plan,
                                              choose_map, plan_for)
 from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES
 
@@ -256,16 +257,35 @@ def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> 
     assert not big.fused and big.kernel_names == ("grid_count", "grid_scan", "grid_place")
 
 
-def run_fused_plan(kernels: EmulatedKernels, case: Case, plan: Plan, block_m: int) -> None:
-    """Launch ``plan`` once into guarded buffers and check every output against the reference."""
+def run_fused_plan(kernels: EmulatedKernels, case: Case, plan: Plan, block_m: int | None, launches: int = 1) -> None:
+    """Launch ``plan`` ``launches`` times into guarded buffers (poisoned before each) and check every output
+    against the reference, and the sync words after."""
     table = case.local.expert_map
     buffers, backing = guarded_buffers(plan, "cpu")
-    launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], plan.map,
-           case.local.first, False, buffers)
-    check_guards(backing)
-    got = buffers.routing(count_invalid=True)
-    assert_matches(got, reference(case, block_m), block_m)
-    assert int(got.invalid_count) == int((case.ids < 0).sum())
+    for _ in range(launches):
+        for t in (buffers.local_ids, buffers.expert_counts, buffers.sorted_slot_ids, buffers.block_expert_ids):
+            t.fill_(POISON)
+        launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], plan.map,
+               case.local.first, False, buffers)
+        check_guards(backing)
+        got = buffers.routing(count_invalid=True)
+        assert_matches(got, reference(case, block_m), block_m)
+        assert int(got.invalid_count) == int((case.ids < 0).sum())
+    check_sync_words(buffers, launches)
+
+
+@pytest.mark.parametrize("group_blocks", [1, 2, 3])
+@pytest.mark.parametrize("block_m", [None, 16])
+def test_fused_group_sums_alternate_halves(kernels: EmulatedKernels, group_blocks: int, block_m: int | None) -> None:
+    """4 blocks in groups of 1, 2 and 3 (the last group short): each block's prefix is the sums of the groups
+    below it plus the counts of its own group's lower blocks. Three launches into the same buffers: each one
+    uses the half of the group sums that the one before zeroed (check_sync_words checks both halves)."""
+    case = make_case(64, 4, 2, "negative", rows_per_rank=4000, top_k=8, seed=40 + group_blocks)
+    choice = choose_map(int(case.local.expert_map.numel()), "auto")
+    plan = plan_for(case.ids.shape[0], 8, torch.int32, block_m, case.local.count, choice, "grid",
+                    num_sms=kernels.num_sms, fused_occupancy=kernels.fused_occupancy("int32"))
+    assert plan.fused and not plan.two_phase and plan.grid_blocks == 4 and plan.group_blocks == FUSED_GROUP_BLOCKS
+    run_fused_plan(kernels, case, dataclasses.replace(plan, group_blocks=group_blocks), block_m, launches=3)
 
 
 @pytest.mark.parametrize("staged", [True, False])

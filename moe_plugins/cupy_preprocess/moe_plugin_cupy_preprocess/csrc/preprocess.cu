@@ -1554,10 +1554,13 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      entries go). A group of slots that does not fit sets `over` and ends the list: the local slots from
 //      there on are re-read in phase 3 (only when more than list_cap of a warp's seg slots are local; the
 //      plan gives the lists as much shared memory as keeps the grid co-resident, up to a whole segment).
-//      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]).
+//      The block publishes its per-expert counts (cta_hist[k * G + g]) and invalid count (cta_invalid[g]);
+//      with two_phase == 0 it also adds them to its group's sums (group_sums, see the workspace below).
 //   barrier
-//   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the whole cta_hist (coalesced, from L2) and
-//      derives both the expert totals and its own prefix over lower blocks; block 0 writes counts.
+//   2. two_phase == 0 (num_local * G small, chosen by plan.py): every block reads the group sums (the expert
+//      totals, and its prefix over lower groups) and the counts of the lower blocks of its own group (the rest
+//      of its prefix): (G / group_blocks + group_blocks) * num_local ints at most, from L2, where reading
+//      all of cta_hist took 2.8-3.1 us at N*K = 8M (traces of runs 82 and 89); block 0 writes counts.
 //      two_phase == 1: block g scans the columns k = g, g + G, ... (staged in `col`) and writes counts[k];
 //      barrier; every block reads counts and its own column prefixes.
 //      Each block then builds the padded group starts in shared memory; block 0 writes the total and the
@@ -1583,16 +1586,21 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //   instructions at 8M.)
 //
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G],
-// sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES)] (zero at allocation, 8-byte aligned): sync[0..1] the grid
-// barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next free piece of
-// tail queue q (phase 3; block 0 resets them before the first grid barrier). One 128-byte line each.
+// sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES) + 2 * groups * num_local] (zero at allocation, 8-byte aligned):
+// sync[0..1] the grid barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next
+// free piece of tail queue q (phase 3; block 0 resets them before the first grid barrier), one 128-byte line
+// each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks); two_phase == 0 only): the
+// per-expert counts of each group of group_blocks consecutive blocks, summed with atomics before the barrier.
+// A launch uses half `parity` = (its first barrier's number) % 2, from the arrival count it reads at its start
+// (a multiple of G between launches: fewer than G of its own blocks can have arrived), and zeroes the other half
+// for the next launch on these buffers, which the previous launch used and has finished with: no memset node.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
 // [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32] (list_cap >=
 // HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or when a chunk reaches 2^22 slots: a
 // staged entry holds a block offset beside the 10-bit key).
 // ---------------------------------------------------------------------------------------------------
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
-#define HC_HIST_BATCH 16       // grid_fused phase 2: per-block counts loaded per thread before summing
+#define HC_HIST_BATCH 4        // grid_fused phase 2: counts loaded per thread before summing
 #define HC_PLACE_BATCH 8       // grid_fused phase 3: 32-slot chunks of local_ids re-read per batch past `over`
 #define HC_PLACE_BUF (32 * HC_PLACE_BATCH + 32)  // the least list_cap: a re-read batch + a carried remainder
 #define HC_KEY_BITS 10         // list entry: (slot offset in the warp's segment << 10) | key (key < 1024)
@@ -1765,7 +1773,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
            int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts, int* __restrict__ invalid,
            int* __restrict__ sorted, int* __restrict__ block_ids, int* __restrict__ total_out, int block_m,
            int capacity, int* __restrict__ cta_hist, int* __restrict__ cta_invalid, unsigned* __restrict__ sync,
-           int chunk, int list_cap, int two_phase, int stage_cap) {
+           int chunk, int list_cap, int two_phase, int stage_cap, int group_blocks) {
     extern __shared__ int smem[];
     const int wl = num_local;  // <= 1024, checked by plan.py
     constexpr int nwarps = HC_GRID_THREADS / 32;
@@ -1777,7 +1785,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* gs = run + wl;
     int* bst = gs + wl + 1;  // this block's slots per expert, then (staged) their block-local group starts
     int* col = bst + wl + 1;  // [G]: one column of cta_hist (two_phase)
-    int* scratch = col + G;  // [0, 33): scans; [33]: invalid count
+    int* scratch = col + G;  // [0, 33): scans; [33]: invalid count; [34]: local slots; [35]: parity
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
     unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
@@ -1787,12 +1795,19 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
     const bool aligned = block_m > 0;
     unsigned long long* arrivals = reinterpret_cast<unsigned long long*>(sync);
+    const int gb = max(group_blocks, 1), groups = (G + gb - 1) / gb, grp = me / gb;  // group_blocks: 0 if two_phase
+    int* group_sums = reinterpret_cast<int*>(sync) + HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES);  // [2][groups][wl]
 
     // ---- phase 1: map, local_ids, per-warp counts, per-warp lists of local slots ------------------
     HC_MARK(0);
+    // The launch's half of group_sums (its load overlaps the map copy's)
+    const unsigned long long arrived = tid == 0 && !two_phase ? __ldcg(arrivals) : 0ull;
     if (map_mode == HC_MAP_SHARED) hc_copy_map(smap, gmap, map_size);
     for (int j = tid; j < nwarps * wl; j += blockDim.x) cnt[j] = 0;
-    if (tid == 0) scratch[33] = 0;
+    if (tid == 0) {
+        scratch[33] = 0;
+        scratch[35] = (int)(arrived / (unsigned long long)G & 1ull);
+    }
     __syncthreads();
     HC_MARK(1);
     int* row = cnt + warp * wl;
@@ -1815,12 +1830,17 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
     __syncthreads();
     HC_MARK(3);
+    const int parity = scratch[35];
     for (int k = tid; k < wl; k += blockDim.x) {
         int t = 0;
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) t += cnt[w * wl + k];
         cta_hist[k * G + me] = t;
         bst[k] = t;
+        if (!two_phase) {
+            if (t) atomicAdd(group_sums + (parity * groups + grp) * wl + k, t);
+            if (me < groups) group_sums[((parity ^ 1) * groups + me) * wl + k] = 0;  // for the next launch
+        }
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
@@ -1839,30 +1859,30 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     if (!two_phase) {
         for (int k = tid; k < wl; k += blockDim.x) tot[k] = run[k] = 0;
         __syncthreads();
-        // per (a power of two) threads for each expert, each sums a strided part of the expert's row
-        // (coalesced reads). The loads are issued HC_HIST_BATCH at a time before they are summed: a plain
-        // loop waits one L2 round trip per element (16 in a row at G = 256, 32 experts: several microseconds).
-        int lg = 0;
-        while ((2 << lg) * max(wl, 1) <= HC_GRID_THREADS) ++lg;
-        const int per = 1 << lg;
-        for (int j = tid; j < wl * per; j += blockDim.x) {
-            const int k = j >> lg, r = j & (per - 1);
-            int all = 0, before = 0;
-            for (int g0 = r; g0 < G; g0 += HC_HIST_BATCH * per) {
-                int v[HC_HIST_BATCH];
+        // Items [0, groups * wl): the launch's group sums (group q = j / wl, expert k = j % wl), to the totals and,
+        // below this block's group, to its prefix; then the counts of the `lower` blocks of its own group below
+        // it (expert k = i / lower). Each thread issues HC_HIST_BATCH loads before it sums any: one L2 round trip.
+        const int* sums = group_sums + parity * groups * wl;
+        const int lower = me - grp * gb, n_sums = groups * wl, items = n_sums + lower * wl;
+        for (int j0 = tid; j0 < items; j0 += HC_HIST_BATCH * blockDim.x) {
+            int v[HC_HIST_BATCH];
 #pragma unroll
-                for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                    const int g = g0 + u * per;
-                    v[u] = g < G ? __ldcg(cta_hist + k * G + g) : 0;
-                }
+            for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                const int j = j0 + u * blockDim.x, i = j - n_sums;
+                v[u] = j < n_sums ? __ldcg(sums + j)
+                                  : j < items ? __ldcg(cta_hist + (i / lower) * G + grp * gb + i % lower) : 0;
+            }
 #pragma unroll
-                for (int u = 0; u < HC_HIST_BATCH; ++u) {
-                    all += v[u];
-                    before += g0 + u * per < me ? v[u] : 0;
+            for (int u = 0; u < HC_HIST_BATCH; ++u) {
+                const int j = j0 + u * blockDim.x;
+                if (j < n_sums) {
+                    const int k = j % wl;
+                    atomicAdd(&tot[k], v[u]);
+                    if (j / wl < grp) atomicAdd(&run[k], v[u]);
+                } else if (j < items) {
+                    atomicAdd(&run[(j - n_sums) / lower], v[u]);
                 }
             }
-            atomicAdd(&tot[k], all);
-            atomicAdd(&run[k], before);
         }
         __syncthreads();
         if (me == 0)
@@ -2118,7 +2138,7 @@ template __global__ void grid_count<int>(const int*, int, const int*, int, int, 
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,
                                                int*, int*, unsigned char*, int, int, int, int);
-template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int, int);
-template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int, int);
+template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int, int, int);
+template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int, int, int);
 #undef HC_PARAMS
 #endif

@@ -98,12 +98,21 @@ FUSED_GROUP_BLOCKS = 16
 """grid_fused (one barrier) sums the per-block counts of each group of this many consecutive blocks before its
 grid barrier, so that after it a block reads the group sums and its own group's counts, not every block's
 (``Plan.group_blocks``; the tests also plan smaller groups, to have several in a small grid)."""
-TWO_PHASE_LIMIT = 8192
-"""Above ``num_local * grid_blocks`` ints of per-block counts, grid_fused scans
-the counts distributed over the blocks (two grid barriers) instead of every block reading all of them.
-Checked on an H100 (GPU run 57, GPU_RESULTS.md), both ways in one process: at the limit (64 x 128) a wash, 20.4
-against 21.1 us (graph 15.3 both); above it the two barriers win, 44.6 against 46.6 us at 64 x 256 (N*K = 4M)
-and 24.4 against 29.4 at 128 x 128 (1M)."""
+TWO_PHASE_LIMIT = 4096
+"""Above this many ints that each block of grid_fused would read after its one barrier (`fused_reads_per_block`:
+the group sums and its own group's lower blocks' counts), it scans the counts distributed over the blocks (two
+grid barriers) instead. Measured on an H100 (GPU run 90, GPU_RESULTS.md), both ways in one process, N*K = 1M /
+4M / 8M: one barrier won at 64 local experts (1984 ints per block at 256 blocks; 18.53 / 35.68 / 58.05 us against
+19.02 / 37.57 / 59.42) and at 128 (3968 ints; 20.67 / 42.34 / 75.62 against 22.27 / 43.10 / 77.10). Larger reads
+are unmeasured and keep two barriers. (Before the group sums every block read all ``num_local * grid_blocks``
+counts, and two barriers won from 64 x 256 on: GPU run 57.)"""
+
+
+def fused_reads_per_block(grid_blocks: int, num_local: int) -> int:
+    """Ints each grid_fused block reads after a single barrier: every group's sums (`FUSED_GROUP_BLOCKS` blocks a
+    group) and the counts of up to ``FUSED_GROUP_BLOCKS - 1`` lower blocks of its own group, per local expert."""
+    groups = -(-grid_blocks // FUSED_GROUP_BLOCKS)
+    return (groups + min(grid_blocks, FUSED_GROUP_BLOCKS) - 1) * num_local
 
 PATHS = ("auto", "warp", "block", "grid")
 WARP_IPTS = (1, 4, 16)
@@ -616,7 +625,7 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged, share)
     grid_blocks, chunk, list_cap, stage_cap, smem_fused = fused or (block_blocks, 0, 0, 0, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
-    two_phase = fused is not None and num_local * grid_blocks > two_phase_limit
+    two_phase = fused is not None and fused_reads_per_block(grid_blocks, num_local) > two_phase_limit
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,

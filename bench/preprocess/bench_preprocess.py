@@ -2,7 +2,7 @@
 
 One GPU, one process. For N*K from 8 to 8M (DeepSeek-V3-like routing: E = 256 experts, top-8, EP 8 (`--ep`),
 rank 0 holds 32 experts through an expert map, block_m = 16, int32 ids, a quarter of the rows padding
-with the non_local sentinel), every size on fresh random ids:
+with the non_local sentinel; with ``--ep 1`` no map and the out_of_range sentinel), every size on fresh random ids:
 
 - ``ours_us``: the cupy backend into preallocated buffers (`preprocess_into`, what a CUDA graph runs);
   ``peer_us``: the torch reference; ``launch_us``: an empty CuPy kernel launched the same way. All are
@@ -219,10 +219,16 @@ def check(got: Any, ref: Any) -> None:
 
 def bench_context(ep: int = EP) -> BuildContext:
     """The benchmark's layer on GPU 0: rank RANK of ``ep`` ranks over E experts through an expert map, the
-    non_local sentinel (shared by this script, profile_preprocess.py and phase_times.py)."""
+    non_local sentinel (shared by this script, profile_preprocess.py and phase_times.py). With ``ep`` 1 every
+    expert is local, so there is no non-local id: no map, and the out_of_range sentinel (E)."""
+    if not 1 <= ep <= E:
+        raise SystemExit(f"--ep must be between 1 and {E} (the ranks that share the {E} experts), got {ep}")
     placement = ExpertPlacement.contiguous(E, ep)
-    local = placement.local_experts(RANK, use_map=True, device="cuda")
-    sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])  # non_local
+    if ep == 1:
+        local, sentinel = placement.local_experts(RANK, use_map=False, device="cuda"), E
+    else:
+        local = placement.local_experts(RANK, use_map=True, device="cuda")
+        sentinel = int((placement.expert_map(RANK) == -1).nonzero()[0])  # non_local
     return BuildContext(rank=RANK, ep_size=ep, device=torch.device("cuda", 0), placement=placement, local=local,
                         hidden_size=7168, top_k=TOP_K, dtype=torch.bfloat16, max_tokens_per_rank=1 << 20,
                         sentinel=sentinel)
@@ -380,8 +386,9 @@ def main() -> int:
     }
     result = {"bench": "preprocess", "gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "config": {"global_experts": E, "ep_size": args.ep, "rank": RANK, "local_experts": ctx.local.count,
-                         "top_k": TOP_K, "block_m": BLOCK_M, "id_dtype": "int32", "sentinel": "non_local",
-                         "padding_rows": "1/4 of each source slice", "map": "shared memory",
+                         "top_k": TOP_K, "block_m": BLOCK_M, "id_dtype": "int32",
+                         "sentinel": "non_local" if args.ep > 1 else "out_of_range",
+                         "padding_rows": "1/4 of each source slice", "map": "shared memory" if args.ep > 1 else "none",
                          "timer": "triton.testing.do_bench median (CUDA events, L2 flushed)",
                          "torch": torch.__version__},
               "copy_gbps": copy, "launch_us": launch, "launch_hot_us": launch_hot, "launch_graph_us": launch_graph, "launch_wall_us": launch_wall,

@@ -418,8 +418,8 @@ LIST_SHARE_MARGIN = 1.25
 """grid_fused keeps each warp's list this many times its expected local slots (``seg * num_local / E``) where
 the stage can spare it (`_fused_layout`): a list that fills up leaves the rest of the warp's slots to a re-read."""
 STAGE_SHARE_MARGIN = 2.0
-"""... and only while the stage still holds this many times a block's expected local slots: a block whose local
-slots overflow the stage stores every one of them straight to `sorted`, the costlier miss."""
+"""... and only while the stage still holds this many times a block's expected local slots: the slots of a block
+past its stage's end are stored straight to `sorted`, the costlier miss."""
 
 
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
@@ -442,16 +442,15 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
                   ) -> tuple[int, int, int, int, int] | None:
     """``(grid_blocks, chunk, list_cap, stage_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
 
-    The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of
-    tiles); chunks are whole tiles, balanced to within one tile. The shared memory that keeps that grid
-    co-resident then goes first to the block's stage, up to its whole chunk (a block whose local slots do not
-    fit stores them straight to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists,
-    up to a whole segment each (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no
-    stage, the lists take it all. The stage comes first because the scattered stores it saves cost most (GPU
-    run 79, N*K = 8M: 10 / 27 / 59 us at 32 / 64 / 128 local experts), while a full list costs only a re-read
-    of local_ids from L2. With ``local_share`` (the expected fraction of local slots), the lists keep
-    `LIST_SHARE_MARGIN` times a warp's expected local slots where the stage still holds `STAGE_SHARE_MARGIN`
-    times a block's.
+    The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of tiles); chunks
+    are whole tiles, balanced to within one tile. The shared memory that keeps that grid co-resident then goes first
+    to the block's stage, up to its whole chunk (a block with more local slots stores those past the stage straight
+    to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists, up to a whole segment each
+    (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all. The
+    stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 / 59 us at 32 /
+    64 / 128 local experts), while a full list costs only a re-read of local_ids from L2. With ``local_share`` (the
+    expected fraction of local slots), the lists keep `LIST_SHARE_MARGIN` times a warp's expected local slots where
+    the stage still holds `STAGE_SHARE_MARGIN` times a block's.
     """
     if num_local > MAX_WINDOW:
         return None

@@ -1,9 +1,9 @@
 """A small safe-mode workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
-as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid
-barriers, with each map mode, with lists too short for a warp's local slots and with blocks whose local slots do not
-fit the stage (stored straight to sorted), the three split grid kernels for many local experts, map in shared
+as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid barriers,
+with each map mode, with lists too short for a warp's local slots and with blocks whose local slots do not all fit the
+stage (those past it stored straight to sorted), the three split grid kernels for many local experts, map in shared
 memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
 and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
 run on the GPU). Each run writes `preprocess_into` buffers that have allocations of
@@ -70,8 +70,8 @@ CASES = [
     # of them local: every warp's list fills up and phase 3 re-reads the rest of its local slots from local_ids
     # (into the block's stage, which keeps its whole chunk)
     (64, 1, 0, "out_of_range", 140_000, 8, torch.int32, {"path": "grid", "least_lists": True}),
-    # grid_fused at 1.09M slots (133 blocks of 8192) with a stage of 300 entries: the blocks of padding rows stage,
-    # the others (~1000 local slots each) store straight to sorted
+    # grid_fused at 1.09M slots (133 blocks of 8192) with a stage of 300 entries: the blocks of padding rows stage
+    # all of theirs, the others (~1000 local slots each) stage 300 and store the rest straight to sorted
     (256, 8, 2, "non_local", 17_000, 8, torch.int32, {"stage_cap": 300}),
 ]
 

@@ -310,8 +310,9 @@ def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torc
 
 
 def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernels: EmulatedKernels) -> None:
-    """A stage smaller than some blocks' local slots: those blocks store straight to `sorted`, the others
-    stage, in the same launch (3 blocks of 8192 slots, ~3/4 local, the stage cut between the blocks' counts)."""
+    """A stage smaller than some blocks' local slots: those blocks stage up to its end and store the rest straight
+    to `sorted`, the others stage all of theirs, in the same launch (3 blocks of 8192 slots, ~3/4 local, the stage
+    cut between the blocks' counts)."""
     case = make_case(16, 1, 0, "negative", rows_per_rank=6000, top_k=4, seed=31)
     choice = choose_map(int(case.local.expert_map.numel()), "auto")
     plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid", num_sms=kernels.num_sms,

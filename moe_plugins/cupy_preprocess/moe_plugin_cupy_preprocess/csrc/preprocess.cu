@@ -1568,12 +1568,14 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //   3. (block_m > 0) cnt[w][k] becomes the position of warp w's first slot of expert k (one __syncthreads),
 //      then every warp ranks its local slots with no block barrier: it ranks its list 32 entries at a time
 //      (bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's row, a
-//      __syncwarp per round orders it). Staged (the block's local slots fit in `stage_cap`): the positions
-//      are block-local, each slot goes to the shared `stage` (its block offset << 10 | key), and after one
+//      __syncwarp per round orders it). Staged (stage_cap > 0): the positions are block-local, a slot at a
+//      position below stage_cap goes to the shared `stage` (its block offset << 10 | key), and after one
 //      __syncthreads the block copies `stage` out to `sorted` in position order, so that each store
-//      instruction writes a run of one expert's group. Otherwise the positions are global and every slot
-//      is stored straight to `sorted`: one scattered 4-byte store per slot, up to 32 groups per
-//      instruction, which took 10 / 27 / 59 us of N*K = 8M at 32 / 64 / 128 local experts (GPU run 79).
+//      instruction writes a run of one expert's group. Slots at positions past the stage (a block with more
+//      local slots than stage_cap) and every slot of an unstaged plan are stored straight to `sorted`: one
+//      scattered 4-byte store per slot, up to 32 groups per instruction, which took 10 / 27 / 59 us of
+//      N*K = 8M at 32 / 64 / 128 local experts (GPU run 79). (Until run 94 a block whose local slots did not
+//      all fit stored every one of them straight.)
 //      Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
@@ -1660,8 +1662,12 @@ template <> struct hc_vec<long long> {
 // the position of the warp's next slot of expert k (only this warp touches its row). The lowest lane of
 // each group of equal keys reads and advances row[k] and hands the start to its group by a shuffle; the
 // __syncwarp orders this chunk's row update before the next chunk's read (leaders can differ).
-__device__ __forceinline__ void warp_place(int k, int slot, int bits, unsigned lower, int* row,
-                                           int* __restrict__ sorted) {
+// A position below `limit` takes `value` in `placed`. Staged, `placed` is the block's stage, positions are
+// block-local, `value` is the stage entry (block offset << HC_KEY_BITS | key) and `limit` the stage's size: a
+// position at or past it goes straight to sorted[position + dist[k]], as the slot index c0 + offset. Unstaged,
+// `placed` is `sorted`, `value` the slot index and `limit` HC_NO_OVER.
+__device__ __forceinline__ void warp_place(int k, int value, int bits, unsigned lower, int* row, int* placed,
+                                           int limit, const int* dist, int c0, int* __restrict__ sorted) {
     const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
     if (valid == 0) return;  // warp-uniform: no local slot in the chunk
     const unsigned peers = warp_peers_of(valid, k, bits);
@@ -1672,7 +1678,11 @@ __device__ __forceinline__ void warp_place(int k, int slot, int bits, unsigned l
         row[k] = pos + __popc(peers);
     }
     pos = __shfl_sync(HC_FULL_MASK, pos, __ffs(peers) - 1);
-    if (k >= 0) sorted[pos + __popc(below)] = slot;
+    if (k >= 0) {
+        const int p = pos + __popc(below);
+        if (p < limit) placed[p] = value;
+        else sorted[p + dist[k]] = c0 + (int)((unsigned)value >> HC_KEY_BITS);
+    }
     __syncwarp();
 }
 
@@ -1906,11 +1916,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(6);
     if (!aligned) return;
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
-    // count in scratch[34]); the block stages if they fit (`fits_stage`: uniform). Then cnt[w][k] (warp w's slots of expert k)
+    // count in scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots of expert k)
     // becomes the position of warp w's first slot of k: (global) group start + this block's lower-block prefix,
     // or (staged) the block-local start; + lower warps' counts. Staged, run[k] becomes the distance from a
-    // staged position of expert k to its place in `sorted`.
-    auto fits_stage = [&](int block_local) { return stage_cap > 0 && block_local <= stage_cap; };
+    // block-local position of expert k to its place in `sorted`.
+    const bool staged = stage_cap > 0;
     auto positions = [&](int k, bool staged) {
         int c[nwarps];
 #pragma unroll
@@ -1935,7 +1945,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (lane < wl) {
                 gs[lane] = padded_incl - padded;
                 bst[lane] = mine_incl - mine;
-                positions(lane, fits_stage(all_local));
+                positions(lane, staged);
             }
             if (lane == 31) {
                 gs[wl] = padded_incl;
@@ -1951,11 +1961,10 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             gs[wl] = padded_total;
             scratch[34] = all_local;
         }
-        for (int k = tid; k < wl; k += blockDim.x) positions(k, fits_stage(all_local));
+        for (int k = tid; k < wl; k += blockDim.x) positions(k, staged);
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
     const int total = gs[wl], block_local = scratch[34];
-    const bool staged = fits_stage(block_local);
     if (me == 0 && tid == 0) total_out[0] = total;
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the
@@ -1993,6 +2002,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
     int* const placed = staged ? reinterpret_cast<int*>(stage) : sorted;  // where warp_place stores
+    const int place_limit = staged ? stage_cap : HC_NO_OVER;              // staged: past it, straight to sorted
     const unsigned seg_offset = (unsigned)(ws - c0) << HC_KEY_BITS;        // staged: list entry -> stage entry
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
     // on (only when the list filled up) are re-read from local_ids, HC_PLACE_BATCH chunks of 32 at a time,
@@ -2009,7 +2019,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1,
                        staged ? (int)(entry + seg_offset) : ws + (int)(entry >> HC_KEY_BITS), bits, lower, row,
-                       placed);
+                       placed, place_limit, run, c0, sorted);
         }
         queued -= ranked;
         if (!more) break;
@@ -2038,7 +2048,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(8);
     if (staged) {  // copy `stage` out in position order: consecutive threads, consecutive places of a group
         __syncthreads();
-        for (int p = tid; p < block_local; p += blockDim.x) {
+        for (int p = tid; p < min(block_local, stage_cap); p += blockDim.x) {
             const unsigned e = stage[p];
             sorted[p + run[e & ((1u << HC_KEY_BITS) - 1)]] = c0 + (int)(e >> HC_KEY_BITS);
         }

@@ -657,9 +657,10 @@ def design_bytes(plan: Plan) -> int:
     """The device-memory traffic this plan's kernels actually cause, by design (a model, not a measurement).
 
     `moved_bytes` plus what the design adds: grid_fused exchanges per-block counts (written once, and read back
-    from L2 through the group sums and each group's blocks, or scanned in place) and re-reads local_ids past a warp's full list of local slots (counted
-    unless ``keys_in_smem``, i.e. unless the lists hold half a segment: then as if every slot were local);
-    the split grid path writes and re-reads a byte key per slot (or re-reads local_ids), and per-tile counts.
+    from L2 through the group sums and each group's blocks, or scanned in place) and re-reads local_ids past a
+    warp's full list of local slots (counted unless ``keys_in_smem``, i.e. unless the lists hold half a segment:
+    then as if every slot were local); the split grid path writes and re-reads a byte key per slot (or re-reads
+    local_ids), and per-tile counts.
     Every block's copy of a shared-memory map is read from L2 and not counted.
     """
     nk = plan.num_slots

@@ -6,9 +6,9 @@ with each map mode, with lists too short for a warp's local slots and with block
 stage (those past it stored straight to sorted), the three split grid kernels for many local experts, map in shared
 memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
 and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
-run on the GPU). Each run writes `preprocess_into` buffers that have allocations of
-their own (`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its unwritten words.
-Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
+run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own (`separate_buffers`),
+so that memcheck knows every buffer's bounds and initcheck its unwritten words. Exits 1 on a mismatch; the
+sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """
@@ -98,7 +98,7 @@ def main() -> int:
                     kernels_run.add("grid_fused re-read past a full list")
             if stage_cap is not None and plan.fused and block_m:
                 plan = dataclasses.replace(plan, stage_cap=min(stage_cap, plan.stage_cap))
-            if plan.fused and block_m:  # which blocks stage their placed slots (those whose local slots fit)
+            if plan.fused and block_m:  # blocks whose local slots all fit the stage, and blocks with slots past it
                 local = (reference(case, None).local_ids.reshape(-1) >= 0).int()
                 per_block = [int(local[g * plan.chunk:(g + 1) * plan.chunk].sum()) for g in range(plan.grid_blocks)]
                 if any(n <= plan.stage_cap for n in per_block) and plan.stage_cap:

@@ -48,16 +48,24 @@ def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
                     fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
                     block_grid=block_grid, lanes=lanes, max_cluster=max_cluster)
+    return run_plan(kernels, case, plan, mode, launches), plan
+
+
+def run_plan(kernels: EmulatedKernels, case: Case, plan: Plan, mode: str = "safe", launches: int = 1) -> LocalRouting:
+    """`run` for a given ``plan``: ``launches`` launches into the same guarded buffers, each poisoned first; the
+    guards after every launch and the sync words after the last are checked."""
     buffers, backing = guarded_buffers(plan, "cpu")
+    table = case.local.expert_map
     device_map = None if table is None else map_with_head(table, "cpu")[1]
     for _ in range(launches):
         for t in (buffers.local_ids, buffers.expert_counts, buffers.invalid_count, buffers.sorted_slot_ids,
                   buffers.block_expert_ids, buffers.num_slots_post_padded):
             t.fill_(POISON)
-        launch(kernels, plan, case.ids.contiguous(), device_map, choice, case.local.first, mode == "faithful", buffers)
+        launch(kernels, plan, case.ids.contiguous(), device_map, plan.map, case.local.first, mode == "faithful",
+               buffers)
         check_guards(backing)
     check_sync_words(buffers, launches)
-    return buffers.routing(count_invalid=mode != "faithful"), plan
+    return buffers.routing(count_invalid=mode != "faithful")
 
 
 @pytest.mark.parametrize("sentinel", ["non_local", "guard_slot", "out_of_range", "negative"])
@@ -258,20 +266,10 @@ def test_fused_two_phase_scan_fallback_and_replays(kernels: EmulatedKernels) -> 
 
 
 def run_fused_plan(kernels: EmulatedKernels, case: Case, plan: Plan, block_m: int | None, launches: int = 1) -> None:
-    """Launch ``plan`` ``launches`` times into guarded buffers (poisoned before each) and check every output
-    against the reference, and the sync words after."""
-    table = case.local.expert_map
-    buffers, backing = guarded_buffers(plan, "cpu")
-    for _ in range(launches):
-        for t in (buffers.local_ids, buffers.expert_counts, buffers.sorted_slot_ids, buffers.block_expert_ids):
-            t.fill_(POISON)
-        launch(kernels, plan, case.ids, None if table is None else map_with_head(table, "cpu")[1], plan.map,
-               case.local.first, False, buffers)
-        check_guards(backing)
-        got = buffers.routing(count_invalid=True)
-        assert_matches(got, reference(case, block_m), block_m)
-        assert int(got.invalid_count) == int((case.ids < 0).sum())
-    check_sync_words(buffers, launches)
+    """`run_plan`, then every output of the last launch checked against the reference."""
+    got = run_plan(kernels, case, plan, launches=launches)
+    assert_matches(got, reference(case, block_m), block_m)
+    assert int(got.invalid_count) == int((case.ids < 0).sum())
 
 
 @pytest.mark.parametrize("group_blocks", [1, 2, 3])

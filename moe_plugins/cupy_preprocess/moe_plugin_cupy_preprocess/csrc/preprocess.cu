@@ -1921,7 +1921,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // or (staged) the block-local start; + lower warps' counts. Staged, run[k] becomes the distance from a
     // block-local position of expert k to its place in `sorted`.
     const bool staged = stage_cap > 0;
-    auto positions = [&](int k, bool staged) {
+    auto positions = [&](int k) {
         int c[nwarps];
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
@@ -1945,7 +1945,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             if (lane < wl) {
                 gs[lane] = padded_incl - padded;
                 bst[lane] = mine_incl - mine;
-                positions(lane, staged);
+                positions(lane);
             }
             if (lane == 31) {
                 gs[wl] = padded_incl;
@@ -1956,12 +1956,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         for (int k = tid; k < wl; k += blockDim.x) gs[k] = hc_round_up(tot[k], block_m);
         __syncthreads();
         const int padded_total = block_exclusive_scan(gs, wl, scratch);
-        const int all_local = stage_cap > 0 ? block_exclusive_scan(bst, wl, scratch) : 0;
+        const int all_local = staged ? block_exclusive_scan(bst, wl, scratch) : 0;
         if (tid == 0) {
             gs[wl] = padded_total;
             scratch[34] = all_local;
         }
-        for (int k = tid; k < wl; k += blockDim.x) positions(k, staged);
+        for (int k = tid; k < wl; k += blockDim.x) positions(k);
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
     const int total = gs[wl], block_local = scratch[34];

@@ -9,7 +9,10 @@ installed plan.py, each with its own buffers; both results are checked against t
 any timing. Per size, ``--rounds`` rounds each take `bench_preprocess.median_us` (L2 flushed) of the
 baseline and then of the current source; the median over rounds is reported with the ratio, and each version's
 time per call in a CUDA graph (`bench_preprocess.graph_us`). ``--path`` plans both on one path (e.g. ``block``).
-One JSON line per size. ``--baseline-plan KEY=VALUE ...`` instead times the installed source against itself,
+One JSON line per size. ``--baseline-package DIR`` is a whole copy of the ``moe_plugin_cupy_preprocess`` package
+from another commit (its plan.py, launch.py and source together, for a change to the kernels' arguments or
+shared-memory layout), imported under another module name; that stage plans with its own plan.py.
+``--baseline-plan KEY=VALUE ...`` instead times the installed source against itself,
 planned with those `plan_for` options for the baseline: ``staged=false`` (grid_fused without its stage, every
 placed slot stored straight to ``sorted``), ``share_lists=false`` (the stage takes the shared memory first).
 
@@ -21,11 +24,16 @@ experiments: the baseline's own output is then not fully checked. ``--ep`` sets 
 
     python3 bench/preprocess/ab_sources.py --baseline /tmp/old_preprocess.cu --sizes 65536 1048576 8388608
     python3 bench/preprocess/ab_sources.py --baseline-plan staged=false --ep 4 --sizes 1048576 8388608
+    git archive REV moe_plugins/cupy_preprocess/moe_plugin_cupy_preprocess | tar -x -C /tmp/base
+    python3 bench/preprocess/ab_sources.py --baseline-package \
+        /tmp/base/moe_plugins/cupy_preprocess/moe_plugin_cupy_preprocess --ep 1 --sizes 8388608
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -43,6 +51,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     baseline_kind = parser.add_mutually_exclusive_group(required=True)
     baseline_kind.add_argument("--baseline", type=Path, help="the other version of csrc/preprocess.cu")
+    baseline_kind.add_argument("--baseline-package", type=Path, metavar="DIR",
+                               help="a copy of the moe_plugin_cupy_preprocess package from another commit")
     baseline_kind.add_argument("--baseline-plan", nargs="+", metavar="KEY=VALUE",
                                help="the installed source, planned with these plan_for options (true/false/int)")
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
@@ -58,8 +68,13 @@ def main() -> int:
 
     ctx, current, peer, gen = bench_stages(args.path, args.ep)
     device = torch.cuda.current_device()
-    baseline = current if plan_options else CupyPreprocess(
-        ctx, path=args.path, kernels=jit.kernels_from_source(device, args.baseline.read_text()))
+    if plan_options:
+        baseline = current
+    elif args.baseline_package:
+        baseline = import_package_copy(args.baseline_package).CupyPreprocess(ctx, path=args.path)
+    else:
+        baseline = CupyPreprocess(ctx, path=args.path,
+                                  kernels=jit.kernels_from_source(device, args.baseline.read_text()))
     for nk in args.sizes:
         ids = routed_ids(nk, int(ctx.sentinel), gen, args.ep)
         want = peer.preprocess(ids, BLOCK_M)
@@ -80,7 +95,7 @@ def main() -> int:
             for name, call in calls.items():
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
-        row = {"num_slots": nk, "ep": args.ep, "baseline": plan_options or str(args.baseline),
+        row = {"num_slots": nk, "ep": args.ep, "baseline": plan_options or str(args.baseline or args.baseline_package),
                "stage_cap": plan.stage_cap, "list_cap": plan.list_cap, "path": plan.path,
                "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},
@@ -96,6 +111,20 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
         del ids, calls
     return 0
+
+
+def import_package_copy(directory: Path, name: str = "baseline_cupy_preprocess"):
+    """The ``backend`` module of the package copy in ``directory``, imported as package ``name`` (its modules import
+    each other relatively, so the copy runs its own plan, launch, jit and source)."""
+    init = directory / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-package: {directory} has no __init__.py; give the package directory "
+                         "(.../moe_plugin_cupy_preprocess of the other commit)")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(directory)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.backend")
 
 
 def parse_option(text: str) -> tuple[str, bool | int]:

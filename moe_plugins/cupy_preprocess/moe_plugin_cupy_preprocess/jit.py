@@ -46,7 +46,8 @@ CLUSTER_LANE_KERNEL = "cluster_lane_preprocess<{id_type}, {ipt}, {epl}, {blocks}
 LANE_EPLS = (1, 2)  # local experts per lane: plan.experts_per_lane
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
-FUSED_KERNEL = "grid_fused<{id_type}>"
+FUSED_KERNEL = "grid_fused<{id_type}, {stage_type}>"
+STAGE_TYPES = ("unsigned short", "unsigned")  # grid_fused's stage entries: plan.stage_entry_bytes
 SCAN_KERNEL = "grid_scan"
 PLACE_KERNEL = "grid_place"
 EMPTY_KERNEL = "empty_kernel"
@@ -70,7 +71,7 @@ def name_expressions() -> tuple[str, ...]:
     names += [BLOCK_KERNEL.format(id_type=ID_TYPES[t], ipt=i, sub=s) for t, variants in BLOCK_VARIANTS.items()
               for i, s in variants]
     names += [COUNT_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
-    names += [FUSED_KERNEL.format(id_type=t) for t in ID_TYPES.values()]
+    names += [FUSED_KERNEL.format(id_type=t, stage_type=s) for t in ID_TYPES.values() for s in STAGE_TYPES]
     return tuple(names) + (SCAN_KERNEL, PLACE_KERNEL, EMPTY_KERNEL)
 
 
@@ -121,7 +122,8 @@ class Kernels:
             return None
         from cupy.cuda import driver
 
-        fn = self.pointers[FUSED_KERNEL.format(id_type=ID_TYPES[id_type])]
+        # Both stage types have the same resources (launch bounds, registers; shared memory is dynamic).
+        fn = self.pointers[FUSED_KERNEL.format(id_type=ID_TYPES[id_type], stage_type=STAGE_TYPES[-1])]
         return lambda smem: int(driver.occupancyMaxActiveBlocksPerMultiprocessor(fn, GRID_THREADS, smem))
 
     def run(self, steps: Sequence[Any]) -> None:

@@ -260,6 +260,11 @@ class Plan:
         return per_window * self.windows
 
     @property
+    def stage_type(self) -> str:
+        """grid_fused's StageT template argument: the C type of a stage entry (`stage_entry_bytes`)."""
+        return "unsigned short" if stage_entry_bytes(self.chunk) == 2 else "unsigned"
+
+    @property
     def num_slots(self) -> int:
         return self.rows * self.top_k
 
@@ -402,8 +407,15 @@ PLACE_QUEUE = 32 * 8 + 32
 """grid_fused: the least entries of a warp's list of local slots (HC_PLACE_BUF): phase 3 reuses the list as
 the queue of its re-read batches (8 chunks of 32 slots plus a carried remainder)."""
 LIST_OFFSET_LIMIT = 1 << 22
-"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22, and
-staged entries ``(slot offset in the block's chunk << 10) | key``: no stage for chunks of 2**22 slots or more."""
+"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22."""
+STAGE16_MAX_CHUNK = 1 << 16
+"""grid_fused's stage entries are slot offsets in the block's chunk: 16 bits for chunks of up to this many slots,
+32 above (`stage_entry_bytes`)."""
+
+
+def stage_entry_bytes(chunk: int) -> int:
+    """Bytes of one grid_fused stage entry (StageT in the .cu) for blocks of ``chunk`` slots."""
+    return 2 if chunk <= STAGE16_MAX_CHUNK else 4
 
 
 STAGE_MIN_CHUNK = 2 * TILE
@@ -425,10 +437,15 @@ past its stage's end are stored straight to `sorted`, the costlier miss."""
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
                      ) -> int:
     """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
-    one column of per-block counts (sized for the largest co-resident grid), scratch, and
-    ``lists_and_stage`` uint32 entries: the per-warp lists of local slots, then the block's stage."""
+    one column of per-block counts (sized for the largest co-resident grid), scratch, and ``lists_and_stage``
+    ints: the per-warp lists of local slots (an int per entry), then the block's stage (`_stage_ints`)."""
     return (map_entries + GRID_WARPS * num_local + 4 * num_local + 2 + FUSED_GRID_PER_SM_BOUND * num_sms
             + SCRATCH_INTS + lists_and_stage)
+
+
+def _stage_ints(entries: int, chunk: int) -> int:
+    """Ints of shared memory that a stage of ``entries`` takes in blocks of ``chunk`` slots."""
+    return -(-entries * stage_entry_bytes(chunk) // 4)
 
 
 def default_fused_occupancy(smem_bytes: int) -> int:
@@ -444,7 +461,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
 
     The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of tiles); chunks
     are whole tiles, balanced to within one tile. The shared memory that keeps that grid co-resident then goes first
-    to the block's stage, up to its whole chunk (a block with more local slots stores those past the stage straight
+    to the block's stage (`stage_entry_bytes` per entry), up to its whole chunk (a block with more local slots stores those past the stage straight
     to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists, up to a whole segment each
     (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all. The
     stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 / 59 us at 32 /
@@ -482,20 +499,21 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
 
     least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
     most_list = max(PLACE_QUEUE, seg)
-    stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk < LIST_OFFSET_LIMIT else 0
-    lo, hi = least, GRID_WARPS * most_list + stage_most
+    stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk else 0
+    per_int = 4 // stage_entry_bytes(chunk)  # stage entries per int of shared memory
+    lo, hi = least, GRID_WARPS * most_list + _stage_ints(stage_most, chunk)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    stage_cap = min(stage_most, lo - least)
+    stage_cap = min(stage_most, (lo - least) * per_int)
     if stage_most and local_share is not None:
         wanted = -(-math.ceil(LIST_SHARE_MARGIN * local_share * seg) // 32) * 32
         reserve = GRID_WARPS * min(most_list, max(PLACE_QUEUE, wanted))  # the lists' entries, all warps
-        if lo - reserve >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
-            stage_cap = min(stage_most, lo - reserve)
-    list_cap = min(most_list, (lo - stage_cap) // GRID_WARPS)
-    return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(map_smem, num_local, num_sms,
-                                                                GRID_WARPS * list_cap + stage_cap) * 4
+        if (lo - reserve) * per_int >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
+            stage_cap = min(stage_most, (lo - reserve) * per_int)
+    list_cap = min(most_list, (lo - _stage_ints(stage_cap, chunk)) // GRID_WARPS)
+    return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(
+        map_smem, num_local, num_sms, GRID_WARPS * list_cap + _stage_ints(stage_cap, chunk)) * 4
 
 
 def check_block_m(block_m: object) -> int:

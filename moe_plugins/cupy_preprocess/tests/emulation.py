@@ -90,7 +90,8 @@ class EmulatedKernels:
             elif base == "grid_count":
                 self._entry[name] = functools.partial(self._call, lib.emu_count, id64)
             elif base == "grid_fused":
-                self._entry[name] = functools.partial(self._call, lib.emu_fused, id64)
+                self._entry[name] = functools.partial(self._call, lib.emu_fused, id64,
+                                                      int(params[1] == "unsigned short"))
             elif base == "grid_scan":
                 self._entry[name] = functools.partial(self._call, lib.emu_scan)
             elif base == "grid_place":

@@ -2,8 +2,8 @@
 
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
 as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid barriers,
-with each map mode, with lists too short for a warp's local slots and with blocks whose local slots do not all fit the
-stage (those past it stored straight to sorted), the three split grid kernels for many local experts, map in shared
+with each map mode, with lists too short for a warp's local slots, with blocks whose local slots do not all fit the
+stage (those past it stored straight to sorted) and with 16- and 32-bit stage entries, the three split grid kernels for many local experts, map in shared
 memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
 and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
 run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own (`separate_buffers`),
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess_testlib import assert_matches, context, make_case, reference, separate_buffers  # noqa: E402
 
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess  # noqa: E402
-from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES, GRID_WARPS, PLACE_QUEUE  # noqa: E402
+from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES, GRID_WARPS, PLACE_QUEUE, plan_for  # noqa: E402
 
 CASES = [
     # (E, ep_size, rank, sentinel, rows per rank, top_k, dtype, options)
@@ -73,6 +73,9 @@ CASES = [
     # grid_fused at 1.09M slots (133 blocks of 8192) with a stage of 300 entries: the blocks of padding rows stage
     # all of theirs, the others (~1000 local slots each) stage 300 and store the rest straight to sorted
     (256, 8, 2, "non_local", 17_000, 8, torch.int32, {"stage_cap": 300}),
+    # grid_fused planned for one SM: 2 blocks of 73728 slots (147200, every expert local), past the 65536 that
+    # 16-bit stage entries hold: 32-bit entries, and each block's slots past its stage stored straight to sorted
+    (16, 1, 0, "negative", 9200, 16, torch.int32, {"path": "grid", "one_sm": True}),
 ]
 
 
@@ -87,11 +90,15 @@ def main() -> int:
         ctx = context(case.placement, rank, local, "cuda:0", top_k=k, sentinel=case.sentinel)
         least_lists = options.get("least_lists", False)
         stage_cap = options.get("stage_cap")
+        one_sm = options.get("one_sm", False)
         stage = CupyPreprocess(ctx, mode="safe", **{o: v for o, v in options.items()
-                                                    if o not in ("least_lists", "stage_cap")})
+                                                    if o not in ("least_lists", "stage_cap", "one_sm")})
         ids = case.ids.cuda()
         for block_m in (None, 16):
             plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
+            if one_sm:
+                plan = plan_for(*ids.shape, ids.dtype, block_m, case.local.count, stage.map, "grid", stage.kernels.smem_optin,
+                                1, stage.kernels.fused_occupancy("int32"))
             if least_lists and plan.fused and block_m:  # the buffers' plan is what preprocess_into launches
                 plan = dataclasses.replace(plan, list_cap=PLACE_QUEUE)
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:
@@ -105,6 +112,8 @@ def main() -> int:
                     kernels_run.add("grid_fused staged")
                 if any(n > plan.stage_cap for n in per_block):
                     kernels_run.add("grid_fused stored straight")
+                if plan.stage_cap:
+                    kernels_run.add(f"grid_fused stage of {plan.stage_type}")
             kernels_run.update(plan.kernel_names)
             if plan.cluster:
                 kernels_run.add(f"cluster_lane_preprocess {plan.grid_blocks} blocks")
@@ -127,7 +136,7 @@ def main() -> int:
                "cluster_lane_preprocess two experts per lane", "block_preprocess", "grid_fused", "grid_fused two-phase",
                "grid_count", "grid_scan", "grid_place", "grid_fused map mode 0", "grid_fused map mode 1",
                "grid_fused map mode 2", "grid_fused re-read past a full list", "grid_fused staged",
-               "grid_fused stored straight",
+               "grid_fused stored straight", "grid_fused stage of unsigned short", "grid_fused stage of unsigned",
                *(f"cluster_lane_preprocess {b} blocks" for b in CLUSTER_SIZES if b <= widest)} - kernels_run
     if missing:
         print(f"MISMATCH: the workload did not run {sorted(missing)}")

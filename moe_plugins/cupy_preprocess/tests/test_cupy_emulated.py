@@ -190,7 +190,7 @@ def test_grid_path_several_tiles_and_int64(kernels: EmulatedKernels, fused: bool
     got, plan = run(kernels, case, 8, path="grid", fused=fused)
     assert plan.tiles == 4 and plan.fused == fused
     assert [name for name, *_ in kernels.launches[-len(plan.kernel_names):]] == \
-        [n if n != "grid_fused" else "grid_fused<long long>" for n in plan.kernel_names] or not fused
+        [n if n != "grid_fused" else f"grid_fused<long long, {plan.stage_type}>" for n in plan.kernel_names] or not fused
     assert_matches(got, reference(case, 8), 8)
     assert_layout_valid(got, 8)
 
@@ -318,7 +318,24 @@ def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernel
     local = (reference(case, None).local_ids.reshape(-1) >= 0).int()
     per_block = sorted(int(local[g * plan.chunk:(g + 1) * plan.chunk].sum()) for g in range(plan.grid_blocks))
     assert plan.grid_blocks == 3 and plan.stage_cap == plan.chunk and per_block[0] < per_block[-1], per_block
+    assert plan.stage_type == "unsigned short"
     run_fused_plan(kernels, case, dataclasses.replace(plan, stage_cap=per_block[0]), 16)  # the least-local block stages
+
+
+def test_fused_stage_of_32_bit_entries_past_65536_slots_a_block(kernels: EmulatedKernels) -> None:
+    """Chunks of more than 65536 slots (2 blocks of 18 tiles, planned for one SM) keep 32-bit stage entries; the
+    16-bit ones stop there. Every expert local, so each block's ~55K local slots overflow the stage (at most 227
+    KiB of it) and the rest are stored straight to `sorted`."""
+    case = make_case(16, 1, 0, "negative", rows_per_rank=9200, top_k=16, seed=33)
+    choice = choose_map(int(case.local.expert_map.numel()), "auto")
+    plan = plan_for(case.ids.shape[0], 16, torch.int32, 16, case.local.count, choice, "grid", num_sms=1,
+                    fused_occupancy=kernels.fused_occupancy("int32"))
+    assert plan.fused and plan.grid_blocks == 2 and plan.chunk > 1 << 16, plan
+    assert plan.stage_type == "unsigned" and 0 < plan.stage_cap < plan.chunk // 2, plan
+    run_fused_plan(kernels, case, plan, 16)
+    fits16 = plan_for(2 * (1 << 16) // 16, 16, torch.int32, 16, case.local.count, choice, "grid", num_sms=1,
+                      fused_occupancy=kernels.fused_occupancy("int32"))
+    assert fits16.chunk == 1 << 16 and fits16.stage_type == "unsigned short", fits16
 
 
 def test_fused_misaligned_ids_take_the_scalar_loads(kernels: EmulatedKernels) -> None:

@@ -1569,9 +1569,11 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      then every warp ranks its local slots with no block barrier: it ranks its list 32 entries at a time
 //      (bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's row, a
 //      __syncwarp per round orders it). Staged (stage_cap > 0): the positions are block-local, a slot at a
-//      position below stage_cap goes to the shared `stage` (its block offset << 10 | key), and after one
-//      __syncthreads the block copies `stage` out to `sorted` in position order, so that each store
-//      instruction writes a run of one expert's group. Slots at positions past the stage (a block with more
+//      position below stage_cap goes to the shared `stage` (its offset in the block's chunk, StageT: 16 bits
+//      for chunks of up to 65536 slots), and after one __syncthreads the block copies `stage` out to `sorted`
+//      in position order (the expert of a position from the block-local starts), so that each store
+//      instruction writes a run of one expert's group. (Until run 95 an entry also held the key, 32 bits each:
+//      with every expert local (EP 1) at N*K = 8M a third of a block's slots did not fit.) Slots at positions past the stage (a block with more
 //      local slots than stage_cap) and every slot of an unstaged plan are stored straight to `sorted`: one
 //      scattered 4-byte store per slot, up to 32 groups per instruction, which took 10 / 27 / 59 us of
 //      N*K = 8M at 32 / 64 / 128 local experts (GPU run 79). (Until run 94 a block whose local slots did not
@@ -1597,9 +1599,9 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // (a multiple of G between launches: fewer than G of its own blocks can have arrived), and zeroes the other half
 // for the next launch on these buffers, which the previous launch used and has finished with: no memset node.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
-// [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap uint32] (list_cap >=
-// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout or when a chunk reaches 2^22 slots: a
-// staged entry holds a block offset beside the 10-bit key).
+// [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap StageT] (list_cap >=
+// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout; StageT unsigned short when chunk <= 65536,
+// else unsigned: plan.stage_entry_bytes).
 // ---------------------------------------------------------------------------------------------------
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 4        // grid_fused phase 2: counts loaded per thread before summing
@@ -1658,15 +1660,14 @@ template <> struct hc_vec<long long> {
     __device__ static void store(int* p, const int (&l)[2]) { *reinterpret_cast<int2*>(p) = make_int2(l[0], l[1]); }
 };
 
-// Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), row[k]
-// the position of the warp's next slot of expert k (only this warp touches its row). The lowest lane of
-// each group of equal keys reads and advances row[k] and hands the start to its group by a shuffle; the
-// __syncwarp orders this chunk's row update before the next chunk's read (leaders can differ).
-// A position below `limit` takes `value` in `placed`. Staged, `placed` is the block's stage, positions are
-// block-local, `value` is the stage entry (block offset << HC_KEY_BITS | key) and `limit` the stage's size: a
-// position at or past it goes straight to sorted[position + dist[k]], as the slot index c0 + offset. Unstaged,
-// `placed` is `sorted`, `value` the slot index and `limit` HC_NO_OVER.
-__device__ __forceinline__ void warp_place(int k, int value, int bits, unsigned lower, int* row, int* placed,
+// Place one 32-slot chunk of a warp's segment (grid_fused phase 3): k is the lane's key (-1: none), off its
+// slot's offset in the block's chunk (slot c0 + off), row[k] the block-local position of the warp's next slot of
+// expert k (only this warp touches its row). The lowest lane of each group of equal keys reads and advances
+// row[k] and hands the start to its group by a shuffle; the __syncwarp orders this chunk's row update before
+// the next chunk's read (leaders can differ). A position below `limit` (the stage's size; 0 unstaged) takes the
+// offset in the block's `stage`; one at or past it goes straight to sorted[position + dist[k]].
+template <typename StageT>
+__device__ __forceinline__ void warp_place(int k, int off, int bits, unsigned lower, int* row, StageT* stage,
                                            int limit, const int* dist, int c0, int* __restrict__ sorted) {
     const unsigned valid = __ballot_sync(HC_FULL_MASK, k >= 0);
     if (valid == 0) return;  // warp-uniform: no local slot in the chunk
@@ -1680,8 +1681,8 @@ __device__ __forceinline__ void warp_place(int k, int value, int bits, unsigned 
     pos = __shfl_sync(HC_FULL_MASK, pos, __ffs(peers) - 1);
     if (k >= 0) {
         const int p = pos + __popc(below);
-        if (p < limit) placed[p] = value;
-        else sorted[p + dist[k]] = c0 + (int)((unsigned)value >> HC_KEY_BITS);
+        if (p < limit) stage[p] = (StageT)off;
+        else sorted[p + dist[k]] = c0 + off;
     }
     __syncwarp();
 }
@@ -1777,7 +1778,7 @@ __device__ __forceinline__ int fused_map_segment(const IdT* __restrict__ ids, in
     return bad_here;
 }
 
-template <typename IdT>
+template <typename IdT, typename StageT>
 __global__ void __launch_bounds__(HC_GRID_THREADS, 2)
 grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, int map_size, int map_mode, int faithful,
            int first, int num_local, int* __restrict__ local_ids, int* __restrict__ counts, int* __restrict__ invalid,
@@ -1799,7 +1800,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
     unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
-    unsigned* stage = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + nwarps * list_cap;  // [stage_cap]
+    StageT* stage = reinterpret_cast<StageT*>(reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + nwarps * list_cap);
     const int c0 = min(me * chunk, nk), c1 = min(c0 + chunk, nk);
     const int seg = chunk / nwarps;  // a multiple of 32 * HC_PLACE_BATCH (chunk is whole tiles)
     const int ws = min(c0 + warp * seg, c1), we = min(ws + seg, c1);  // this warp's segment
@@ -1916,20 +1917,18 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(6);
     if (!aligned) return;
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
-    // count in scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots of expert k)
-    // becomes the position of warp w's first slot of k: (global) group start + this block's lower-block prefix,
-    // or (staged) the block-local start; + lower warps' counts. Staged, run[k] becomes the distance from a
-    // block-local position of expert k to its place in `sorted`.
+    // count in bst[wl] and scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots of expert k)
+    // becomes the position of warp w's first slot of k: (staged) the block-local start or (unstaged) the
+    // group start + this block's lower-block prefix; + lower warps' counts. run[k] becomes the distance from
+    // such a position of expert k to its place in `sorted` (0 unstaged).
     const bool staged = stage_cap > 0;
     auto positions = [&](int k) {
         int c[nwarps];
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) c[w] = cnt[w * wl + k];
-        int r = gs[k] + run[k];
-        if (staged) {
-            run[k] = r - bst[k];
-            r = bst[k];
-        }
+        const int place = gs[k] + run[k];
+        int r = staged ? bst[k] : place;
+        run[k] = place - r;
 #pragma unroll
         for (int w = 0; w < nwarps; ++w) {
             cnt[w * wl + k] = r;
@@ -1949,7 +1948,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             }
             if (lane == 31) {
                 gs[wl] = padded_incl;
-                scratch[34] = all_local;
+                bst[wl] = scratch[34] = all_local;
             }
         }
     } else {  // block scans (3 block barriers each)
@@ -1959,7 +1958,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const int all_local = staged ? block_exclusive_scan(bst, wl, scratch) : 0;
         if (tid == 0) {
             gs[wl] = padded_total;
-            scratch[34] = all_local;
+            bst[wl] = scratch[34] = all_local;
         }
         for (int k = tid; k < wl; k += blockDim.x) positions(k);
     }
@@ -2001,9 +2000,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     };
     const int bits = key_bits(wl);
     const unsigned lower = hc_lanemask_lt();
-    int* const placed = staged ? reinterpret_cast<int*>(stage) : sorted;  // where warp_place stores
-    const int place_limit = staged ? stage_cap : HC_NO_OVER;              // staged: past it, straight to sorted
-    const unsigned seg_offset = (unsigned)(ws - c0) << HC_KEY_BITS;        // staged: list entry -> stage entry
+    const int seg_in_chunk = ws - c0;  // list entry offset -> offset in the block's chunk
     // The list holds the warp's first `listed` local slots in slot order; local slots from offset `over`
     // on (only when the list filled up) are re-read from local_ids, HC_PLACE_BATCH chunks of 32 at a time,
     // compacted into the list's memory (now a queue: one ballot per chunk) behind a carried remainder.
@@ -2018,8 +2015,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1,
-                       staged ? (int)(entry + seg_offset) : ws + (int)(entry >> HC_KEY_BITS), bits, lower, row,
-                       placed, place_limit, run, c0, sorted);
+                       seg_in_chunk + (int)(entry >> HC_KEY_BITS), bits, lower, row, stage, stage_cap, run, c0,
+                       sorted);
         }
         queued -= ranked;
         if (!more) break;
@@ -2046,11 +2043,20 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         __syncwarp();  // the queue is visible to every lane
     }
     HC_MARK(8);
-    if (staged) {  // copy `stage` out in position order: consecutive threads, consecutive places of a group
+    if (staged) {
+        // Copy `stage` out in position order, each warp an equal run of it: consecutive lanes, consecutive places
+        // of a group. The expert of position p is the k with bst[k] <= p < bst[k + 1] (bst[wl] = block_local):
+        // found once per warp, then walked forward, so the stage holds no keys.
         __syncthreads();
-        for (int p = tid; p < min(block_local, stage_cap); p += blockDim.x) {
-            const unsigned e = stage[p];
-            sorted[p + run[e & ((1u << HC_KEY_BITS) - 1)]] = c0 + (int)(e >> HC_KEY_BITS);
+        const int n = min(block_local, stage_cap);
+        const int per = (n + 32 * nwarps - 1) / (32 * nwarps) * 32;
+        const int p0 = min(n, warp * per), p1 = min(n, p0 + per);
+        if (p0 < p1) {
+            int k = upper_bound(bst, wl + 1, p0) - 1;
+            for (int p = p0 + lane; p < p1; p += 32) {
+                while (bst[k + 1] <= p) ++k;
+                sorted[p + run[k]] = c0 + (int)stage[p];
+            }
         }
     }
     HC_MARK(9);
@@ -2148,7 +2154,12 @@ template __global__ void grid_count<int>(const int*, int, const int*, int, int, 
                                          unsigned char*, int, int, int, int);
 template __global__ void grid_count<long long>(const long long*, int, const int*, int, int, int, int, int, int*, int,
                                                int*, int*, unsigned char*, int, int, int, int);
-template __global__ void grid_fused<int>(HC_PARAMS(int), int*, int*, unsigned*, int, int, int, int, int);
-template __global__ void grid_fused<long long>(HC_PARAMS(long long), int*, int*, unsigned*, int, int, int, int, int);
+#define HC_FUSED_INSTANCE(IdT, StageT) \
+    template __global__ void grid_fused<IdT, StageT>(HC_PARAMS(IdT), int*, int*, unsigned*, int, int, int, int, int);
+HC_FUSED_INSTANCE(int, unsigned short)
+HC_FUSED_INSTANCE(int, unsigned)
+HC_FUSED_INSTANCE(long long, unsigned short)
+HC_FUSED_INSTANCE(long long, unsigned)
+#undef HC_FUSED_INSTANCE
 #undef HC_PARAMS
 #endif

@@ -63,10 +63,10 @@ void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     });
 }
 
-template <typename IdT>
+template <typename IdT, typename StageT>
 void run_fused(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch_cooperative(grid, block, smem, [a] {
-        grid_fused<IdT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
+        grid_fused<IdT, StageT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
                         P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12), P<int>(a, 13),
                         I(a, 14), I(a, 15), P<int>(a, 16), P<int>(a, 17), P<unsigned>(a, 18), I(a, 19), I(a, 20), I(a, 21),
                         I(a, 22), I(a, 23));
@@ -202,9 +202,15 @@ extern "C" int emu_place(unsigned grid, unsigned block, size_t smem, const int64
     return 0;
 }
 
-extern "C" int emu_fused(int id64, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
-    if (id64) run_fused<long long>(grid, block, smem, a);
-    else run_fused<int>(grid, block, smem, a);
+// stage16: grid_fused's stage entries are unsigned short (else unsigned).
+extern "C" int emu_fused(int id64, int stage16, unsigned grid, unsigned block, size_t smem, const int64_t* a) {
+    if (id64) {
+        if (stage16) run_fused<long long, unsigned short>(grid, block, smem, a);
+        else run_fused<long long, unsigned>(grid, block, smem, a);
+    } else {
+        if (stage16) run_fused<int, unsigned short>(grid, block, smem, a);
+        else run_fused<int, unsigned>(grid, block, smem, a);
+    }
     return 0;
 }
 

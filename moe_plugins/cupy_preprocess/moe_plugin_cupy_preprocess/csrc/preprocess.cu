@@ -2044,19 +2044,24 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     HC_MARK(8);
     if (staged) {
-        // Copy `stage` out in position order, each warp an equal run of it: consecutive lanes, consecutive places
-        // of a group. The expert of position p is the k with bst[k] <= p < bst[k + 1] (bst[wl] = block_local):
-        // found once per warp, then walked forward, so the stage holds no keys.
+        // Copy `stage` out in position order, each warp an equal run of it, expert by expert: the expert of
+        // position p is the k with bst[k] <= p < bst[k + 1] (bst[wl] = block_local), so the stage holds no keys.
+        // The warp finds the expert of its first position by ballots (the last k with bst[k] <= p, 32 experts a
+        // round), then copies one expert's part at a time (consecutive lanes, consecutive places of its group).
         __syncthreads();
         const int n = min(block_local, stage_cap);
         const int per = (n + 32 * nwarps - 1) / (32 * nwarps) * 32;
-        const int p0 = min(n, warp * per), p1 = min(n, p0 + per);
-        if (p0 < p1) {
-            int k = upper_bound(bst, wl + 1, p0) - 1;
-            for (int p = p0 + lane; p < p1; p += 32) {
-                while (bst[k + 1] <= p) ++k;
-                sorted[p + run[k]] = c0 + (int)stage[p];
-            }
+        int p = min(n, warp * per);
+        const int p1 = min(n, p + per);
+        int k = 0;
+        for (int k0 = 0; k0 < wl && p < p1; k0 += 32) {
+            const unsigned starts_by = __ballot_sync(HC_FULL_MASK, k0 + lane < wl && bst[k0 + lane] <= p);
+            if (starts_by) k = k0 + 31 - __clz(starts_by);
+        }
+        for (; p < p1; ++k) {  // warp-uniform
+            const int end = min(p1, bst[k + 1]), dist = run[k];
+            for (int q = p + lane; q < end; q += 32) sorted[q + dist] = c0 + (int)stage[q];
+            p = end;
         }
     }
     HC_MARK(9);

@@ -138,6 +138,7 @@ inline void __stcs(T* p, T v) { *p = v; }
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
+inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
 
 // Exchange one value per lane: every lane writes, the warp meets, every lane reads, the warp meets again.
 template <typename T, typename Read>

@@ -173,6 +173,16 @@ graph 10.10 against 12.69). With 16 slots per thread at 8192 (runs 16-19) the bl
 against 13.54-14.27 us), and the switch sat at 4096 from run 12 to run 19."""
 
 
+STAGE_KEYED = "unsigned"
+"""grid_fused's StageT for keyed stage entries (32 bits: offset and key; the copy-out reads the key)."""
+STAGE_OFFSETS = "unsigned short"
+"""grid_fused's StageT for offset-only stage entries (16 bits: twice as many in the same shared memory; the copy-out
+finds each position's expert from the block's group starts, which costs more where a warp's share of the stage
+spans many experts: GPU run 96, every expert local at 1M, 26.0 against 27.8 us)."""
+OFFSETS_MAX_CHUNK = 1 << 16
+"""Offset-only stage entries hold slot offsets in chunks of up to this many slots."""
+
+
 @dataclass(frozen=True)
 class MapChoice:
     """Where the kernels read the expert map: ``mode`` is MAP_NONE, MAP_SHARED or MAP_GLOBAL."""
@@ -234,6 +244,7 @@ class Plan:
     keys_in_smem: bool = False  # fused: list_cap >= half a warp's segment (see `_fused_layout`)
     list_cap: int = 0  # fused: entries of each warp's shared list of its local slots (>= PLACE_QUEUE)
     stage_cap: int = 0  # fused: entries of the block's shared stage of placed slots (0: stored straight to sorted)
+    stage_type: str = STAGE_KEYED  # fused: StageT of grid_fused, the C type of a stage entry (see `_fused_layout`)
     group_blocks: int = 0  # fused with one barrier: consecutive blocks per group of summed counts (FUSED_GROUP_BLOCKS)
     smem_fused_bytes: int = 0
     two_phase: bool = False  # fused: distributed column scan (two grid barriers) instead of one barrier
@@ -258,11 +269,6 @@ class Plan:
             return ("grid_fused",)
         per_window = ("grid_count", "grid_scan") + (("grid_place",) if self.block_m else ())
         return per_window * self.windows
-
-    @property
-    def stage_type(self) -> str:
-        """grid_fused's StageT template argument: the C type of a stage entry (`stage_entry_bytes`)."""
-        return "unsigned short" if stage_entry_bytes(self.chunk) == 2 else "unsigned"
 
     @property
     def num_slots(self) -> int:
@@ -407,15 +413,8 @@ PLACE_QUEUE = 32 * 8 + 32
 """grid_fused: the least entries of a warp's list of local slots (HC_PLACE_BUF): phase 3 reuses the list as
 the queue of its re-read batches (8 chunks of 32 slots plus a carried remainder)."""
 LIST_OFFSET_LIMIT = 1 << 22
-"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22."""
-STAGE16_MAX_CHUNK = 1 << 16
-"""grid_fused's stage entries are slot offsets in the block's chunk: 16 bits for chunks of up to this many slots,
-32 above (`stage_entry_bytes`)."""
-
-
-def stage_entry_bytes(chunk: int) -> int:
-    """Bytes of one grid_fused stage entry (StageT in the .cu) for blocks of ``chunk`` slots."""
-    return 2 if chunk <= STAGE16_MAX_CHUNK else 4
+"""grid_fused list entries are ``(slot offset in the warp's segment << 10) | key``: segments below 2**22, and keyed
+stage entries ``(slot offset in the block's chunk << 10) | key``: no keyed stage for chunks of 2**22 slots or more."""
 
 
 STAGE_MIN_CHUNK = 2 * TILE
@@ -443,11 +442,6 @@ def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_s
             + SCRATCH_INTS + lists_and_stage)
 
 
-def _stage_ints(entries: int, chunk: int) -> int:
-    """Ints of shared memory that a stage of ``entries`` takes in blocks of ``chunk`` slots."""
-    return -(-entries * stage_entry_bytes(chunk) // 4)
-
-
 def default_fused_occupancy(smem_bytes: int) -> int:
     """Blocks of grid_fused per SM for ``smem_bytes`` of dynamic shared memory, modelled for Hopper (the
     GPU path asks the driver instead): the launch bound, and shared memory with 1 KiB reserved per block."""
@@ -456,18 +450,22 @@ def default_fused_occupancy(smem_bytes: int) -> int:
 
 def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: int, num_sms: int,
                   occupancy: Callable[[int], int], staged: bool = True, local_share: float | None = None
-                  ) -> tuple[int, int, int, int, int] | None:
-    """``(grid_blocks, chunk, list_cap, stage_cap, smem_bytes)`` of grid_fused, or ``None`` if it cannot run.
+                  ) -> tuple[int, int, int, int, str, int] | None:
+    """``(grid_blocks, chunk, list_cap, stage_cap, stage_type, smem_bytes)`` of grid_fused, or ``None`` if it cannot
+    run.
 
     The grid is as many blocks as can be co-resident with the smallest lists (capped by the number of tiles); chunks
     are whole tiles, balanced to within one tile. The shared memory that keeps that grid co-resident then goes first
-    to the block's stage (`stage_entry_bytes` per entry), up to its whole chunk (a block with more local slots stores those past the stage straight
+    to the block's stage, up to its whole chunk (a block with more local slots stores those past the stage straight
     to `sorted`; no stage below `STAGE_MIN_CHUNK`), and the rest to the warps' lists, up to a whole segment each
     (then no slot is re-read from local_ids). ``staged=False`` (benchmarks): no stage, the lists take it all. The
     stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 / 59 us at 32 /
     64 / 128 local experts), while a full list costs only a re-read of local_ids from L2. With ``local_share`` (the
     expected fraction of local slots), the lists keep `LIST_SHARE_MARGIN` times a warp's expected local slots where
-    the stage still holds `STAGE_SHARE_MARGIN` times a block's.
+    the stage still holds `STAGE_SHARE_MARGIN` times a block's (without it: the whole chunk).
+    Keyed stage entries (`STAGE_KEYED`) where they hold that many; else offset-only ones (`STAGE_OFFSETS`, chunks of
+    up to `OFFSETS_MAX_CHUNK`), twice as many: GPU run 96, in one process, 8M with every expert local 127.4 -> 102.4
+    us, 128 of 256 local 76.2 -> 73.8 (16M: 165.9 -> 143.2).
     """
     if num_local > MAX_WINDOW:
         return None
@@ -491,7 +489,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     if seg >= LIST_OFFSET_LIMIT:
         return None
     if not bm:
-        return blocks, chunk, 0, 0, _fused_smem_ints(map_smem, num_local, num_sms, 0) * 4
+        return blocks, chunk, 0, 0, STAGE_KEYED, _fused_smem_ints(map_smem, num_local, num_sms, 0) * 4
 
     def fits(entries: int) -> bool:
         nbytes = _fused_smem_ints(map_smem, num_local, num_sms, entries) * 4
@@ -500,20 +498,29 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
     most_list = max(PLACE_QUEUE, seg)
     stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk else 0
-    per_int = 4 // stage_entry_bytes(chunk)  # stage entries per int of shared memory
-    lo, hi = least, GRID_WARPS * most_list + _stage_ints(stage_most, chunk)
+    lo, hi = least, GRID_WARPS * most_list + stage_most  # ints: lists and a keyed stage
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    stage_cap = min(stage_most, (lo - least) * per_int)
-    if stage_most and local_share is not None:
-        wanted = -(-math.ceil(LIST_SHARE_MARGIN * local_share * seg) // 32) * 32
-        reserve = GRID_WARPS * min(most_list, max(PLACE_QUEUE, wanted))  # the lists' entries, all warps
-        if (lo - reserve) * per_int >= min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk)):
+    wanted = -(-math.ceil(LIST_SHARE_MARGIN * (local_share or 0.0) * seg) // 32) * 32
+    reserve = GRID_WARPS * min(most_list, max(PLACE_QUEUE, wanted))  # the lists' entries, all warps
+    needed = chunk if local_share is None else min(chunk, math.ceil(STAGE_SHARE_MARGIN * local_share * chunk))
+
+    def split(per_int: int) -> tuple[int, int, int]:
+        """(list_cap, stage_cap, stage ints) with ``per_int`` stage entries per int of shared memory."""
+        stage_cap = min(stage_most, (lo - least) * per_int)
+        if stage_most and local_share is not None and (lo - reserve) * per_int >= needed:
             stage_cap = min(stage_most, (lo - reserve) * per_int)
-    list_cap = min(most_list, (lo - _stage_ints(stage_cap, chunk)) // GRID_WARPS)
-    return blocks, chunk, list_cap, stage_cap, _fused_smem_ints(
-        map_smem, num_local, num_sms, GRID_WARPS * list_cap + _stage_ints(stage_cap, chunk)) * 4
+        stage_ints = -(-stage_cap // per_int)
+        return min(most_list, (lo - stage_ints) // GRID_WARPS), stage_cap, stage_ints
+
+    stage_type = STAGE_KEYED
+    list_cap, stage_cap, stage_ints = split(1) if chunk < LIST_OFFSET_LIMIT else (min(most_list, lo // GRID_WARPS), 0, 0)
+    if stage_most and stage_cap < needed and chunk <= OFFSETS_MAX_CHUNK:
+        stage_type = STAGE_OFFSETS
+        list_cap, stage_cap, stage_ints = split(2)
+    return blocks, chunk, list_cap, stage_cap, stage_type, _fused_smem_ints(
+        map_smem, num_local, num_sms, GRID_WARPS * list_cap + stage_ints) * 4
 
 
 def check_block_m(block_m: object) -> int:
@@ -640,14 +647,14 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         if share_lists:
             share = 1.0 if map_choice.mode == MAP_NONE or not map_choice.size else min(1.0, num_local / map_choice.size)
         fused = _fused_layout(nk, bm, num_local, map_smem, smem_optin, num_sms, fused_occupancy, staged, share)
-    grid_blocks, chunk, list_cap, stage_cap, smem_fused = fused or (block_blocks, 0, 0, 0, 0)
+    grid_blocks, chunk, list_cap, stage_cap, stage_type, smem_fused = fused or (block_blocks, 0, 0, 0, STAGE_KEYED, 0)
     keys_in_smem = bool(list_cap) and 2 * list_cap >= chunk // GRID_WARPS
     two_phase = fused is not None and fused_reads_per_block(grid_blocks, num_local) > two_phase_limit
     return Plan(rows=rows, top_k=top_k, id_dtype=id_dtype, block_m=bm, num_local=num_local, map=map_choice,
                 path=chosen, capacity=capacity, window=window, windows=windows, ipt=ipt, active_warps=active_warps,
                 block_threads=block_threads, tiles=tiles, fused=fused is not None, grid_blocks=grid_blocks,
                 sub=sub, owned_rows=owned_rows,
-                chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, stage_cap=stage_cap,
+                chunk=chunk, keys_in_smem=keys_in_smem, list_cap=list_cap, stage_cap=stage_cap, stage_type=stage_type,
                 smem_fused_bytes=smem_fused,
                 two_phase=two_phase,
                 group_blocks=FUSED_GROUP_BLOCKS if fused is not None and not two_phase else 0,

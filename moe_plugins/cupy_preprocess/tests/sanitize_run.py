@@ -3,7 +3,7 @@
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
 as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid barriers,
 with each map mode, with lists too short for a warp's local slots, with blocks whose local slots do not all fit the
-stage (those past it stored straight to sorted) and with 16- and 32-bit stage entries, the three split grid kernels for many local experts, map in shared
+stage (those past it stored straight to sorted) and with keyed and offset stage entries, the three split grid kernels for many local experts, map in shared
 memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
 and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
 run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own (`separate_buffers`),
@@ -73,9 +73,9 @@ CASES = [
     # grid_fused at 1.09M slots (133 blocks of 8192) with a stage of 300 entries: the blocks of padding rows stage
     # all of theirs, the others (~1000 local slots each) stage 300 and store the rest straight to sorted
     (256, 8, 2, "non_local", 17_000, 8, torch.int32, {"stage_cap": 300}),
-    # grid_fused planned for one SM: 2 blocks of 73728 slots (147200, every expert local), past the 65536 that
-    # 16-bit stage entries hold: 32-bit entries, and each block's slots past its stage stored straight to sorted
-    (16, 1, 0, "negative", 9200, 16, torch.int32, {"path": "grid", "one_sm": True}),
+    # grid_fused planned for one SM: 2 blocks of 65536 slots (128000, every expert local), whose keyed stage
+    # would not hold them: offset entries, and each block's slots past its stage stored straight to sorted
+    (16, 1, 0, "negative", 8000, 16, torch.int32, {"path": "grid", "one_sm": True}),
 ]
 
 

@@ -28,6 +28,7 @@ from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOT
                                              CLUSTER_WIDE_SMEM_BYTES, DEFAULT_SMEM_OPTIN,
                                              GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL,
                                              MAP_NONE, MAP_SHARED, MAX_WINDOW, PLACE_QUEUE, SMEM_MAP_AUTO_MAX, STAGE_MIN_CHUNK,
+                                             OFFSETS_MAX_CHUNK, STAGE_KEYED, STAGE_OFFSETS,
                                              TILE,
                                              WARP_MAX_LOCAL, WARP_MAX_SLOTS, WARP_PATH_AUTO_MAX, MapChoice,
                                              check_block_m, choose_map, moved_bytes, plan_for)
@@ -326,30 +327,36 @@ def test_fused_grid_sizing() -> None:
         seg = p.chunk // GRID_WARPS
         unstaged = plan(nk, staged=False)
         assert (unstaged.grid_blocks, unstaged.chunk, unstaged.stage_cap) == (blocks, chunk, 0)
-        if nk == 1 << 23:  # 32K-slot chunks: all staged (16-bit entries, 64 KiB), the lists get the rest
-            assert p.stage_type == "unsigned short" and p.stage_cap == chunk, p
-            assert p.list_cap == 692 and not p.keys_in_smem, "more than 1.25x a warp's expected 256 local slots"
-            assert plan(nk, share_lists=False) == p, "the whole chunk staged either way"
+        if nk == 1 << 23:  # 32K-slot chunks: most of the stage (keyed), lists of 1.25x a warp's expected 256 slots
+            assert p.stage_type == STAGE_KEYED and 20_000 < p.stage_cap < chunk and p.list_cap == 320, p
+            assert not p.keys_in_smem
+            stage_first = plan(nk, share_lists=False)  # the whole chunk wanted: offset entries hold it, 64 KiB
+            assert stage_first.stage_type == STAGE_OFFSETS and stage_first.stage_cap == chunk, stage_first
+            assert stage_first.list_cap == 692, "the lists get the rest"
             assert PLACE_QUEUE < unstaged.list_cap < seg and unstaged.keys_in_smem, "without a stage: ~1.7K entries"
         elif chunk < STAGE_MIN_CHUNK:  # one tile per block: no stage
             assert p.stage_cap == 0 and p.list_cap == max(PLACE_QUEUE, seg) and p.keys_in_smem, p
         else:  # a whole chunk staged; lists up to a segment
             assert p.stage_cap == chunk and PLACE_QUEUE <= p.list_cap <= max(PLACE_QUEUE, seg) and p.keys_in_smem, p
             assert unstaged.list_cap == max(PLACE_QUEUE, seg) and unstaged.keys_in_smem
-    assert plan(1 << 22).list_cap == 1024, "4M: the stage takes 16K entries (32 KiB), the lists a whole segment"
+    assert plan(1 << 22).list_cap < 1024, "4M: the stage takes 16K entries, the lists what is left"
     # 4096 tiles: 16 per block, 4096-slot warp segments: lists of 640 (1.25 x 512 expected local slots), the stage
     # the rest (~17K entries >= 2 x a block's expected 8192)
     big = plan(1 << 24)
     assert big.fused and big.grid_blocks == 256 and big.list_cap == 640 and 16_384 < big.stage_cap < 65536
-    # 64 of 256 experts local at 16M: lists of 1.25 x 1024 would leave the stage less than twice a block's 16K: stage
-    # first, the lists the least
-    assert plan(1 << 24, num_local=64).list_cap == PLACE_QUEUE
-    # 128 of 256 at 8M: the whole chunk staged, the lists what is left (less than 1.25 x 1024)
+    assert big.stage_type == STAGE_KEYED
+    # 64 of 256 experts local at 16M: keyed entries cannot hold twice a block's expected 16K; offsets, stage first
+    # (lists of 1.25 x 1024 would leave less than that), the lists the least
+    p = plan(1 << 24, num_local=64)
+    assert p.stage_type == STAGE_OFFSETS and 32_768 <= p.stage_cap < p.chunk and p.list_cap == PLACE_QUEUE, p
+    # 128 of 256 at 8M: the whole chunk staged in offsets, the lists what is left (less than 1.25 x 1024)
     p = plan(1 << 23, num_local=128)
-    assert p.stage_cap == p.chunk and PLACE_QUEUE < p.list_cap < 1280, p
+    assert p.stage_type == STAGE_OFFSETS and p.stage_cap == p.chunk and PLACE_QUEUE < p.list_cap < 1280, p
+    # Offsets only up to 65536-slot chunks: keyed past them, with what stage fits
+    p = plan(1 << 25, num_local=128)
+    assert p.chunk > OFFSETS_MAX_CHUNK and p.stage_type == STAGE_KEYED and 0 < p.stage_cap < p.chunk, p
     assert big.smem_fused_bytes <= DEFAULT_SMEM_OPTIN // 2
-    huge = plan(2_000_000_000)
-    assert huge.chunk > 1 << 16 and huge.stage_type == "unsigned" and 0 < huge.stage_cap < huge.chunk, huge
+    assert plan(2_000_000_000).chunk >= 1 << 22 and plan(2_000_000_000).stage_cap == 0, "no stage: 2**22-slot chunks"
     assert not plan(1 << 20, fused_occupancy=None).fused, "no cooperative launch: three launches"
     assert not plan(1 << 20, num_local=1025).fused, "more than one expert window: three launches"
     assert not plan(1 << 20).two_phase and plan(1 << 20, num_local=256).two_phase

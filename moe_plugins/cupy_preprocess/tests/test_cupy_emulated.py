@@ -19,7 +19,8 @@ from hostcore.contract import LocalRouting
 from moe_plugin_cupy_preprocess.buffers import map_with_head
 from moe_plugin_cupy_preprocess.launch import launch
 from moe_plugin_cupy_preprocess.plan import (FUSED_GROUP_BLOCKS, GRID_WARPS, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_NONE,
-                                             PLACE_QUEUE, TILE, TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
+                                             OFFSETS_MAX_CHUNK, PLACE_QUEUE, STAGE_KEYED, STAGE_OFFSETS, TILE,
+                                             TWO_PHASE_LIMIT, WARP_MAX_LOCAL, WARP_MAX_SLOTS,
                                              MapChoice, Plan,
                                              choose_map, plan_for)
 from moe_plugin_cupy_preprocess.plan import CLUSTER_SIZES
@@ -36,19 +37,30 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
 def run(kernels: EmulatedKernels, case: Case, block_m: int | None, mode: str = "safe", map_in: str = "auto",
         path: str = "auto", fused: bool = True, launches: int = 1,
         two_phase_limit: int = TWO_PHASE_LIMIT, block_grid: int | None = None,
-        lanes: bool = True, max_cluster: int = 0) -> tuple[LocalRouting, Plan]:
+        lanes: bool = True, max_cluster: int = 0, stage_type: str | None = None) -> tuple[LocalRouting, Plan]:
     """Run the real launch sequence ``launches`` times into the same guarded buffers (poisoned again before
     each run: a replay must rewrite everything); ``fused=False`` plans as a device without cooperative
     launches (the three-launch grid path); ``block_grid`` fixes the block path's number of blocks;
     ``lanes=False`` keeps warp_preprocess / block_preprocess where the lane kernels would run; ``max_cluster`` (8 or
-    16) plans as a device with thread-block clusters that wide (cluster_lane_preprocess past one block's slots)."""
+    16) plans as a device with thread-block clusters that wide (cluster_lane_preprocess past one block's slots);
+    ``stage_type`` replaces a keyed stage's entries by another type (offsets take half its shared memory)."""
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), map_in)
     rows, top_k = case.ids.shape
     plan = plan_for(rows, top_k, case.ids.dtype, block_m, case.local.count, choice, path, num_sms=kernels.num_sms,
                     fused_occupancy=kernels.fused_occupancy("int32") if fused else None, two_phase_limit=two_phase_limit,
                     block_grid=block_grid, lanes=lanes, max_cluster=max_cluster)
+    if stage_type is not None:
+        plan = as_stage(plan, stage_type)
     return run_plan(kernels, case, plan, mode, launches), plan
+
+
+def as_stage(plan: Plan, stage_type: str) -> Plan:
+    """``plan`` with its stage entries of ``stage_type``, in the same shared memory: from keyed entries to offsets
+    (half the bytes) where the chunk allows, or unchanged."""
+    assert plan.fused and plan.stage_cap and plan.stage_type in (STAGE_KEYED, stage_type), plan
+    assert stage_type == STAGE_KEYED or plan.chunk <= OFFSETS_MAX_CHUNK, plan
+    return dataclasses.replace(plan, stage_type=stage_type)
 
 
 def run_plan(kernels: EmulatedKernels, case: Case, plan: Plan, mode: str = "safe", launches: int = 1) -> LocalRouting:
@@ -234,13 +246,16 @@ def test_fused_every_sentinel_map_place_and_block_m(kernels: EmulatedKernels, se
         assert_layout_valid(got, block_m)
 
 
+@pytest.mark.parametrize("stage_type", [STAGE_KEYED, STAGE_OFFSETS])
 @pytest.mark.parametrize("experts, ep", [(96, 4), (160, 4), (256, 4), (320, 4)])
-def test_fused_group_starts_by_one_warp_or_the_block(kernels: EmulatedKernels, experts: int, ep: int) -> None:
+def test_fused_group_starts_by_one_warp_or_the_block(kernels: EmulatedKernels, experts: int, ep: int,
+                                                     stage_type: str) -> None:
     """24, 40 and 64 local experts (warp 0 scans one or two rounds of 32) and 80 (block scans); 3 blocks of 2
-    tiles, staged, two launches into the same buffers."""
+    tiles, staged (keyed entries, or offsets: the copy-out's expert search takes 1-3 rounds of 32), two launches
+    into the same buffers."""
     case = make_case(experts, ep, 1, "non_local", rows_per_rank=600, top_k=8, seed=experts)
     for block_m in (16, 64):
-        got, plan = run(kernels, case, block_m, path="grid", launches=2)
+        got, plan = run(kernels, case, block_m, path="grid", launches=2, stage_type=stage_type)
         assert plan.fused and plan.grid_blocks == 3 and plan.stage_cap == plan.chunk == 2 * TILE
         assert_matches(got, reference(case, block_m), block_m, f"{case.local.count} local experts block_m={block_m}")
         assert_layout_valid(got, block_m)
@@ -286,31 +301,34 @@ def test_fused_group_sums_alternate_halves(kernels: EmulatedKernels, group_block
     run_fused_plan(kernels, case, dataclasses.replace(plan, group_blocks=group_blocks), block_m, launches=3)
 
 
-@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("staged", [STAGE_KEYED, STAGE_OFFSETS, None])
 @pytest.mark.parametrize("dtype, sentinel", [(torch.int32, "negative"), (torch.int64, "out_of_range")])
 def test_fused_full_lists_reread_local_ids(kernels: EmulatedKernels, dtype: torch.dtype, sentinel: str,
-                                           staged: bool) -> None:
+                                           staged: str | None) -> None:
     """Phase 3 past a full list: every expert local (ep_size 1, ~3/4 of the slots local), lists cut to the
     least (PLACE_QUEUE entries) by a shared-memory limit, segments of 512 slots: every warp's list fills up
     part-way and the rest of its local slots are re-read from local_ids in batches behind the remainder; into
-    the block's stage (which keeps its whole chunk: the lists give way first) or straight to `sorted`."""
+    the block's stage (keyed entries or offsets; it keeps its whole chunk: the lists give way first) or
+    (``None``) straight to `sorted`."""
     case = make_case(16, 1, 0, sentinel, rows_per_rank=6000, top_k=4, seed=24, dtype=dtype)
     table = case.local.expert_map
     choice = choose_map(None if table is None else int(table.numel()), "auto")
-    kw = {"num_sms": kernels.num_sms, "fused_occupancy": kernels.fused_occupancy("int32"), "staged": staged}
+    kw = {"num_sms": kernels.num_sms, "fused_occupancy": kernels.fused_occupancy("int32"), "staged": bool(staged)}
     base_plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid", **kw)
     assert base_plan.chunk // GRID_WARPS == 512 and base_plan.list_cap == 512
     assert base_plan.stage_cap == (base_plan.chunk if staged else 0)
     plan = plan_for(case.ids.shape[0], 4, dtype, 16, case.local.count, choice, "grid",
                     smem_optin=base_plan.smem_fused_bytes - 4 * GRID_WARPS * (512 - PLACE_QUEUE), **kw)
     assert plan.fused and plan.list_cap == PLACE_QUEUE and plan.stage_cap == base_plan.stage_cap
-    run_fused_plan(kernels, case, plan, 16)
+    run_fused_plan(kernels, case, as_stage(plan, staged) if staged else plan, 16)
 
 
-def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernels: EmulatedKernels) -> None:
+@pytest.mark.parametrize("stage_type", [STAGE_KEYED, STAGE_OFFSETS])
+def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernels: EmulatedKernels,
+                                                                         stage_type: str) -> None:
     """A stage smaller than some blocks' local slots: those blocks stage up to its end and store the rest straight
     to `sorted`, the others stage all of theirs, in the same launch (3 blocks of 8192 slots, ~3/4 local, the stage
-    cut between the blocks' counts)."""
+    cut between the blocks' counts; keyed entries or offsets)."""
     case = make_case(16, 1, 0, "negative", rows_per_rank=6000, top_k=4, seed=31)
     choice = choose_map(int(case.local.expert_map.numel()), "auto")
     plan = plan_for(case.ids.shape[0], 4, torch.int32, 16, case.local.count, choice, "grid", num_sms=kernels.num_sms,
@@ -318,24 +336,27 @@ def test_fused_blocks_whose_local_slots_overflow_the_stage_store_directly(kernel
     local = (reference(case, None).local_ids.reshape(-1) >= 0).int()
     per_block = sorted(int(local[g * plan.chunk:(g + 1) * plan.chunk].sum()) for g in range(plan.grid_blocks))
     assert plan.grid_blocks == 3 and plan.stage_cap == plan.chunk and per_block[0] < per_block[-1], per_block
-    assert plan.stage_type == "unsigned short"
-    run_fused_plan(kernels, case, dataclasses.replace(plan, stage_cap=per_block[0]), 16)  # the least-local block stages
+    cut = dataclasses.replace(as_stage(plan, stage_type), stage_cap=per_block[0])  # the least-local block stages all
+    run_fused_plan(kernels, case, cut, 16)
 
 
-def test_fused_stage_of_32_bit_entries_past_65536_slots_a_block(kernels: EmulatedKernels) -> None:
-    """Chunks of more than 65536 slots (2 blocks of 18 tiles, planned for one SM) keep 32-bit stage entries; the
-    16-bit ones stop there. Every expert local, so each block's ~55K local slots overflow the stage (at most 227
-    KiB of it) and the rest are stored straight to `sorted`."""
+def test_fused_stage_entries_by_chunk_size(kernels: EmulatedKernels) -> None:
+    """Every expert local, so keyed entries cannot hold a block's slots: chunks of up to 65536 slots take offsets,
+    whose stage holds twice as many (2 blocks of 16 tiles, planned for one SM); past that (2 blocks of 18 tiles)
+    the stage stays keyed, each block's ~55K local slots overflow it and the rest are stored straight to
+    `sorted`."""
     case = make_case(16, 1, 0, "negative", rows_per_rank=9200, top_k=16, seed=33)
     choice = choose_map(int(case.local.expert_map.numel()), "auto")
-    plan = plan_for(case.ids.shape[0], 16, torch.int32, 16, case.local.count, choice, "grid", num_sms=1,
-                    fused_occupancy=kernels.fused_occupancy("int32"))
-    assert plan.fused and plan.grid_blocks == 2 and plan.chunk > 1 << 16, plan
-    assert plan.stage_type == "unsigned" and 0 < plan.stage_cap < plan.chunk // 2, plan
+    kw = {"num_sms": 1, "fused_occupancy": kernels.fused_occupancy("int32")}
+    plan = plan_for(case.ids.shape[0], 16, torch.int32, 16, case.local.count, choice, "grid", **kw)
+    assert plan.fused and plan.grid_blocks == 2 and plan.chunk > OFFSETS_MAX_CHUNK, plan
+    assert plan.stage_type == STAGE_KEYED and 0 < plan.stage_cap < plan.chunk // 2, plan
     run_fused_plan(kernels, case, plan, 16)
-    fits16 = plan_for(2 * (1 << 16) // 16, 16, torch.int32, 16, case.local.count, choice, "grid", num_sms=1,
-                      fused_occupancy=kernels.fused_occupancy("int32"))
-    assert fits16.chunk == 1 << 16 and fits16.stage_type == "unsigned short", fits16
+    small = make_case(16, 1, 0, "negative", rows_per_rank=8000, top_k=16, seed=34)
+    plan = plan_for(small.ids.shape[0], 16, torch.int32, 16, small.local.count, choice, "grid", **kw)
+    assert plan.chunk == OFFSETS_MAX_CHUNK and plan.stage_type == STAGE_OFFSETS, plan
+    assert plan.chunk // 2 < plan.stage_cap < plan.chunk, plan
+    run_fused_plan(kernels, small, plan, 16)
 
 
 def test_fused_misaligned_ids_take_the_scalar_loads(kernels: EmulatedKernels) -> None:

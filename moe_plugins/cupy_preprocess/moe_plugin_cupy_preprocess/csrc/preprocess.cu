@@ -1569,11 +1569,13 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      then every warp ranks its local slots with no block barrier: it ranks its list 32 entries at a time
 //      (bits + 1 ballots give the lanes of equal key, the group leader reads and advances the warp's row, a
 //      __syncwarp per round orders it). Staged (stage_cap > 0): the positions are block-local, a slot at a
-//      position below stage_cap goes to the shared `stage` (its offset in the block's chunk, StageT: 16 bits
-//      for chunks of up to 65536 slots), and after one __syncthreads the block copies `stage` out to `sorted`
-//      in position order (the expert of a position from the block-local starts), so that each store
-//      instruction writes a run of one expert's group. (Until run 95 an entry also held the key, 32 bits each:
-//      with every expert local (EP 1) at N*K = 8M a third of a block's slots did not fit.) Slots at positions past the stage (a block with more
+//      position below stage_cap goes to the shared `stage`, and after one __syncthreads the block copies
+//      `stage` out to `sorted` in position order, so that each store instruction writes a run of one expert's
+//      group. A stage entry (StageT) is either keyed, 32 bits: (offset in the block's chunk << 10) | key, or an
+//      offset alone, 16 bits (chunks of up to 65536 slots), whose expert the copy-out finds from the block-local
+//      starts: twice the entries in the same shared memory, for plans where keyed entries would not hold a
+//      block's expected local slots (with every expert local at N*K = 8M, a third of them did not fit: 127 ->
+//      102 us, runs 95-96), at some cost in the copy-out elsewhere (EP 1 at 1M: 26.0 -> 27.8 us). Slots at positions past the stage (a block with more
 //      local slots than stage_cap) and every slot of an unstaged plan are stored straight to `sorted`: one
 //      scattered 4-byte store per slot, up to 32 groups per instruction, which took 10 / 27 / 59 us of
 //      N*K = 8M at 32 / 64 / 128 local experts (GPU run 79). (Until run 94 a block whose local slots did not
@@ -1600,8 +1602,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // for the next launch on these buffers, which the previous launch used and has finished with: no memset node.
 // Dynamic shared memory: [map: map_size if shared][cnt: 16 * wl][tot: wl][run: wl][gs: wl + 1][bst: wl + 1]
 // [col: G][scratch: HC_SCRATCH][lists: 16 * list_cap uint32][stage: stage_cap StageT] (list_cap >=
-// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout; StageT unsigned short when chunk <= 65536,
-// else unsigned: plan.stage_entry_bytes).
+// HC_PLACE_BUF with block_m, else 0; stage_cap 0 without a layout; StageT unsigned: keyed entries, chunks below
+// 2^22 slots; unsigned short: offsets, chunks of at most 65536 slots; plan.stage_type).
 // ---------------------------------------------------------------------------------------------------
 #define HC_LOADS_IN_FLIGHT 4   // grid_fused phase 1: 16-byte id loads per lane issued before any is used
 #define HC_HIST_BATCH 4        // grid_fused phase 2: counts loaded per thread before summing
@@ -1665,7 +1667,8 @@ template <> struct hc_vec<long long> {
 // expert k (only this warp touches its row). The lowest lane of each group of equal keys reads and advances
 // row[k] and hands the start to its group by a shuffle; the __syncwarp orders this chunk's row update before
 // the next chunk's read (leaders can differ). A position below `limit` (the stage's size; 0 unstaged) takes the
-// offset in the block's `stage`; one at or past it goes straight to sorted[position + dist[k]].
+// slot's entry in the block's `stage` (keyed: off << HC_KEY_BITS | k; else off); one at or past it goes straight
+// to sorted[position + dist[k]].
 template <typename StageT>
 __device__ __forceinline__ void warp_place(int k, int off, int bits, unsigned lower, int* row, StageT* stage,
                                            int limit, const int* dist, int c0, int* __restrict__ sorted) {
@@ -1681,7 +1684,7 @@ __device__ __forceinline__ void warp_place(int k, int off, int bits, unsigned lo
     pos = __shfl_sync(HC_FULL_MASK, pos, __ffs(peers) - 1);
     if (k >= 0) {
         const int p = pos + __popc(below);
-        if (p < limit) stage[p] = (StageT)off;
+        if (p < limit) stage[p] = sizeof(StageT) == 4 ? (StageT)(((unsigned)off << HC_KEY_BITS) | (unsigned)k) : (StageT)off;
         else sorted[p + dist[k]] = c0 + off;
     }
     __syncwarp();
@@ -2043,11 +2046,18 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         __syncwarp();  // the queue is visible to every lane
     }
     HC_MARK(8);
-    if (staged) {
-        // Copy `stage` out in position order, each warp an equal run of it, expert by expert: the expert of
-        // position p is the k with bst[k] <= p < bst[k + 1] (bst[wl] = block_local), so the stage holds no keys.
-        // The warp finds the expert of its first position by ballots (the last k with bst[k] <= p, 32 experts a
-        // round), then copies one expert's part at a time (consecutive lanes, consecutive places of its group).
+    if (staged && sizeof(StageT) == 4) {  // keyed: consecutive threads, consecutive places of a group
+        __syncthreads();
+        for (int p = tid; p < min(block_local, stage_cap); p += blockDim.x) {
+            const unsigned e = stage[p];
+            sorted[p + run[e & ((1u << HC_KEY_BITS) - 1)]] = c0 + (int)(e >> HC_KEY_BITS);
+        }
+    } else if (staged) {
+        // Offsets: each warp copies an equal run of the stage, expert by expert. The expert of position p is the k
+        // with bst[k] <= p < bst[k + 1] (bst[wl] = block_local): the warp finds the one of its first position by
+        // ballots (the last k with bst[k] <= p, 32 experts a round), then copies one expert's part at a time
+        // (consecutive lanes, consecutive places of its group). (Per lane, a binary search and a walk were 2-3%
+        // slower at N*K = 8M, run 96.)
         __syncthreads();
         const int n = min(block_local, stage_cap);
         const int per = (n + 32 * nwarps - 1) / (32 * nwarps) * 32;

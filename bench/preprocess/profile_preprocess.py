@@ -1,6 +1,6 @@
 """Run preprocess=cupy a few times per size, for a profiler (`ncu`) to look inside the kernels.
 
-Same routing as `bench_preprocess.py` (E = 256, top-8, EP 8, rank 0 with 32 local experts through a
+Same routing as `bench_preprocess.py` (E = 256, top-8, EP 8 unless ``--ep``, rank 0 with 32 local experts through a
 shared-memory map, block_m = 16, int32 ids, a quarter of each source slice padding). Every size is
 checked against the torch reference first. Typical use on the GPU host:
 
@@ -14,19 +14,20 @@ import argparse
 import sys
 
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids
+from bench_preprocess import BLOCK_M, EP, bench_stages, check, routed_ids
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="N*K values")
     parser.add_argument("--calls", type=int, default=2, help="preprocess calls per size after the check")
+    parser.add_argument("--ep", type=int, default=EP, help=f"expert-parallel ranks (default {EP})")
     args = parser.parse_args()
 
-    ctx, stage, peer, gen = bench_stages()
+    ctx, stage, peer, gen = bench_stages(ep=args.ep)
     sentinel = int(ctx.sentinel)
     for nk in args.sizes:
-        ids = routed_ids(nk, sentinel, gen)
+        ids = routed_ids(nk, sentinel, gen, args.ep)
         buffers = stage.make_buffers(ids.shape[0], ids.shape[1], BLOCK_M)
         check(stage.preprocess_into(ids, buffers), peer.preprocess(ids, BLOCK_M))
         for _ in range(args.calls):

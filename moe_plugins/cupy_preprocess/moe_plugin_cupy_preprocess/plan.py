@@ -429,8 +429,9 @@ LIST_SHARE_MARGIN = 1.25
 """grid_fused keeps each warp's list this many times its expected local slots (``seg * num_local / E``) where
 the stage can spare it (`_fused_layout`): a list that fills up leaves the rest of the warp's slots to a re-read."""
 STAGE_SHARE_MARGIN = 2.0
-"""... and only while the stage still holds this many times a block's expected local slots: the slots of a block
-past its stage's end are stored straight to `sorted`, the costlier miss."""
+"""... and only while the stage still holds this many times a block's expected local slots (the slots of a block
+past its stage's end are stored straight to `sorted`, the costlier miss); where it cannot, the stage keeps that many
+and the lists get what is left."""
 
 
 def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_stage: int = GRID_WARPS * PLACE_QUEUE
@@ -462,7 +463,8 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     stage comes first because the scattered stores it saves cost most (GPU run 79, N*K = 8M: 10 / 27 / 59 us at 32 /
     64 / 128 local experts), while a full list costs only a re-read of local_ids from L2. With ``local_share`` (the
     expected fraction of local slots), the lists keep `LIST_SHARE_MARGIN` times a warp's expected local slots where
-    the stage still holds `STAGE_SHARE_MARGIN` times a block's (without it: the whole chunk).
+    the stage still holds `STAGE_SHARE_MARGIN` times a block's (without it: the whole chunk); where it cannot, the
+    stage keeps that many and the lists get the rest.
     Keyed stage entries (`STAGE_KEYED`) where they hold that many; else offset-only ones (`STAGE_OFFSETS`, chunks of
     up to `OFFSETS_MAX_CHUNK`), twice as many: GPU run 96, in one process, 8M with every expert local 127.4 -> 102.4
     us, 128 of 256 local 76.2 -> 73.8 (16M: 165.9 -> 143.2).
@@ -509,8 +511,10 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
     def split(per_int: int) -> tuple[int, int, int]:
         """(list_cap, stage_cap, stage ints) with ``per_int`` stage entries per int of shared memory."""
         stage_cap = min(stage_most, (lo - least) * per_int)
-        if stage_most and local_share is not None and (lo - reserve) * per_int >= needed:
-            stage_cap = min(stage_most, (lo - reserve) * per_int)
+        if stage_most and local_share is not None:
+            # The lists get their share where the stage still holds `needed`; else the stage gets `needed` and the
+            # lists what is left
+            stage_cap = min(stage_most, max((lo - reserve) * per_int, min(stage_cap, needed)))
         stage_ints = -(-stage_cap // per_int)
         return min(most_list, (lo - stage_ints) // GRID_WARPS), stage_cap, stage_ints
 

@@ -87,8 +87,10 @@ def plot_path_compare(ax, compare: list[dict], launch_graph_us: float | None) ->
                    key=list(KERNEL_OF).index)
     for name in names:
         points = [(e["num_slots"], e[f"{name}_graph_us"]) for e in compare if e.get(f"{name}_graph_us")]
+        ran = [k for e in compare for k in e.get(f"{name}_kernels", ())]  # recorded since run 101
+        kernels = ", ".join(dict.fromkeys(ran)) if ran else KERNEL_OF.get(name, name)
         ax.loglog(*zip(*points), "o-" if name in ("warp", "block", "grid") else "x--",
-                  label=f"path={name.split('_')[0]}: {KERNEL_OF.get(name, name)}")
+                  label=f"path={name.split('_')[0]}: {kernels}")
     if launch_graph_us:
         ax.axhline(launch_graph_us, color="green", ls=":", alpha=0.6,
                    label=f"empty kernel in a CUDA graph {launch_graph_us:.2f} us")

@@ -138,6 +138,11 @@ BLOCK_OWNED_SLOTS = 1024
 every slot; see `_block_grid`)."""
 BLOCK_MAX_GRID = 16
 """block path: at most this many blocks (each reads all the ids from L2)."""
+BLOCK_FINE_MAX_COUNTERS = 16384
+"""block_preprocess counts a row per 32-slot chunk (rather than per warp) only up to this many counters (rows x
+window ints). Measured on an H100 (GPU run 101, 256 local experts, no map): at 4096 slots the 128 x 256 per-chunk
+table (128 KiB to zero and scan) took 18.70 us (graph 15.20), more than 8192 slots with a row per warp, 12.93
+(10.17)."""
 CLUSTER_SIZES = (8, 16)
 """The blocks of cluster_lane_preprocess's one thread-block cluster (its template argument CB, compiled in with
 ``__cluster_dims__``): 8 is the size every sm_90 device supports; 16 is a non-portable size that jit.py allows
@@ -625,9 +630,10 @@ def plan_for(rows: int, top_k: int, id_dtype: torch.dtype, block_m: int | None, 
         def smem_ints(window: int, vrows: int) -> int:
             return _block_smem_ints(map_smem, window, vrows, slots)
 
-        # A row of counters per warp instead of per chunk, then a smaller window, until the counters fit
-        # next to the map (only with many local experts or huge forced-shared maps).
-        if sub < ipt and smem_ints(window, vrows) * 4 > smem_optin:
+        # A row of counters per warp instead of per chunk where the table would be large or would not fit next to
+        # the map, then a smaller window until the counters fit (only with many local experts or huge
+        # forced-shared maps).
+        if sub < ipt and (vrows * window > BLOCK_FINE_MAX_COUNTERS or smem_ints(window, vrows) * 4 > smem_optin):
             block_blocks, sub, owned_rows = _block_grid(nk, ipt, active_warps, id_name, num_sms, block_grid, False)
             vrows = active_warps
         while window > MIN_WINDOW and smem_ints(window, vrows) * 4 > smem_optin:

@@ -23,7 +23,8 @@ from hostcore.registry import coerce_options
 from hostcore.contract import aligned_capacity
 from hostcore.errors import BackendUnavailableError, ConfigError, ContractError
 from moe_plugin_cupy_preprocess import jit
-from moe_plugin_cupy_preprocess.plan import (BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS, BLOCK_PATH_AUTO_MAX,
+from moe_plugin_cupy_preprocess.plan import (BLOCK_FINE_MAX_COUNTERS, BLOCK_LANE_AUTO_MAX, BLOCK_MAX_SLOTS,
+                                             BLOCK_PATH_AUTO_MAX,
                                              CLUSTER_AUTO_MAX, CLUSTER_MAX_SLOTS, CLUSTER_SIZES, CLUSTER_WIDE_MIN_SLOTS,
                                              CLUSTER_WIDE_SMEM_BYTES, DEFAULT_SMEM_OPTIN,
                                              GRID_WARPS, KEYS8_MAX_LOCAL, LANE_MAX_LOCAL, LANE_MAX_SLOTS, MAP_GLOBAL,
@@ -211,6 +212,10 @@ def test_block_path_takes_the_lane_kernel_up_to_64_local_experts() -> None:
     assert plan(4000, 7, block_grid=3).grid_blocks == 3
     for other in (plan(4000, LANE_MAX_LOCAL + 1), plan(4000, 8, lanes=False)):
         assert not other.lanes and other.kernel_names == ("block_preprocess",)
+    # block_preprocess: a counter row per 32-slot chunk while the table is small, else a row per warp
+    fine, coarse = plan(4000, 128), plan(4000, 256)
+    assert (fine.ipt, fine.sub, fine.grid_blocks) == (4, 1, 4) and 128 * 128 <= BLOCK_FINE_MAX_COUNTERS
+    assert (coarse.ipt, coarse.sub, coarse.grid_blocks, coarse.owned_rows) == (4, 4, 4, 8), coarse
     with pytest.raises(ConfigError, match="the block kernel needs .* use map_in=global or path=grid"):
         plan_for(4000, 1, torch.int32, 16, 8, MapChoice(MAP_SHARED, DEFAULT_SMEM_OPTIN // 4 - 100), "block")
 

@@ -95,7 +95,8 @@ def main() -> int:
             for name, call in calls.items():
                 times[name].append(median_us(call))
         plan = current.plan(ids.shape[0], ids.shape[1], ids.dtype, BLOCK_M)
-        row = {"num_slots": nk, "ep": args.ep, "baseline": plan_options or str(args.baseline or args.baseline_package),
+        baseline_name = plan_options or str(args.baseline or args.baseline_package)
+        row = {"num_slots": nk, "ep": args.ep, "baseline": baseline_name,
                "stage_cap": plan.stage_cap, "stage_type": plan.stage_type, "list_cap": plan.list_cap, "path": plan.path,
                "kernels": list(plan.kernel_names),
                **{f"{name}_us": statistics.median(t) for name, t in times.items()},

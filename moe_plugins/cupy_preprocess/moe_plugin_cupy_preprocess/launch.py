@@ -157,8 +157,8 @@ def build_sequence(kernels: KernelSet, plan: Plan, device_map: torch.Tensor | No
         if out.done.data_ptr() % 8:
             raise ValueError(f"PreprocessBuffers.done must be 8-byte aligned (grid_fused keeps a 64-bit barrier count "
                              f"in it), got address {out.done.data_ptr():#x}; allocate buffers with make_buffers()")
-        step = Step("grid_fused", kernels.handle(f"grid_fused<{id_name}, {plan.stage_type}>"), plan.grid_blocks, GRID_THREADS,
-                    plan.smem_fused_bytes,
+        step = Step("grid_fused", kernels.handle(f"grid_fused<{id_name}, {plan.stage_type}>"), plan.grid_blocks,
+                    GRID_THREADS, plan.smem_fused_bytes,
                     outputs + [_ptr(out.tile_hist), _ptr(out.tile_invalid), _ptr(out.done), plan.chunk,
                                plan.list_cap, int(plan.two_phase), plan.stage_cap, plan.group_blocks],
                     cooperative=True, takes_ids=True)

@@ -524,7 +524,10 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         return min(most_list, (lo - stage_ints) // GRID_WARPS), stage_cap, stage_ints
 
     stage_type = STAGE_KEYED
-    list_cap, stage_cap, stage_ints = split(1) if chunk < LIST_OFFSET_LIMIT else (min(most_list, lo // GRID_WARPS), 0, 0)
+    if chunk < LIST_OFFSET_LIMIT:
+        list_cap, stage_cap, stage_ints = split(1)
+    else:  # no keyed stage, and too large for offsets
+        list_cap, stage_cap, stage_ints = min(most_list, lo // GRID_WARPS), 0, 0
     if stage_most and stage_cap < needed and chunk <= OFFSETS_MAX_CHUNK:
         stage_type = STAGE_OFFSETS
         list_cap, stage_cap, stage_ints = split(2)

@@ -1575,11 +1575,11 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      offset alone, 16 bits (chunks of up to 65536 slots), whose expert the copy-out finds from the block-local
 //      starts: twice the entries in the same shared memory, for plans where keyed entries would not hold a
 //      block's expected local slots (with every expert local at N*K = 8M, a third of them did not fit: 127 ->
-//      102 us, runs 95-96), at some cost in the copy-out elsewhere (EP 1 at 1M: 26.0 -> 27.8 us). Slots at positions past the stage (a block with more
-//      local slots than stage_cap) and every slot of an unstaged plan are stored straight to `sorted`: one
-//      scattered 4-byte store per slot, up to 32 groups per instruction, which took 10 / 27 / 59 us of
-//      N*K = 8M at 32 / 64 / 128 local experts (GPU run 79). (Until run 94 a block whose local slots did not
-//      all fit stored every one of them straight.)
+//      102 us, runs 95-96), at some cost in the copy-out elsewhere (EP 1 at 1M: 26.0 -> 27.8 us). Slots at
+//      positions past the stage (a block with more local slots than stage_cap) and every slot of an unstaged
+//      plan are stored straight to `sorted`: one scattered 4-byte store per slot, up to 32 groups per
+//      instruction, which took 10 / 27 / 59 us of N*K = 8M at 32 / 64 / 128 local experts (GPU run 79). (Until
+//      run 94 a block whose local slots did not all fit stored every one of them straight.)
 //      Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
@@ -1684,8 +1684,10 @@ __device__ __forceinline__ void warp_place(int k, int off, int bits, unsigned lo
     pos = __shfl_sync(HC_FULL_MASK, pos, __ffs(peers) - 1);
     if (k >= 0) {
         const int p = pos + __popc(below);
-        if (p < limit) stage[p] = sizeof(StageT) == 4 ? (StageT)(((unsigned)off << HC_KEY_BITS) | (unsigned)k) : (StageT)off;
-        else sorted[p + dist[k]] = c0 + off;
+        if (p < limit)
+            stage[p] = sizeof(StageT) == 4 ? (StageT)(((unsigned)off << HC_KEY_BITS) | (unsigned)k) : (StageT)off;
+        else
+            sorted[p + dist[k]] = c0 + off;
     }
     __syncwarp();
 }
@@ -1920,8 +1922,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(6);
     if (!aligned) return;
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
-    // count in bst[wl] and scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots of expert k)
-    // becomes the position of warp w's first slot of k: (staged) the block-local start or (unstaged) the
+    // count in bst[wl] and scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots
+    // of expert k) becomes the position of warp w's first slot of k: (staged) the block-local start or (unstaged) the
     // group start + this block's lower-block prefix; + lower warps' counts. run[k] becomes the distance from
     // such a position of expert k to its place in `sorted` (0 unstaged).
     const bool staged = stage_cap > 0;

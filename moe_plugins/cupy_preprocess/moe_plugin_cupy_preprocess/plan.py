@@ -117,9 +117,10 @@ def fused_reads_per_block(grid_blocks: int, num_local: int) -> int:
 PATHS = ("auto", "warp", "block", "grid")
 WARP_IPTS = (1, 4, 16)
 WARP_MAX_SLOTS = 32 * WARP_IPTS[-1]
-WARP_MAX_LOCAL = 128
+WARP_MAX_LOCAL = 256
 """warp_preprocess's bound on local experts (HC_WARP_MAX_LOCAL): each lane owns ceil(num_local / 32)
-experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints."""
+experts and scans their chunk counts serially, and its shared counters are ``ipt * num_local`` ints. 256 covers
+every expert of DeepSeek-V3 on one rank (no expert parallelism), which took block_preprocess below 128."""
 LANE_IPTS = (1, 4)
 LANE_MAX_SLOTS = 32 * LANE_IPTS[-1]
 LANE_MAX_LOCAL = 64

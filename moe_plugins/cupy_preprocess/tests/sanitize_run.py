@@ -37,6 +37,7 @@ CASES = [
     (256, 8, 7, "negative", 2, 8, torch.int64, {"map_in": "global"}),  # lane_preprocess (128 slots), global map
     (256, 8, 1, "guard_slot", 1, 8, torch.int32, {}),  # lane_preprocess (64 slots), shared map
     (24, 1, 0, "out_of_range", 20, 1, torch.int32, {}),  # lane_preprocess (20 slots), no map
+    (256, 1, 0, "out_of_range", 8, 8, torch.int32, {}),  # warp_preprocess, 8 experts per lane (256 local), no map
     (256, 4, 2, "guard_slot", 4, 8, torch.int32, {}),  # lane_preprocess, two experts per lane (64 local, 128 slots)
     (256, 8, 1, "non_local", 40, 8, torch.int32, {"clusters": False}),  # block_lane_preprocess (3 blocks), shared map
     (256, 8, 7, "negative", 40, 8, torch.int64, {"clusters": False}),  # block_lane_preprocess, invalid ids counted

@@ -163,7 +163,7 @@ def test_path_choice_and_items_per_thread() -> None:
     with pytest.raises(ConfigError, match="path must be one of auto, warp, block, grid"):
         plan(5, "bogus")
     # auto: one warp up to WARP_PATH_AUTO_MAX slots and WARP_MAX_LOCAL local experts, 1/4/16 slots per lane
-    assert WARP_PATH_AUTO_MAX == 128 and WARP_MAX_SLOTS == 512 and WARP_MAX_LOCAL == 128
+    assert WARP_PATH_AUTO_MAX == 128 and WARP_MAX_SLOTS == 512 and WARP_MAX_LOCAL == 256
     assert [(plan(n).path, plan(n).ipt) for n in (0, 1, 32, 33, 128)] == \
         [("warp", 1), ("warp", 1), ("warp", 1), ("warp", 4), ("warp", 4)]
     assert plan(129).path == "block" and plan(512).path == "block" and plan(8, "block").path == "block"

@@ -517,9 +517,9 @@ def test_block_lane_kernel_on_one_warp_of_slots(kernels: EmulatedKernels, num_lo
         assert_matches(got, reference(case, block_m), block_m, f"num_local={num_local} nk={nk} block_m={block_m}")
 
 
-@pytest.mark.parametrize("num_local", [1, 31, 33, 64, WARP_MAX_LOCAL])
+@pytest.mark.parametrize("num_local", [1, 31, 33, 64, 129, WARP_MAX_LOCAL])
 def test_warp_kernel_expert_ownership_per_lane(kernels: EmulatedKernels, num_local: int) -> None:
-    """1..4 experts per lane (ceil(num_local / 32)), no map, every slot local: counts, starts, block ids."""
+    """1..8 experts per lane (ceil(num_local / 32)), no map, every slot local: counts, starts, block ids."""
     case = make_case(num_local, 1, 0, "out_of_range", rows_per_rank=WARP_MAX_SLOTS // 4, top_k=4, seed=num_local)
     for block_m in (1, 16, 64):
         got, plan = run(kernels, case, block_m, path="warp")

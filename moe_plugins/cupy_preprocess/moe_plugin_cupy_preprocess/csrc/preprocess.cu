@@ -685,7 +685,7 @@ block_preprocess(const IdT* __restrict__ ids, int nk, const int* __restrict__ gm
 // Dynamic shared memory: [map: map_size if shared][ccnt: SPL * num_local][gs: num_local] (map first:
 // faithful negative reads land below the allocation, as in block_preprocess).
 // ---------------------------------------------------------------------------------------------------
-#define HC_WARP_MAX_LOCAL 128
+#define HC_WARP_MAX_LOCAL 256  // 8 experts per lane: every expert of a 256-expert model local (128 until run 103)
 
 // The first step of the one-warp kernels: this lane's SPL ids (slot c * 32 + lane; 0 past nk) into `raw`,
 // the map into shared memory (map_mode HC_MAP_SHARED), and, with the loads in flight, every entry of

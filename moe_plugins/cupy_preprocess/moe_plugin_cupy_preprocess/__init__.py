@@ -37,7 +37,7 @@ OPTIONS = {
                    ("safe", "checked", "faithful")),
     "map_in": Option(str, "auto", "where kernels read the expert map: auto (shared memory up to 8192 entries), "
                                   "shared, global", ("auto", "shared", "global")),
-    "path": Option(str, "auto", "auto: one single-warp launch up to 128 slots (<= 128 local experts), one "
+    "path": Option(str, "auto", "auto: one single-warp launch up to 128 slots (<= 256 local experts), one "
                                 "block-kernel launch up to 131072 slots with <= 64 local experts on sm_90+ (one "
                                 "thread-block cluster; see clusters), else up to 16384 with <= 64, 8192 with more "
                                 "(a block per 1024 slots), else the grid path (one cooperative grid_fused "

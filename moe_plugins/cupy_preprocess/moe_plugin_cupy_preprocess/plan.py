@@ -444,7 +444,8 @@ def _fused_smem_ints(map_entries: int, num_local: int, num_sms: int, lists_and_s
                      ) -> int:
     """grid_fused's dynamic shared memory (see the .cu for the layout): map, per-warp counts, tot/run/gs/bst,
     one column of per-block counts (sized for the largest co-resident grid), scratch, and ``lists_and_stage``
-    ints: the per-warp lists of local slots (an int per entry), then the block's stage (`_stage_ints`)."""
+    ints: the per-warp lists of local slots (an int per entry), then the block's stage (an int per keyed entry,
+    two offset entries per int)."""
     return (map_entries + GRID_WARPS * num_local + 4 * num_local + 2 + FUSED_GRID_PER_SM_BOUND * num_sms
             + SCRATCH_INTS + lists_and_stage)
 
@@ -505,7 +506,8 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
 
     least = GRID_WARPS * PLACE_QUEUE  # fits(least) holds (the base above)
     most_list = max(PLACE_QUEUE, seg)
-    stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk else 0
+    # No stage for chunks of 2**22 slots or more: keyed entries cannot hold their offsets, and offsets stop far below
+    stage_most = chunk if staged and STAGE_MIN_CHUNK <= chunk < LIST_OFFSET_LIMIT else 0
     lo, hi = least, GRID_WARPS * most_list + stage_most  # ints: lists and a keyed stage
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -525,10 +527,7 @@ def _fused_layout(nk: int, bm: int, num_local: int, map_smem: int, smem_optin: i
         return min(most_list, (lo - stage_ints) // GRID_WARPS), stage_cap, stage_ints
 
     stage_type = STAGE_KEYED
-    if chunk < LIST_OFFSET_LIMIT:
-        list_cap, stage_cap, stage_ints = split(1)
-    else:  # no keyed stage, and too large for offsets
-        list_cap, stage_cap, stage_ints = min(most_list, lo // GRID_WARPS), 0, 0
+    list_cap, stage_cap, stage_ints = split(1)
     if stage_most and stage_cap < needed and chunk <= OFFSETS_MAX_CHUNK:
         stage_type = STAGE_OFFSETS
         list_cap, stage_cap, stage_ints = split(2)

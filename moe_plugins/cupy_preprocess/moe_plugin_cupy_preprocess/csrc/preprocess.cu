@@ -1801,7 +1801,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     int* gs = run + wl;
     int* bst = gs + wl + 1;  // this block's slots per expert, then (staged) their block-local group starts
     int* col = bst + wl + 1;  // [G]: one column of cta_hist (two_phase)
-    int* scratch = col + G;  // [0, 33): scans; [33]: invalid count; [34]: local slots; [35]: parity
+    int* scratch = col + G;  // [0, 33): scans; [33]: invalid count; [35]: parity
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // [nwarps][list_cap]: every warp's list of its local slots (phase 1), then its queue (phase 3)
     unsigned* list = reinterpret_cast<unsigned*>(scratch + HC_SCRATCH) + warp * list_cap;
@@ -1922,7 +1922,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     HC_MARK(6);
     if (!aligned) return;
     // The padded group starts (gs, gs[wl] the total) and the block-local starts of its local slots (bst, their
-    // count in bst[wl] and scratch[34]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots
+    // count in bst[wl]); the block stages whenever it has a stage. Then cnt[w][k] (warp w's slots
     // of expert k) becomes the position of warp w's first slot of k: (staged) the block-local start or (unstaged) the
     // group start + this block's lower-block prefix; + lower warps' counts. run[k] becomes the distance from
     // such a position of expert k to its place in `sorted` (0 unstaged).
@@ -1953,7 +1953,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
             }
             if (lane == 31) {
                 gs[wl] = padded_incl;
-                bst[wl] = scratch[34] = all_local;
+                bst[wl] = all_local;
             }
         }
     } else {  // block scans (3 block barriers each)
@@ -1963,12 +1963,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         const int all_local = staged ? block_exclusive_scan(bst, wl, scratch) : 0;
         if (tid == 0) {
             gs[wl] = padded_total;
-            bst[wl] = scratch[34] = all_local;
+            bst[wl] = all_local;
         }
         for (int k = tid; k < wl; k += blockDim.x) positions(k);
     }
     __syncthreads();  // from here on every warp works alone (staged: up to the copy-out)
-    const int total = gs[wl], block_local = scratch[34];
+    const int total = gs[wl], block_local = bst[wl];
     if (me == 0 && tid == 0) total_out[0] = total;
     HC_MARK(7);
     // The tail of `sorted` past the total (most of it when few slots are local: 29 of the 103 MB the

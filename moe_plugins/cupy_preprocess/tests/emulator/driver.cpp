@@ -66,10 +66,10 @@ void run_count(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
 template <typename IdT, typename StageT>
 void run_fused(unsigned grid, unsigned block, size_t smem, const int64_t* a) {
     hc_launch_cooperative(grid, block, smem, [a] {
-        grid_fused<IdT, StageT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6), I(a, 7),
-                        P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12), P<int>(a, 13),
-                        I(a, 14), I(a, 15), P<int>(a, 16), P<int>(a, 17), P<unsigned>(a, 18), I(a, 19), I(a, 20), I(a, 21),
-                        I(a, 22), I(a, 23));
+        grid_fused<IdT, StageT>(P<const IdT>(a, 0), I(a, 1), P<const int>(a, 2), I(a, 3), I(a, 4), I(a, 5), I(a, 6),
+                                I(a, 7), P<int>(a, 8), P<int>(a, 9), P<int>(a, 10), P<int>(a, 11), P<int>(a, 12),
+                                P<int>(a, 13), I(a, 14), I(a, 15), P<int>(a, 16), P<int>(a, 17), P<unsigned>(a, 18),
+                                I(a, 19), I(a, 20), I(a, 21), I(a, 22), I(a, 23));
     });
 }
 }  // namespace

@@ -1856,8 +1856,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         int mine = 0;
         for (int k = lane; k < wl; k += 32) mine += row[k];
         freed = (we - ws) - warp_sum(mine);
-        // Warp 0 claims after its block's arrival: thread 0's fence before the arrival would wait for the atomic.
-        if (warp != 0 && lane == 0 && freed > 0) claimed = atomicAdd(claims + parity * HC_SYNC_STRIDE, (unsigned)freed);
+        if (lane == 0 && freed > 0) claimed = atomicAdd(claims + parity * HC_SYNC_STRIDE, (unsigned)freed);
     }
     bad_here = warp_sum(bad_here);
     if (lane == 0 && bad_here) atomicAdd(&scratch[33], bad_here);
@@ -1877,16 +1876,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     if (tid == 0) cta_invalid[me] = scratch[33];
     HC_MARK(4);
     const unsigned long long release = grid_arrive(arrivals);
-    if (warp == 0 && lane == 0 && freed > 0) claimed = atomicAdd(claims + parity * HC_SYNC_STRIDE, (unsigned)freed);
-    auto fill_claim = [&]() {
-        if (freed > 0) {  // warp-uniform
-            const int from = capacity - (int)__shfl_sync(HC_FULL_MASK, claimed, 0);
-            hc_fill_warp(sorted, from - freed, from, nk);
-        }
-    };
-    if (warp != 0) fill_claim();
+    if (freed > 0) {  // warp-uniform
+        const int from = capacity - (int)__shfl_sync(HC_FULL_MASK, claimed, 0);
+        hc_fill_warp(sorted, from - freed, from, nk);
+    }
     grid_wait(arrivals, release);
-    if (warp == 0) fill_claim();  // its thread 0 waited for the release
     HC_MARK(5);
 
     // ---- phase 2: expert totals, this block's prefix, group starts, fills --------------------------

@@ -45,8 +45,8 @@ MARK_NAMES = {
     "block_preprocess": ["start", "map copied", "mapped", "counted", "row prefixes", "group scan", "ranked",
                          "padding (window > 32)", "block ids (window > 32)", "window sync", "sorted fill", "block id fill", "end"],
     "grid_fused": ["start", "map copied", "phase 1 (own warp)", "phase 1 (block)", "hist published",
-                   "grid barrier (early tail written)", "phase 2", "phase 3 starts", "ranked (own warp)",
-                   "staged copied out", "end"],
+                   "grid barrier", "phase 2", "phase 3 starts", "ranked (own warp)", "staged copied out",
+                   "tail (own warp)", "end"],
 }
 
 

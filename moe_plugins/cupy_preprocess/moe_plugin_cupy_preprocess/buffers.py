@@ -43,11 +43,10 @@ class PreprocessBuffers:
     ``tile_invalid int32[grid_blocks]`` and ``done int32[plan.FUSED_SYNC_INTS]``, 8-byte aligned and zero at
     allocation: ``done[0:2]`` is the grid barrier's 64-bit count of block arrivals (it only grows, by
     ``grid_blocks`` per barrier, so it is a multiple of ``grid_blocks`` between launches), and
-    ``done[FUSED_SYNC_STRIDE * (1 + parity)]`` counts the entries of the ``sorted`` tail claimed before the
-    barrier (with a layout: the launch's slots that are not local, in the end); from ``done[FUSED_SYNC_INTS]``
-    on, ``int32[2, plan.fused_groups, num_local]``: the per-group sums of the counts. A launch uses half
-    ``parity`` (its number among the launches on these buffers, mod 2) of both and zeroes the other half for the
-    next one.
+    ``done[FUSED_SYNC_STRIDE * (1 + q)]`` counts the handed-out pieces of the ``sorted`` tail's queue q
+    (reset by the kernel itself); from ``done[FUSED_SYNC_INTS]`` on, ``int32[2, plan.fused_groups, num_local]``:
+    the per-group sums of the counts, half ``parity`` for a launch whose first barrier has that parity (the
+    launch zeroes the other half for the next one).
 
     ``launch_cache`` holds the packed launch arguments built for these buffers (see `launch.Sequence`).
     ``slab``: the one int32 allocation that `allocate` carves every buffer from (``None`` for buffers made

@@ -87,11 +87,13 @@ SMEM_PER_SM = 228 * 1024
 """Shared memory per SM on Hopper (the occupancy model of `default_fused_occupancy`)."""
 FUSED_MAX_BLOCKS_PER_SM = 2
 """``grid_fused`` is compiled with ``__launch_bounds__(512, 2)``: at most 2 blocks of 512 threads per SM."""
+FUSED_TAIL_QUEUES = 32
+"""HC_TAIL_QUEUES in csrc/preprocess.cu: grid_fused hands out the tail of ``sorted`` from this many counters."""
 FUSED_SYNC_STRIDE = 32
 """HC_SYNC_STRIDE: ints between two of grid_fused's sync counters (one 128-byte line each)."""
-FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * 3
-"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the two halves of the early tail's claim
-counter (the group sums follow them in the same buffer)."""
+FUSED_SYNC_INTS = FUSED_SYNC_STRIDE * (1 + FUSED_TAIL_QUEUES)
+"""grid_fused's sync words: the grid barrier's 64-bit arrival count, then the tail queues' counters (the group
+sums follow them in the same buffer)."""
 FUSED_GROUP_BLOCKS = 16
 """grid_fused (one barrier) sums the per-block counts of each group of this many consecutive blocks before its
 grid barrier, so that after it a block reads the group sums and its own group's counts, not every block's
@@ -294,7 +296,7 @@ class Plan:
 
         Fused: ``tile_hist`` holds the per-block counts ``[num_local * grid_blocks]``, ``tile_invalid`` the
         per-block invalid counts, ``done`` the kernel's sync words: the grid barrier's 64-bit arrival count,
-        two halves of the early tail's claim counter and two halves of group sums (`buffers.PreprocessBuffers`).
+        the counters of phase 3's tail queues and two halves of group sums (`buffers.PreprocessBuffers`).
         """
         if self.path != "grid":
             return {"tile_hist": 0, "tile_invalid": 0, "group_start": 0, "done": 0, "keys8_bytes": 0}

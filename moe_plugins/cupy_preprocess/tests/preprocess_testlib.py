@@ -23,11 +23,12 @@ from hostcore.hookspecs import BuildContext
 from hostcore.placement import ExpertPlacement, LocalExperts
 
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
-from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_INTS, FUSED_SYNC_STRIDE, Plan
+from moe_plugin_cupy_preprocess.plan import FUSED_SYNC_INTS, FUSED_SYNC_STRIDE, FUSED_TAIL_QUEUES, GRID_THREADS, Plan
 
 SENTINELS = ("non_local", "guard_slot", "out_of_range", "negative")
 POISON = -777_777  # written into every output before a run: any survivor is an unwritten entry
 GUARD = 12_345_678  # fills the words around each buffer: any change is an out-of-bounds write
+TAIL_PIECE = 512  # HC_TAIL_PIECE in csrc/preprocess.cu: entries of the `sorted` tail per grid_fused piece
 GUARD_WORDS = 64
 
 
@@ -142,8 +143,8 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
 
     Three-launch path: the done counter is back at 0. ``grid_fused``: the 64-bit barrier count is a multiple
     of the grid (exactly grid x barriers per launch x launches when ``launches`` is given); with a
-    layout the last launch's half of the early tail's claims counts its slots that are not local; with group
-    sums, the last launch's half holds the sums of its per-block counts. The other halves are zero (ready for
+    layout every warp of the grid asked its tail queue's counter once past the queue's last piece; with group
+    sums, the last launch's half holds the sums of its per-block counts and the other half is zero (ready for
     the next launch).
     """
     plan = buffers.plan
@@ -167,12 +168,19 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
         expected = per_block.view(num_local, groups, plan.group_blocks).sum(-1, dtype=torch.int32).T
         assert torch.equal(sums[last], expected), "the last launch's group sums are not the sums of its block counts"
         assert not sums[1 - last].any(), "the next launch's half of the group sums was not zeroed"
-    if plan.block_m:  # the last launch claimed one tail entry per slot that is not local; the next one's half is 0
-        last = (arrivals // per_launch - 1) % 2
-        claims = [int(words[FUSED_SYNC_STRIDE * (1 + half)]) for half in (0, 1)]
-        not_local = plan.num_slots - int(buffers.expert_counts.sum())
-        assert claims[last] == not_local, f"early tail: {claims[last]} entries claimed, {not_local} slots not local"
-        assert claims[1 - last] == 0, "the next launch's half of the early tail's claims was not zeroed"
+    if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
+        total = int(buffers.num_slots_post_padded)
+        misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
+        head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
+        pieces = -(-(plan.capacity - head) // TAIL_PIECE)
+        warps = plan.grid_blocks * GRID_THREADS // 32
+        queues = min(FUSED_TAIL_QUEUES, warps)  # a one-block grid serves 16 queues
+        per_queue = -(-pieces // queues)
+        for q in range(FUSED_TAIL_QUEUES):
+            served = q < queues
+            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, queues)) if served else 0
+            got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
+            assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
 
 
 def check_guards(backing: list[torch.Tensor]) -> None:

@@ -291,7 +291,7 @@ def test_expert_windows_and_shared_memory_fit() -> None:
                 groups = 0 if plan.two_phase else -(-plan.grid_blocks // 16)  # sums of 16 blocks' counts, two halves
                 assert plan.group_blocks == (0 if plan.two_phase else 16) and plan.fused_groups == groups
                 assert ws == {"tile_hist": num_local * plan.grid_blocks, "tile_invalid": plan.grid_blocks,
-                              "group_start": 0, "done": 32 * 3 + 2 * groups * num_local, "keys8_bytes": 0}
+                              "group_start": 0, "done": 32 * 33 + 2 * groups * num_local, "keys8_bytes": 0}
                 assert plan.kernel_names == ("grid_fused",)
             elif plan.path == "grid":
                 assert ws == {"tile_hist": plan.window * plan.tiles, "tile_invalid": plan.tiles,

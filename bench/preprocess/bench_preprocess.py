@@ -22,10 +22,9 @@ with the non_local sentinel; with ``--ep 1`` no map and the out_of_range sentine
   preprocess comes to a plain copy of what it must move at this size (launch and latency included, which
   a 1 GiB copy hides). ``design_bytes`` / ``design_frac``: the traffic this design causes by its own model
   (`plan.design_bytes`: with grid_fused's keys in shared memory it equals the must-move bytes plus the
-  per-block counts), to tell a slow kernel from extra traffic. ``attainable_frac``: the
-  most ``roofline_frac`` any kernel could show here, one that started as fast as the empty kernel and then only
-  moved the bytes at the measured copy rate; where it is below 0.7 the bandwidth goal cannot be met under this
-  timer by any design.
+  per-block counts), to tell a slow kernel from extra traffic. ``launch_then_copy_frac``: the share a kernel
+  would show that took an empty kernel's time and then moved the bytes at the 1 GiB copy rate: a model of the
+  ceiling, not a proof (writes that stay in L2 could go faster; every copy measured here at 1M went slower).
 - ``kernels``: the launches of one call (``cluster_lane_preprocess`` from 1025 to 128K slots on sm_90+, as 16
   blocks past 2048 slots where the device holds such clusters, else 8 up to 64K; ``grid_fused`` alone above that
   when the device allows cooperative launches and the experts fit one window), with ``grid_blocks`` and
@@ -251,9 +250,10 @@ def bench_stages(path: str = "auto", ep: int = EP) -> tuple[BuildContext, CupyPr
     return ctx, CupyPreprocess(ctx, path=path), TorchPreprocess(ctx, mode="safe"), fresh_generator()
 
 
-def attainable_frac(nbytes: int, launch_us: float, copy_gbps: float) -> float:
-    """The highest share of ``copy_gbps`` that moving ``nbytes`` can show under the goal's timer: an empty kernel's
-    time (``launch_us``) plus the bytes at the copy rate itself. Any preprocess takes at least that long."""
+def launch_then_copy_frac(nbytes: int, launch_us: float, copy_gbps: float) -> float:
+    """The share of ``copy_gbps`` shown by a kernel that takes an empty kernel's time (``launch_us``) and then
+    moves ``nbytes`` at ``copy_gbps``: where no other work is left, the launch alone keeps small sizes far from
+    the copy rate."""
     least_us = launch_us + nbytes / (copy_gbps * 1e3)  # GB/s = 1e3 bytes per microsecond
     return nbytes / (least_us * 1e3) / copy_gbps
 
@@ -320,7 +320,7 @@ def main() -> int:
         dbytes = design_bytes(plan)
         row = {"case": f"N*K={nk}", "num_slots": nk, "ours_us": ours_us, "peer": "torch", "peer_us": peer_us,
                "speedup": peer_us / ours_us, "roofline_frac": gbps / copy,
-               "attainable_frac": attainable_frac(nbytes, launch, copy), "launch_us": launch,
+               "launch_then_copy_frac": launch_then_copy_frac(nbytes, launch, copy), "launch_us": launch,
                "ours_hot_us": ours_hot_us, "launch_hot_us": launch_hot, "copy_floor_us": floor_us,
                "copy_floor_graph_us": floor_graph_us, "gbps": gbps, "copy_same_bytes_us": same_us,
                "copy_same_bytes_frac": same_us / ours_us,
@@ -398,8 +398,7 @@ def main() -> int:
         "large_at_least_70pct_copy": all(r["roofline_frac"] >= 0.7 for r in large),
         "large_worst_roofline_frac": min((r["roofline_frac"] for r in large), default=None),
         "large_worst_frac_of_same_bytes_copy": min((r["copy_same_bytes_frac"] for r in large), default=None),
-        "large_70pct_attainable": all(r["attainable_frac"] >= 0.7 for r in large),
-        "large_worst_attainable_frac": min((r["attainable_frac"] for r in large), default=None),
+        "large_worst_launch_then_copy_frac": min((r["launch_then_copy_frac"] for r in large), default=None),
         "faster_than_torch_everywhere": all(r["speedup"] > 1 for r in rows_out),
         "min_speedup": min(r["speedup"] for r in rows_out),
     }

@@ -52,10 +52,10 @@ def main(src: str, dst: str) -> int:
     if same:
         right.semilogx(*zip(*same), "v:", color="tab:red", alpha=0.7,
                        label="torch D2D copy of the same bytes, same timer")
-    bound = [(n, r["launch_then_copy_frac"] * data["copy_gbps"]) for n, r in zip(nk, rows)
+    model = [(n, r["launch_then_copy_frac"] * data["copy_gbps"]) for n, r in zip(nk, rows)
              if r.get("launch_then_copy_frac")]
-    if bound:
-        right.semilogx(*zip(*bound), "-", color="gray", alpha=0.5,
+    if model:
+        right.semilogx(*zip(*model), "-", color="gray", alpha=0.5,
                        label="an empty kernel's time, then the bytes at the copy rate")
     right.axhline(data["copy_gbps"], color="gray", ls=":", label=f"D2D copy {data['copy_gbps']:.0f} GB/s (1 GiB)")
     right.axhline(0.7 * data["copy_gbps"], color="gray", ls="--", lw=0.8, label="70% of copy (goal, N*K >= 1M)")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .plan import BLOCK_IPTS, BLOCK_THREADS, BLOCK_VARIANTS, CLUSTER_IPTS, CLUSTER_SIZES, CLUSTER_WIDE_SMEM_BYTES, \
-    GRID_THREADS, LANE_IPTS
+    GRID_THREADS, LANE_IPTS, STAGE_KEYED, STAGE_OFFSETS
 
 SOURCE_PATH = Path(__file__).with_name("csrc") / "preprocess.cu"
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -47,7 +47,7 @@ LANE_EPLS = (1, 2)  # local experts per lane: plan.experts_per_lane
 BLOCK_KERNEL = "block_preprocess<{id_type}, {ipt}, {sub}>"
 COUNT_KERNEL = "grid_count<{id_type}>"
 FUSED_KERNEL = "grid_fused<{id_type}, {stage_type}>"
-STAGE_TYPES = ("unsigned short", "unsigned")  # grid_fused's stage entries: plan.STAGE_OFFSETS, plan.STAGE_KEYED
+STAGE_TYPES = (STAGE_OFFSETS, STAGE_KEYED)  # grid_fused's stage entry types (the C type names)
 SCAN_KERNEL = "grid_scan"
 PLACE_KERNEL = "grid_place"
 EMPTY_KERNEL = "empty_kernel"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_plugin_cupy_preprocess.jit import SOURCE_PATH, name_expressions
+from moe_plugin_cupy_preprocess.plan import STAGE_OFFSETS
 from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN, default_fused_occupancy
 
 HERE = Path(__file__).parent / "emulator"
@@ -91,7 +92,7 @@ class EmulatedKernels:
                 self._entry[name] = functools.partial(self._call, lib.emu_count, id64)
             elif base == "grid_fused":
                 self._entry[name] = functools.partial(self._call, lib.emu_fused, id64,
-                                                      int(params[1] == "unsigned short"))
+                                                      int(params[1] == STAGE_OFFSETS))
             elif base == "grid_scan":
                 self._entry[name] = functools.partial(self._call, lib.emu_scan)
             elif base == "grid_place":

@@ -3,12 +3,12 @@
 Runs every kernel of the cupy preprocess (both one-warp kernels, the block path with one and with several blocks and
 as one thread-block cluster of 8 and of 16 blocks, the single-launch grid_fused with one and with two grid barriers,
 with each map mode, with lists too short for a warp's local slots, with blocks whose local slots do not all fit the
-stage (those past it stored straight to sorted) and with keyed and offset stage entries, the three split grid kernels for many local experts, map in shared
-memory, in global memory and absent, int32 and int64 ids, a rank without local experts) on fresh random inputs,
-and compares each result with the torch reference computed on the CPU (so that only our kernels and torch's copies
-run on the GPU). Each run writes `preprocess_into` buffers that have allocations of their own (`separate_buffers`),
-so that memcheck knows every buffer's bounds and initcheck its unwritten words. Exits 1 on a mismatch; the
-sanitizer's own exit code (``--error-exitcode``) reports what it found.
+stage (those past it stored straight to sorted) and with keyed and offset stage entries, the three split grid
+kernels for many local experts, map in shared memory, in global memory and absent, int32 and int64 ids, a rank
+without local experts) on fresh random inputs, and compares each result with the torch reference computed on the
+CPU (so that only our kernels and torch's copies run on the GPU). Each run writes `preprocess_into` buffers that
+have allocations of their own (`separate_buffers`), so that memcheck knows every buffer's bounds and initcheck its
+unwritten words. Exits 1 on a mismatch; the sanitizer's own exit code (``--error-exitcode``) reports what it found.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 moe_plugins/cupy_preprocess/tests/sanitize_run.py
 """
@@ -98,8 +98,8 @@ def main() -> int:
         for block_m in (None, 16):
             plan = stage.plan(ids.shape[0], ids.shape[1], ids.dtype, block_m)
             if one_sm:
-                plan = plan_for(*ids.shape, ids.dtype, block_m, case.local.count, stage.map, "grid", stage.kernels.smem_optin,
-                                1, stage.kernels.fused_occupancy("int32"))
+                plan = plan_for(*ids.shape, ids.dtype, block_m, case.local.count, stage.map, "grid",
+                                stage.kernels.smem_optin, 1, stage.kernels.fused_occupancy("int32"))
             if least_lists and plan.fused and block_m:  # the buffers' plan is what preprocess_into launches
                 plan = dataclasses.replace(plan, list_cap=PLACE_QUEUE)
                 if PLACE_QUEUE < plan.chunk // GRID_WARPS:

@@ -48,7 +48,7 @@
 #define HC_SCAN_THREADS 1024
 #define HC_SCRATCH 40  // shared ints for block scans and small flags
 #define HC_NO_KEY8 255  // keys8 entry of a slot that is not local
-#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` per piece (one per ranking round)
+#define HC_TAIL_PIECE 512  // grid_fused phase 3: entries of the tail of `sorted` per piece
 
 // Phase timestamps for bench/preprocess/phase_trace.py (compiled only with -DHC_TRACE): thread 0 of block 0
 // stores clock64() at mark i into hc_trace[i] (and %globaltimer into hc_trace[32 + i], to convert cycles
@@ -1582,10 +1582,10 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      run 94 a block whose local slots did not all fit stored every one of them straight.)
 //      Past `over` it re-reads local_ids (written by the same warp: L1/L2 hits) HC_PLACE_BATCH
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
-//      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Each
-//      ranking round also writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail of
-//      `sorted` past the total, the next free one of the warp's tail queue; after its last round the warp
-//      takes pieces until its queue is empty.
+//      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Before
+//      its first round the warp writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail
+//      of `sorted` past the total, the next free one of the warp's tail queue; after its copy-out it takes
+//      pieces until its queue is empty.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
 //   still read every slot's uint16 key back from shared memory and compacted in phase 3: 11.8M of the 20.6M
@@ -1977,10 +1977,13 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // the pieces into `queues` runs of consecutive pieces: HC_TAIL_QUEUES, or one per warp on a grid of fewer
     // warps (one block), so that every queue is served. Grid warp gw serves queue gw % queues (with 32 queues,
     // warp gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
-    // counter, one piece per ranking round (so the stores stream to memory while it ranks) and then until
-    // the queue is empty. The counters balance the grid: with a fixed slice per warp, the blocks of some
-    // SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace run 35). One counter for the
-    // whole grid was slower still (run 36: 14K requests at one address, phase 3 took 25 us instead of 16).
+    // counter: one before it ranks (its stores stream to memory while it ranks), the rest after its copy-out,
+    // until the queue is empty. (A piece per ranking round slowed the ranking behind the store queue: 8M was
+    // 8% slower at EP 4, where a warp ranks twice as many slots; taking none before ranking left the tail
+    // last at 1M, where the grid has more warps than pieces: GPU runs 108-109.) The counters balance the
+    // grid: with a fixed slice per warp, the blocks of some SMs took 17 us for the slice that others wrote in
+    // 3.5 (N*K = 8M, trace run 35). One counter for the whole grid was slower still (run 36: 14K requests at
+    // one address, phase 3 took 25 us instead of 16).
     // Each request is issued a piece ahead, so its round trip overlaps the work. The tail never overlaps a
     // placement or padding write (those are below the total). capacity < 2^31 (plan.py): int arithmetic.
     const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
@@ -1993,7 +1996,6 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
     unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
     int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next
-    bool tail_left = true;                                          // warp-uniform
     // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
     auto fill_tail_piece = [&]() -> bool {
         const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
@@ -2012,11 +2014,11 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // Full rounds of 32 entries are ranked as they come; the last remainder (< 32) at the end.
     int queued = listed;
     int next = min(over, we - ws);  // offset of the next slot to re-read
+    bool tail_left = fill_tail_piece();  // warp-uniform: its queue may have pieces left for after the copy-out
     for (;;) {
         const bool more = next < we - ws;
         const int ranked = more ? queued & ~31 : queued;
         for (int r = 0; r < ranked; r += 32) {
-            if (tail_left) tail_left = fill_tail_piece();
             const int e = r + lane;
             const unsigned entry = e < queued ? list[e] : 0u;
             warp_place(e < queued ? (int)(entry & ((1u << HC_KEY_BITS) - 1)) : -1,

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_plugin_cupy_preprocess.jit import SOURCE_PATH, name_expressions
-from moe_plugin_cupy_preprocess.plan import STAGE_OFFSETS
-from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN, default_fused_occupancy
+from moe_plugin_cupy_preprocess.plan import DEFAULT_SMEM_OPTIN, STAGE_OFFSETS, default_fused_occupancy
 
 HERE = Path(__file__).parent / "emulator"
 

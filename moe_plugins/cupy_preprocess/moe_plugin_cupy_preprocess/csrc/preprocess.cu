@@ -2079,7 +2079,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
     }
     HC_MARK(9);
-    while (tail_left) tail_left = fill_tail_piece();  // the pieces left after this warp's last round
+    while (tail_left) tail_left = fill_tail_piece();  // the rest of this warp's queue, after its copy-out
     HC_MARK(10);
 
     // ---- the grid's padding entries and block ids (gs and tot are still this block's, untouched since

@@ -34,13 +34,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from bench_preprocess import BLOCK_M, EP, bench_stages, check, graph_us, median_us, routed_ids
+from bench_preprocess import BLOCK_M, EP, append_jsonl, bench_stages, check, graph_us, median_us, routed_ids
 from moe_plugin_cupy_preprocess import jit
 from moe_plugin_cupy_preprocess.backend import CupyPreprocess
 from moe_plugin_cupy_preprocess.buffers import PreprocessBuffers
@@ -107,9 +106,7 @@ def main() -> int:
         print(f"N*K={nk:>8} {row['path']:>5}: baseline {row['baseline_us']:7.2f} us (graph {row['baseline_graph_us']:.2f}), "
               f"current {row['current_us']:7.2f} us (graph {row['current_graph_us']:.2f}), "
               f"ratio {row['current_over_baseline']:.3f}", flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
         del ids, calls
     return 0
 

@@ -258,6 +258,13 @@ def launch_then_copy_frac(nbytes: int, launch_us: float, copy_gbps: float) -> fl
     return nbytes / (least_us * 1e3) / copy_gbps
 
 
+def append_jsonl(path: str | None, row: dict[str, Any]) -> None:
+    """Append ``row`` as one JSON line to ``path`` (the scripts' ``--out``); nothing when ``path`` is None."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def same_bytes_copy_us(nbytes: int) -> float:
     """`median_us` of torch's device-to-device copy of ``nbytes`` bytes (half read, half written)."""
     src = torch.empty(max(1, nbytes // 8), dtype=torch.int32, device="cuda")

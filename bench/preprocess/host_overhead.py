@@ -18,14 +18,13 @@ work (every size here) this is the host's time. One JSON line per size.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_preprocess import BLOCK_M, bench_stages, check, routed_ids, wall_us
+from bench_preprocess import BLOCK_M, append_jsonl, bench_stages, check, routed_ids, wall_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "moe_plugins" / "cupy_preprocess" / "tests"))
 from preprocess_testlib import separate_buffers  # noqa: E402
@@ -63,9 +62,7 @@ def main() -> int:
                **{f"{name}_rounds_us": t for name, t in times.items()}}
         print(f"N*K={nk:>8} {plan.kernel_names[0]:>24}: " +
               ", ".join(f"{name} {row[name + '_us']:6.1f} us" for name in kinds), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
     return 0
 
 

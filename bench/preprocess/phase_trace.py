@@ -20,13 +20,12 @@ also holds every block's SM id and median mark times (``per_block``), to see whi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import numpy
 import torch
-from bench_preprocess import BLOCK_M, EP, bench_stages, check, routed_ids
+from bench_preprocess import BLOCK_M, EP, append_jsonl, bench_stages, check, routed_ids
 from moe_plugin_cupy_preprocess import jit, plan
 
 MARKS = 32
@@ -131,9 +130,7 @@ def main() -> int:
                   + "  ".join(f"{k} {v:.0f}" for k, v in marks.items()), flush=True)
             for name, (lo, mid, hi) in row.get("blocks_ns", {}).items():
                 print(f"    {name:>28}: blocks min {lo:8.0f}  median {mid:8.0f}  max {hi:8.0f} ns", flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.out, row)
         del ids, buffers
     return 0
 

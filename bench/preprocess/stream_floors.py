@@ -20,11 +20,11 @@ the phases themselves leave room; if it is close, the two-phase design is at its
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
-from bench_preprocess import (BLOCK_M, EP, bench_stages, copy_gbps, median_us, routed_ids, same_bytes_copy_us)
+from bench_preprocess import (BLOCK_M, EP, append_jsonl, bench_stages, copy_gbps, median_us, routed_ids,
+                             same_bytes_copy_us)
 
 from moe_plugin_cupy_preprocess.plan import moved_bytes
 
@@ -63,9 +63,7 @@ def main() -> int:
               f"({row['phase1_bytes'] / row['phase1_copy_us'] / 1e3:5.0f} GB/s), phase-3 fill "
               f"{row['phase3_fill_us']:6.2f} us ({row['phase3_bytes'] / row['phase3_fill_us'] / 1e3:5.0f} GB/s), "
               f"both {row['both_us']:6.2f} us, one copy of all {row['same_bytes_us']:6.2f} us")
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
         del ids, buffers, src, dst, layout
     return 0
 

@@ -43,8 +43,8 @@ class PreprocessBuffers:
     ``tile_invalid int32[grid_blocks]`` and ``done int32[plan.FUSED_SYNC_INTS]``, 8-byte aligned and zero at
     allocation: ``done[0:2]`` is the grid barrier's 64-bit count of block arrivals (it only grows, by
     ``grid_blocks`` per barrier, so it is a multiple of ``grid_blocks`` between launches), and
-    ``done[FUSED_SYNC_STRIDE * (1 + q)]`` counts the handed-out pieces of the ``sorted`` tail's queue q
-    (reset by the kernel itself); from ``done[FUSED_SYNC_INTS]`` on, ``int32[2, plan.fused_groups, num_local]``:
+    ``done[FUSED_SYNC_STRIDE * (1 + q)]`` hands out the tickets of the ``sorted`` tail's queue q (set by the
+    kernel itself in every launch); from ``done[FUSED_SYNC_INTS]`` on, ``int32[2, plan.fused_groups, num_local]``:
     the per-group sums of the counts, half ``parity`` for a launch whose first barrier has that parity (the
     launch zeroes the other half for the next one).
 

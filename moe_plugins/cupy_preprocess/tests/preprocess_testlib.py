@@ -168,7 +168,7 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
         expected = per_block.view(num_local, groups, plan.group_blocks).sum(-1, dtype=torch.int32).T
         assert torch.equal(sums[last], expected), "the last launch's group sums are not the sums of its block counts"
         assert not sums[1 - last].any(), "the next launch's half of the group sums was not zeroed"
-    if plan.block_m:  # every warp asked its tail queue once past the queue's last piece
+    if plan.block_m:  # a queue's counter starts at its warps; each warp asks once past the end
         total = int(buffers.num_slots_post_padded)
         misaligned = (buffers.sorted_slot_ids.data_ptr() + 4 * total) % 16
         head = min(plan.capacity, total + (16 - misaligned) % 16 // 4)
@@ -178,9 +178,11 @@ def check_sync_words(buffers: PreprocessBuffers, launches: int | None = None) ->
         per_queue = -(-pieces // queues)
         for q in range(FUSED_TAIL_QUEUES):
             served = q < queues
-            expected = max(0, min(per_queue, pieces - q * per_queue)) + len(range(q, warps, queues)) if served else 0
+            mine, queue_warps = max(0, min(per_queue, pieces - q * per_queue)), len(range(q, warps, queues))
+            # With a piece per warp, each warp's first one is taken unasked; else every piece is asked for.
+            expected = mine + queue_warps + (queue_warps if mine < queue_warps else 0) if served else 0
             got = int(words[FUSED_SYNC_STRIDE * (1 + q)])
-            assert got == expected, f"tail queue {q}: {got} requests, expected {expected} (pieces {pieces})"
+            assert got == expected, f"tail queue {q}: counter {got}, expected {expected} (pieces {pieces})"
 
 
 def check_guards(backing: list[torch.Tensor]) -> None:

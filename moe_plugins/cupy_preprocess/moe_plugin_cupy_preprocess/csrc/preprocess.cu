@@ -1594,8 +1594,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // Workspace (int32, allocated with the outputs): cta_hist [num_local * G], cta_invalid [G],
 // sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES) + 2 * groups * num_local] (zero at allocation, 8-byte aligned):
 // sync[0..1] the grid barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next
-// free piece of tail queue q (phase 3; block 0 resets them before the first grid barrier), one 128-byte line
-// each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks); two_phase == 0 only): the
+// ticket of tail queue q (phase 3; block 0 sets each to its queue's number of warps before the first grid
+// barrier), one 128-byte line each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks); two_phase == 0 only): the
 // per-expert counts of each group of group_blocks consecutive blocks, summed with atomics before the barrier.
 // A launch uses half `parity` = (its first barrier's number) % 2, from the arrival count it reads at its start
 // (a multiple of G between launches: fewer than G of its own blocks can have arrived), and zeroes the other half
@@ -1859,8 +1859,12 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
         }
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
-    // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier.
-    if (me == 0 && tid < HC_TAIL_QUEUES) sync[HC_SYNC_STRIDE * (1 + tid)] = 0;
+    // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier. Each
+    // queue's counter starts past the pieces its warps take without asking (see phase 3).
+    if (me == 0 && tid < HC_TAIL_QUEUES) {
+        const int queues = min(HC_TAIL_QUEUES, G * nwarps);
+        sync[HC_SYNC_STRIDE * (1 + tid)] = tid < queues ? (G * nwarps - tid + queues - 1) / queues : 0;
+    }
     HC_MARK(4);
     grid_barrier(arrivals);
     HC_MARK(5);
@@ -1976,14 +1980,21 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     // 16-byte aligned entry past the total; the grid's first warp writes the < 4 entries before it), and
     // the pieces into `queues` runs of consecutive pieces: HC_TAIL_QUEUES, or one per warp on a grid of fewer
     // warps (one block), so that every queue is served. Grid warp gw serves queue gw % queues (with 32 queues,
-    // warp gw % 16 of every other block: spread over all SMs) and takes that queue's next free piece from its
-    // counter: one before it ranks (its stores stream to memory while it ranks), the rest after its copy-out,
-    // until the queue is empty. (A piece per ranking round slowed the ranking behind the store queue: 8M was
-    // 8% slower at EP 4, where a warp ranks twice as many slots; taking none before ranking left the tail
-    // last at 1M, where the grid has more warps than pieces: GPU runs 108-109.) The counters balance the
-    // grid: with a fixed slice per warp, the blocks of some SMs took 17 us for the slice that others wrote in
-    // 3.5 (N*K = 8M, trace run 35). One counter for the whole grid was slower still (run 36: 14K requests at
-    // one address, phase 3 took 25 us instead of 16).
+    // warp gw % 16 of every other block: spread over all SMs) and takes that queue's pieces from its counter,
+    // which block 0 set to the queue's number of warps, until the queue is empty. Where the queue has at least a
+    // piece per warp, the i-th warp of the queue (gw / queues) takes piece i without asking and the counter's
+    // tickets are the pieces past those; where it has fewer, a piece is a ticket less the number of warps, the
+    // first warps to ask get them, and the grid's fastest warps write the short tail. (Asking for every first
+    // piece put a round trip before any store: a 33.5 MB fill by pieces took 1.4 us longer that way than a
+    // grid-stride fill in a CUDA graph, GPU run 116. Taking first pieces unasked where a queue has fewer pieces
+    // than warps concentrated the tail on the grid's first blocks: N*K = 262144 3-7% slower, run 117.)
+    // The warp writes its first piece before it ranks (its stores stream to memory while it ranks), the rest
+    // after its copy-out. (A piece per ranking round slowed the ranking behind the store queue: 8M was 8% slower
+    // at EP 4, where a warp ranks twice as many slots; taking none before ranking left the tail last at 1M,
+    // where the grid has more warps than pieces: GPU runs 108-109.) The counters balance the grid: with a fixed
+    // slice per warp, the blocks of some SMs took 17 us for the slice that others wrote in 3.5 (N*K = 8M, trace
+    // run 35). One counter for the whole grid was slower still (run 36: 14K requests at one address, phase 3
+    // took 25 us instead of 16).
     // Each request is issued a piece ahead, so its round trip overlaps the work. The tail never overlaps a
     // placement or padding write (those are below the total). capacity < 2^31 (plan.py): int arithmetic.
     const int head = min(capacity, total + (int)(((16u - ((unsigned)reinterpret_cast<unsigned long long>(sorted + total)
@@ -1995,12 +2006,16 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int per_queue = (tail_pieces + queues - 1) / queues;
     const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
     unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
-    int requested = lane == 0 ? (int)atomicAdd(tail_next, 1u) : 0;  // lane 0: the queue's piece this warp writes next
+    const int queue_warps = (G * nwarps - queue + queues - 1) / queues;
+    const int ticket_base = queue_pieces >= queue_warps ? 0 : queue_warps;  // a piece is a ticket less this
+    // lane 0's is the queue's piece this warp writes next
+    int requested = ticket_base == 0 ? (me * nwarps + warp) / queues
+                                     : lane == 0 ? (int)atomicAdd(tail_next, 1u) - ticket_base : 0;
     // Write the piece requested last (if the queue had one left) and request the next; false when it had none.
     auto fill_tail_piece = [&]() -> bool {
         const int piece = __shfl_sync(HC_FULL_MASK, requested, 0);
         if (piece >= queue_pieces) return false;
-        if (lane == 0) requested = (int)atomicAdd(tail_next, 1u);
+        if (lane == 0) requested = (int)atomicAdd(tail_next, 1u) - ticket_base;
         const int p = head + (queue_first + piece) * HC_TAIL_PIECE;
         hc_fill_piece(sorted, p, min(capacity, p + HC_TAIL_PIECE), nk);
         return true;

@@ -9,8 +9,10 @@ before it in one respect.
 - ``grid_stride_plain`` / ``grid_stride_cs``: a co-resident grid shaped like grid_fused's (``--blocks-per-sm``
   blocks of ``--threads`` threads), grid-stride 16-byte stores, plain or evict-first (``__stcs``);
 - ``pieces``: that grid taking 512-entry pieces from 32 queue counters, one request ahead, as grid_fused's phase 3
-  does (the counters are never reset: each launch advances each by the same amount, so the launch's pieces are
-  its tickets modulo that amount);
+  did up to GPU run 116 (the counters are never reset: each launch advances each by the same amount, so the
+  launch's pieces are its tickets modulo that amount);
+- ``pieces_first_unasked``: the same, each warp's first piece taken without asking, as grid_fused does since run
+  117 where a queue has a piece per warp (only at sizes where it does);
 - ``grid_stride_cs_2x`` / ``pieces_2x``: the same with twice the threads per block (64 warps per SM at the
   default two blocks of 512).
 
@@ -43,19 +45,22 @@ extern "C" __global__ void grid_stride_cs(int4* a, long long nvec, int value) {
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec; v += (long long)gridDim.x * blockDim.x)
         __stcs(a + v, w);
 }
-// Pieces of PIECE entries (n a multiple of PIECE); queue q owns pieces [q * per_queue, (q + 1) * per_queue) and
-// advances its counter by `stride` (= per_queue + the warps that serve it) per launch.
-extern "C" __global__ void pieces(int* a, int per_queue, int pieces_total, unsigned* counters, int stride, int value) {
+// Pieces of PIECE entries (n a multiple of PIECE); queue q owns pieces [q * per_queue, (q + 1) * per_queue). With
+// unasked == 0 every piece is asked for and a launch advances a queue's counter by `stride` = per_queue + its
+// warps; with unasked == its warps (<= per_queue), the i-th warp of the queue takes piece i without asking, a
+// ticket t is piece unasked + t % stride, and a launch advances the counter by `stride` = per_queue.
+extern "C" __global__ void pieces(int* a, int per_queue, int pieces_total, unsigned* counters, int stride,
+                                  int unasked, int value) {
     const int lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const int queue = (blockIdx.x * nwarps + (threadIdx.x >> 5)) % QUEUES;
+    const int gw = blockIdx.x * nwarps + (threadIdx.x >> 5), queue = gw % QUEUES;
     const int first = queue * per_queue, mine = max(0, min(per_queue, pieces_total - first));
     unsigned* next = counters + 32 * queue;
-    int requested = lane == 0 ? (int)(atomicAdd(next, 1u) % (unsigned)stride) : 0;
+    int requested = unasked ? gw / QUEUES : lane == 0 ? (int)(atomicAdd(next, 1u) % (unsigned)stride) : 0;
     const int4 w = make_int4(value, value, value, value);
     for (;;) {
         const int piece = __shfl_sync(0xffffffffu, requested, 0);
         if (piece >= per_queue) break;
-        if (lane == 0) requested = (int)(atomicAdd(next, 1u) % (unsigned)stride);
+        if (lane == 0) requested = unasked + (int)(atomicAdd(next, 1u) % (unsigned)stride);
         if (piece < mine) {
             int4* p = reinterpret_cast<int4*>(a + (long long)(first + piece) * PIECE);
 #pragma unroll
@@ -96,11 +101,12 @@ def main() -> int:
             fn = module.get_function(name)
             return lambda: fn((blocks,), (threads,), kargs, stream=stream())
 
-        def pieces(threads: int) -> Callable[[], None]:
+        def pieces(threads: int, unasked: bool = False) -> Callable[[], None]:
             warps_per_queue = grid * (threads // 32) // QUEUES  # grid warps are a multiple of QUEUES here
             counters = cupy.zeros(32 * QUEUES, dtype=cupy.uint32)  # one 128-byte line per queue, per variant
+            stride = per_queue if unasked else per_queue + warps_per_queue
             return launch("pieces", grid, threads, arr, cupy.int32(per_queue), cupy.int32(pieces_total), counters,
-                          cupy.int32(per_queue + warps_per_queue), cupy.int32(7))
+                          cupy.int32(stride), cupy.int32(warps_per_queue if unasked else 0), cupy.int32(7))
 
         variants = {
             "torch_fill": lambda: buf.fill_(7),
@@ -111,6 +117,8 @@ def main() -> int:
             "pieces": pieces(args.threads),
             "pieces_2x": pieces(2 * args.threads),
         }
+        if per_queue >= grid * args.threads // 32 // QUEUES:  # a piece per warp: the first ones unasked
+            variants["pieces_first_unasked"] = pieces(args.threads, unasked=True)
         for name, fn in variants.items():
             buf.zero_()
             fn()

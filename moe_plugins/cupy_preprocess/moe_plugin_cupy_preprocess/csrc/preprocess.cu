@@ -1584,7 +1584,7 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 //      chunks of 32 slots at a time, compacts their local slots into the list's memory (one ballot per
 //      chunk) behind the remainder (< 32) of the previous round, and ranks full rounds as they come. Before
 //      its first round the warp writes a piece (HC_TAIL_PIECE entries, 16-byte streaming stores) of the tail
-//      of `sorted` past the total, the next free one of the warp's tail queue; after its copy-out it takes
+//      of `sorted` past the total, the next one of the warp's tail queue; after its copy-out it takes
 //      pieces until its queue is empty.
 //   (Until run 5 phase 3 went tile by tile with per-tile counts, a block scan, staging through shared
 //   memory and 6 __syncthreads per 4096 slots: 4.6 issued instructions per slot at N*K = 8M. In run 6 it
@@ -1595,8 +1595,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // sync [HC_SYNC_STRIDE * (1 + HC_TAIL_QUEUES) + 2 * groups * num_local] (zero at allocation, 8-byte aligned):
 // sync[0..1] the grid barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next
 // ticket of tail queue q (phase 3; block 0 sets each to its queue's number of warps before the first grid
-// barrier), one 128-byte line each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks); two_phase == 0 only): the
-// per-expert counts of each group of group_blocks consecutive blocks, summed with atomics before the barrier.
+// barrier), one 128-byte line each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks);
+// two_phase == 0 only): the per-expert counts of each group of group_blocks consecutive blocks, summed with atomics before the barrier.
 // A launch uses half `parity` = (its first barrier's number) % 2, from the arrival count it reads at its start
 // (a multiple of G between launches: fewer than G of its own blocks can have arrived), and zeroes the other half
 // for the next launch on these buffers, which the previous launch used and has finished with: no memset node.
@@ -1613,6 +1613,13 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 #define HC_NO_OVER 0x7fffffff  // `over` while every local slot of the warp is in its list
 #define HC_TAIL_QUEUES 32      // grid_fused phase 3: counters the tail pieces are handed out from
 #define HC_SYNC_STRIDE 32      // ints between two counters of the workspace's sync words (a 128-byte line)
+
+// The warps of a grid of grid_warps that serve tail queue q of grid_fused's phase 3 (grid warp gw serves queue
+// gw % queues); 0 for a queue that no warp serves.
+__device__ __forceinline__ int hc_queue_warps(int grid_warps, int q) {
+    const int queues = min(HC_TAIL_QUEUES, grid_warps);
+    return q < queues ? (grid_warps - q + queues - 1) / queues : 0;
+}
 
 // Spin-wait hint of grid_barrier's waiting thread.
 __device__ __forceinline__ void hc_pause() { __nanosleep(32); }
@@ -1860,11 +1867,8 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     }
     if (tid == 0) cta_invalid[me] = scratch[33];
     // The previous launch on these buffers has ended, and no block takes a tail piece before this barrier. Each
-    // queue's counter starts past the pieces its warps take without asking (see phase 3).
-    if (me == 0 && tid < HC_TAIL_QUEUES) {
-        const int queues = min(HC_TAIL_QUEUES, G * nwarps);
-        sync[HC_SYNC_STRIDE * (1 + tid)] = tid < queues ? (G * nwarps - tid + queues - 1) / queues : 0;
-    }
+    // queue's counter starts at the queue's number of warps (see phase 3).
+    if (me == 0 && tid < HC_TAIL_QUEUES) sync[HC_SYNC_STRIDE * (1 + tid)] = hc_queue_warps(G * nwarps, tid);
     HC_MARK(4);
     grid_barrier(arrivals);
     HC_MARK(5);
@@ -2006,7 +2010,7 @@ grid_fused(const IdT* __restrict__ ids, int nk, const int* __restrict__ gmap, in
     const int per_queue = (tail_pieces + queues - 1) / queues;
     const int queue_first = queue * per_queue, queue_pieces = max(0, min(per_queue, tail_pieces - queue_first));
     unsigned* tail_next = sync + HC_SYNC_STRIDE * (1 + queue);
-    const int queue_warps = (G * nwarps - queue + queues - 1) / queues;
+    const int queue_warps = hc_queue_warps(G * nwarps, queue);
     const int ticket_base = queue_pieces >= queue_warps ? 0 : queue_warps;  // a piece is a ticket less this
     // lane 0's is the queue's piece this warp writes next
     int requested = ticket_base == 0 ? (me * nwarps + warp) / queues

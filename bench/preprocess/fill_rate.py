@@ -37,13 +37,13 @@ QUEUES = 32
 SOURCE = r"""
 extern "C" __global__ void grid_stride_plain(int4* a, long long nvec, int value) {
     const int4 w = make_int4(value, value, value, value);
-    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec; v += (long long)gridDim.x * blockDim.x)
-        a[v] = w;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec; v += step) a[v] = w;
 }
 extern "C" __global__ void grid_stride_cs(int4* a, long long nvec, int value) {
     const int4 w = make_int4(value, value, value, value);
-    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec; v += (long long)gridDim.x * blockDim.x)
-        __stcs(a + v, w);
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nvec; v += step) __stcs(a + v, w);
 }
 // Pieces of PIECE entries (n a multiple of PIECE); queue q owns pieces [q * per_queue, (q + 1) * per_queue). With
 // unasked == 0 every piece is asked for and a launch advances a queue's counter by `stride` = per_queue + its
@@ -95,6 +95,7 @@ def main() -> int:
         n = pieces_total * PIECE
         buf = torch.empty(n, dtype=torch.int32, device="cuda")
         arr = cupy.from_dlpack(buf)
+        nvec, value = cupy.int64(n // 4), cupy.int32(7)
         per_queue = -(-pieces_total // QUEUES)
 
         def launch(name: str, blocks: int, threads: int, *kargs: object) -> Callable[[], None]:
@@ -106,14 +107,13 @@ def main() -> int:
             counters = cupy.zeros(32 * QUEUES, dtype=cupy.uint32)  # one 128-byte line per queue, per variant
             stride = per_queue if unasked else per_queue + warps_per_queue
             return launch("pieces", grid, threads, arr, cupy.int32(per_queue), cupy.int32(pieces_total), counters,
-                          cupy.int32(stride), cupy.int32(warps_per_queue if unasked else 0), cupy.int32(7))
+                          cupy.int32(stride), cupy.int32(warps_per_queue if unasked else 0), value)
 
         variants = {
             "torch_fill": lambda: buf.fill_(7),
-            "grid_stride_plain": launch("grid_stride_plain", grid, args.threads, arr, cupy.int64(n // 4), cupy.int32(7)),
-            "grid_stride_cs": launch("grid_stride_cs", grid, args.threads, arr, cupy.int64(n // 4), cupy.int32(7)),
-            "grid_stride_cs_2x": launch("grid_stride_cs", grid, 2 * args.threads, arr, cupy.int64(n // 4),
-                                        cupy.int32(7)),
+            "grid_stride_plain": launch("grid_stride_plain", grid, args.threads, arr, nvec, value),
+            "grid_stride_cs": launch("grid_stride_cs", grid, args.threads, arr, nvec, value),
+            "grid_stride_cs_2x": launch("grid_stride_cs", grid, 2 * args.threads, arr, nvec, value),
             "pieces": pieces(args.threads),
             "pieces_2x": pieces(2 * args.threads),
         }
@@ -129,8 +129,8 @@ def main() -> int:
             us = median_us(fn)
             row = {"mb": n * 4 / 1e6, "variant": name, "us": us, "gbps": n * 4 / us / 1e3, "graph_us": graph_us(fn),
                    "grid": grid, "threads": args.threads}
-            print(f"{row['mb']:7.1f} MB  {name:18s} {us:7.2f} us  {row['gbps']:6.0f} GB/s  graph {row['graph_us']:.2f} us",
-                  flush=True)
+            print(f"{row['mb']:7.1f} MB  {name:18s} {us:7.2f} us  {row['gbps']:6.0f} GB/s  "
+                  f"graph {row['graph_us']:.2f} us", flush=True)
             append_jsonl(args.out, row)
     return 0
 

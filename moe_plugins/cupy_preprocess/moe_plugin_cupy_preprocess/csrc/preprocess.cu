@@ -1596,7 +1596,8 @@ grid_place(const int* __restrict__ local_ids, const unsigned char* __restrict__ 
 // sync[0..1] the grid barrier's 64-bit arrival count (see grid_barrier); sync[HC_SYNC_STRIDE * (1 + q)] the next
 // ticket of tail queue q (phase 3; block 0 sets each to its queue's number of warps before the first grid
 // barrier), one 128-byte line each; then group_sums [2][groups][num_local] (groups = ceil(G / group_blocks);
-// two_phase == 0 only): the per-expert counts of each group of group_blocks consecutive blocks, summed with atomics before the barrier.
+// two_phase == 0 only): the per-expert counts of each group of group_blocks consecutive blocks, summed with
+// atomics before the barrier.
 // A launch uses half `parity` = (its first barrier's number) % 2, from the arrival count it reads at its start
 // (a multiple of G between launches: fewer than G of its own blocks can have arrived), and zeroes the other half
 // for the next launch on these buffers, which the previous launch used and has finished with: no memset node.
